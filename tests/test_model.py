@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from tests.helpers import random_views, tiny_model
+from w2ssl.model import W2SSL
+
+
+def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
+    model = tiny_model()
+    for base, mom in model._momentum_pairs():
+        assert torch.equal(base, mom) and not mom.requires_grad
+
+
+def test_ema_closed_form():
+    model = tiny_model()
+    start = [mom.clone() for _, mom in model._momentum_pairs()]
+    with torch.no_grad():
+        for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    m, k = 0.9, 3
+    for _ in range(k):
+        model.update_momentum(m)
+    for (base, mom), m0 in zip(model._momentum_pairs(), start):
+        torch.testing.assert_close(mom, m ** k * m0 + (1 - m ** k) * base)
+
+
+def test_resnet50_forward_backward_at_tile_32():
+    torch.manual_seed(0)
+    model = W2SSL("resnet50")
+    view1, view2 = random_views(4, 32)
+    out = model(view1, view2, m=0.99)
+    assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"].detach(), out["loss_what"] + out["loss_where"])
+    out["loss"].backward()
+    momentum = {id(p) for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]}
+    for name, p in model.named_parameters():
+        if id(p) in momentum:
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    keys = model.state_dict()
+    assert "base_encoder.layer4.2.conv3.weight" in keys and "base_encoder.fc.weight" not in keys
+
+
+def test_loss_magnitudes_and_weights():
+    torch.manual_seed(0)
+    model = tiny_model(loss_where_weight=0.5, loss_what_weight=2.0)
+    out = model(*random_views(8, 16), m=0.99)
+    torch.testing.assert_close(out["loss"].detach(), 0.5 * out["loss_where"] + 2.0 * out["loss_what"])
+    # At initialisation the where head is near chance and SupCon near (τ/τ_b)·log(4N−1) per view pair.
+    assert abs(out["loss_where"].item() - 0.693) < 0.3
+    assert 0.5 < out["loss_what"].item() / (2 * 0.3 / 0.07 * torch.log(torch.tensor(31.0)).item()) < 1.5
+
+
+def test_permutation_is_shared_by_both_views():
+    # Identical views and an identity permutation-invariant check: with view2 == view1 the two
+    # SupCon terms see the same montages, so swapping the views leaves the loss unchanged.
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    v1, v2 = random_views(4, 16)
+    perm = torch.randperm(8)
+    a = model(v1, v2, m=1.0, perm=perm)["loss_what"]
+    b = model(v2, v1, m=1.0, perm=perm)["loss_what"]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("views, message", [
+    (lambda: random_views(3, 16), "odd number"),
+    (lambda: ([torch.zeros(4, 3, 16, 16), torch.zeros(4, 3, 8, 8)], [torch.zeros(4, 3, 16, 16)] * 2), "same shape"),
+    (lambda: ([torch.zeros(4, 3, 16, 16)], [torch.zeros(4, 3, 16, 16)] * 2), "pair"),
+])
+def test_bad_input_raises_value_error(views, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(*views(), m=0.99)

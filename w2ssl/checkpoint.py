@@ -1,0 +1,158 @@
+"""Checkpoint I/O: atomic saves, safe loads, resume discovery, and trunk extraction.
+
+Our pre-training checkpoints hold ``state_dict`` with trunk keys ``base_encoder.<torchvision key>``.
+The authors' W2SSL checkpoints and MoCo v3's use ``module.base_encoder.<key>`` plus heads
+(``fc``, ``fc_crop``, ``fc_loc``); all three yield the same torchvision trunk here.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor
+
+from .encoder import TRUNK_LAYERS
+from .errors import UserError
+
+LAST = "checkpoint_last.pth.tar"
+
+
+def epoch_name(epoch: int) -> str:
+    """File name of the checkpoint written after epoch index ``epoch`` (0-based), as the authors'."""
+    return f"checkpoint_{epoch:04d}.pth.tar"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file at ``path`` intact.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path, trust: bool = False) -> dict:
+    """Read a checkpoint on the CPU with ``weights_only=True``; with ``trust``, allow full unpickling.
+
+    Raises :class:`UserError` for a missing, unreadable or unsafe file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({first_line(e)})") from e
+        if not trust:
+            raise UserError(f"checkpoint {path} needs arbitrary unpickling, which can run code "
+                            f"({first_line(e)}); pass --trust-checkpoint only if you trust its source") from e
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def candidates(save_dir: str | Path) -> list[Path]:
+    """Checkpoints in ``save_dir``, newest first (modification time, then name)."""
+    files = [p for p in Path(save_dir).glob("checkpoint_*.pth.tar") if p.is_file()]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def find_resumable(save_dir: str | Path, trust: bool = False) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``save_dir`` that loads, skipping bad ones with a warning."""
+    for path in candidates(save_dir):
+        try:
+            ckpt = load(path, trust)
+        except UserError as e:
+            warnings.warn(f"skipping {path}: {e}", stacklevel=2)
+            continue
+        if "state_dict" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+        warnings.warn(f"skipping {path}: not a pre-training checkpoint", stacklevel=2)
+    return None
+
+
+def prune(save_dir: str | Path, keep: int) -> None:
+    """Keep the ``keep`` newest epoch checkpoints (``keep <= 0``: keep all)."""
+    if keep <= 0:
+        return
+    epochs = sorted(p for p in Path(save_dir).glob("checkpoint_[0-9][0-9][0-9][0-9].pth.tar"))
+    for old in epochs[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _model_weights(ckpt: dict) -> dict[str, Tensor]:
+    for key in ("state_dict", "model"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        return ckpt
+    raise UserError(f"no weights found: top-level keys are {sorted(ckpt)[:8]}")
+
+
+def extract_trunk(ckpt: dict) -> dict[str, Tensor]:
+    """torchvision-named trunk weights (no ``fc``) from our, the authors' or MoCo v3's checkpoint."""
+    weights = _model_weights(ckpt)
+    trunk = {}
+    for key, value in weights.items():
+        key = key.removeprefix("module.")
+        if not key.startswith("base_encoder."):
+            continue
+        key = key.removeprefix("base_encoder.")
+        if key.split(".")[0] in TRUNK_LAYERS:
+            trunk[key] = value
+    if not trunk:
+        sample = ", ".join(sorted(weights)[:4])
+        kind = "a linear-probe or supervised checkpoint" if any(k.removeprefix("module.").startswith("fc.")
+                                                                for k in weights) else "an unknown layout"
+        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {kind} "
+                        f"with keys like {sample}: pass a W2SSL, MoCo v3 or w2ssl pre-training checkpoint")
+    return trunk
+
+
+def check_trunk(trunk: dict[str, Tensor], arch: str) -> None:
+    """Raise :class:`UserError` unless ``trunk`` is exactly ``arch``'s torchvision trunk."""
+    expected = {k: v.shape for k, v in torchvision.models.__dict__[arch]().state_dict().items()
+                if not k.startswith("fc.")}
+    missing = sorted(set(expected) - set(trunk))
+    extra = sorted(set(trunk) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(trunk) if tuple(trunk[k].shape) != tuple(expected[k]))
+    if missing or extra or wrong:
+        detail = (missing[:2] and f"missing {missing[:2]}") or (extra[:2] and f"unexpected {extra[:2]}") \
+            or f"shape of {wrong[0]} is {tuple(trunk[wrong[0]].shape)}"
+        raise UserError(f"checkpoint trunk does not match --arch {arch} ({detail}): pass the arch it was trained with")
+
+
+def load_trunk(path: str | Path, arch: str = "resnet50", trust: bool = False) -> dict[str, Tensor]:
+    """Load ``path`` and return its ``arch`` trunk with torchvision keys, checked."""
+    trunk = extract_trunk(load(path, trust))
+    check_trunk(trunk, arch)
+    return trunk

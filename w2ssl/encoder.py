@@ -1,0 +1,67 @@
+"""ResNet trunk with 2x2 grid pooling (SPEC §3).
+
+The trunk keeps torchvision's parameter names (``conv1``, ``bn1``, ``layer1`` … ``layer4``), so its
+state dict loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+@lru_cache(maxsize=None)
+def _pool_matrix(size: int) -> Tensor:
+    """``[2, size]`` float64 matrix equal to bilinear resize to 8 (align_corners=False), then mean of 4.
+
+    PyTorch's source coordinate for output ``i`` is ``max((i + 0.5) * size / 8 - 0.5, 0)``.
+    """
+    resize = torch.zeros(8, size, dtype=torch.float64)
+    scale = size / 8
+    for i in range(8):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        lo = min(int(src), size - 1)
+        hi = min(lo + 1, size - 1)
+        frac = src - lo
+        resize[i, lo] += 1.0 - frac
+        resize[i, hi] += frac
+    return resize.view(2, 4, size).mean(dim=1)
+
+
+def grid_pool(fmap: Tensor) -> Tensor:
+    """Pool a feature map to a 2x2 grid: ``[B, C, H, W] -> [B, C, 2, 2]``.
+
+    Equals ``adaptive_avg_pool2d(interpolate(fmap, (8, 8), mode="bilinear", align_corners=False), 2)``
+    computed as the separable linear map it is (cheap backward, any memory format).
+    """
+    rows = _pool_matrix(fmap.shape[-2]).to(device=fmap.device, dtype=fmap.dtype)
+    cols = _pool_matrix(fmap.shape[-1]).to(device=fmap.device, dtype=fmap.dtype)
+    return torch.einsum("ih,bchw,jw->bcij", rows, fmap, cols)
+
+
+class GridTrunk(nn.Module):
+    """torchvision ResNet without ``avgpool``/``fc``; ``forward`` returns the ``[B, C, 2, 2]`` grid."""
+
+    def __init__(self, arch: str = "resnet50", norm_layer: Callable[[int], nn.Module] | None = None):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        net = torchvision.models.__dict__[arch](norm_layer=norm_layer)
+        for name in TRUNK_LAYERS:
+            self.add_module(name, getattr(net, name))
+        self.num_features: int = net.fc.in_features
+
+    def features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W] -> [B, C, H/32, W/32]`` (layer4 output)."""
+        for name in TRUNK_LAYERS:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return grid_pool(self.features(x))

@@ -1,0 +1,108 @@
+"""The W2SSL model: base and momentum encoders, montages, heads and one step's losses (SPEC §2–§5)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed as D
+from .encoder import GridTrunk
+from .heads import predictor, projector, where_head
+from .losses import supcon_loss
+from .montage import assemble, local_indices, random_permutation, split_grid, tile_labels
+
+
+class W2SSL(nn.Module):
+    """Learning what (which image a tile comes from) and where (left or right crop).
+
+    ``forward(view1, view2, m)`` takes each view as ``[left, right]`` tile batches of this process,
+    each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
+    ``where_acc`` (detached) for logging. Every process computes the same global loss.
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096,
+                 temperature: float = 0.3, base_temperature: float = 0.07,
+                 loss_where_weight: float = 1.0, loss_what_weight: float = 1.0,
+                 norm_layer: Callable[[int], nn.Module] | None = None):
+        super().__init__()
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.loss_where_weight, self.loss_what_weight = loss_where_weight, loss_what_weight
+        self.base_encoder = GridTrunk(arch, norm_layer)
+        width = self.base_encoder.num_features
+        self.projector = projector(width, mlp_dim, dim)
+        self.predictor = predictor(dim, mlp_dim)
+        self.where_head = where_head(width)
+        self.momentum_encoder = GridTrunk(arch, norm_layer)
+        self.momentum_projector = projector(width, mlp_dim, dim)
+        for base, mom in self._momentum_pairs():
+            mom.data.copy_(base.data)
+            mom.requires_grad = False
+
+    def _momentum_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        base = [*self.base_encoder.parameters(), *self.projector.parameters()]
+        mom = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+        return list(zip(base, mom))
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
+        base, mom = zip(*self._momentum_pairs())
+        torch._foreach_lerp_(list(mom), list(base), 1.0 - m)
+
+    def _grid_features(self, trunk: nn.Module, montages: Tensor, with_grad: bool) -> Tensor:
+        """Local montages ``[m, 3, 2t, 2t]`` -> global tile features ``[2N, C]`` in ``S`` order."""
+        grid = trunk(montages)
+        grid = D.gather_with_grad(grid) if with_grad else D.gather(grid)
+        return split_grid(grid)
+
+    def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
+                perm: Tensor | None = None) -> dict[str, Tensor]:
+        tiles1, tiles2, n = self._global_tiles(view1, view2)
+        if perm is None:
+            perm = D.broadcast(random_permutation(2 * n, tiles1.device))
+        idx = local_indices(perm, D.rank(), D.world_size())
+        x1, x2 = assemble(tiles1, idx), assemble(tiles2, idx)
+
+        q1 = self._grid_features(self.base_encoder, x1, with_grad=True)
+        q2 = self._grid_features(self.base_encoder, x2, with_grad=True)
+        source, where = tile_labels(perm, n)
+
+        where_logits = self.where_head(q1)
+        loss_where = F.cross_entropy(where_logits.float(), where)
+        p1, p2 = self.predictor(self.projector(q1)), self.predictor(self.projector(q2))
+
+        with torch.no_grad():
+            self.update_momentum(m)
+            k1 = self.momentum_projector(self._grid_features(self.momentum_encoder, x1, with_grad=False))
+            k2 = self.momentum_projector(self._grid_features(self.momentum_encoder, x2, with_grad=False))
+
+        labels = torch.cat([source, source])
+        loss_what = (self._what(p1, k2, labels) + self._what(p2, k1, labels))
+        loss = self.loss_where_weight * loss_where + self.loss_what_weight * loss_what
+        where_acc = (where_logits.argmax(dim=1) == where).float().mean()
+        return {"loss": loss, "loss_what": loss_what.detach(), "loss_where": loss_where.detach(),
+                "where_acc": where_acc.detach()}
+
+    def _what(self, pred: Tensor, key: Tensor, labels: Tensor) -> Tensor:
+        z = F.normalize(torch.cat([pred, key]).float(), dim=1)
+        return supcon_loss(z, labels, self.temperature, self.base_temperature)
+
+    @staticmethod
+    def _global_tiles(view1: Sequence[Tensor], view2: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
+        """Check the inputs and gather them: two ``[2N, 3, t, t]`` tile batches (left tiles first), N."""
+        if len(view1) != 2 or len(view2) != 2:
+            raise ValueError("each view must be a pair [left, right] of tile batches")
+        shapes = {tuple(t.shape) for t in (*view1, *view2)}
+        if len(shapes) != 1:
+            raise ValueError(f"all four tile batches must have the same shape; got {sorted(shapes)}")
+        b = view1[0].shape[0]
+        world = D.world_size()
+        if b % 2:
+            raise ValueError(f"the global batch ({b * world} source images) must be divisible by "
+                             f"2 x world size ({2 * world}): got {b} images on this process, an odd number")
+        tiles = []
+        for left, right in (view1, view2):
+            tiles.append(torch.cat([D.gather(left), D.gather(right)]))
+        return tiles[0], tiles[1], b * world

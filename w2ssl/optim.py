@@ -1,0 +1,91 @@
+"""LARS (as in MoCo v3), AdamW, and the per-iteration lr and momentum schedules (SPEC §6)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios for parameters with ``ndim > 1``.
+
+    For those: ``g ← g + wd·p``, then ``g ← g·η‖p‖/‖g‖`` when both norms are > 0. 1-D parameters
+    (BN, biases) get plain ``g``. Then ``μ ← momentum·μ + g``, ``p ← p − lr·μ``. Vectorised with
+    ``torch._foreach_*`` and free of host syncs.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.0,
+                 weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            matrices = [p for p in params if p.ndim > 1]
+            updates = {id(p): p.grad for p in params if p.ndim <= 1}
+            if matrices:
+                grads = torch._foreach_add([p.grad for p in matrices], matrices,
+                                           alpha=group["weight_decay"])
+                p_norm = torch.stack(torch._foreach_norm(matrices))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ok = (p_norm > 0) & (g_norm > 0)
+                trust = torch.where(ok, group["trust_coefficient"] * p_norm / g_norm.clamp_min(1e-30),
+                                    torch.ones_like(p_norm))
+                torch._foreach_mul_(grads, list(trust.to(grads[0].dtype).unbind()))
+                updates.update({id(p): g for p, g in zip(matrices, grads)})
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                bufs.append(state["mu"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, [updates[id(p)] for p in params])
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                    momentum: float) -> torch.optim.Optimizer:
+    """``lars`` or ``adamw`` over the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "lars":
+        return LARS(params, lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use lars or adamw")
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """Linear scaling rule: ``base_lr × batch / 256``."""
+    return base_lr * batch_size / 256
+
+
+def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warm-up from 0 over ``warmup_epochs``, then half-cosine to 0 at ``epochs``."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def momentum_at(epoch: float, epochs: float, base_m: float, cosine: bool) -> float:
+    """EMA coefficient: ``1 − ½(1 + cos(π·t/epochs))(1 − base_m)`` with ``cosine``, else ``base_m``."""
+    if not cosine:
+        return base_m
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - base_m)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
