@@ -11,7 +11,7 @@ import pickle
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -86,17 +86,18 @@ def candidates(save_dir: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def find_resumable(save_dir: str | Path, trust: bool = False) -> tuple[Path, dict] | None:
+def find_resumable(save_dir: str | Path, trust: bool = False,
+                   warn: Callable[[str], None] = warnings.warn) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``save_dir`` that loads, skipping bad ones with a warning."""
     for path in candidates(save_dir):
         try:
             ckpt = load(path, trust)
         except UserError as e:
-            warnings.warn(f"skipping {path}: {e}", stacklevel=2)
+            warn(f"skipping {path}: {e}")
             continue
         if "state_dict" in ckpt and "epoch" in ckpt:
             return path, ckpt
-        warnings.warn(f"skipping {path}: not a pre-training checkpoint", stacklevel=2)
+        warn(f"skipping {path}: not a pre-training checkpoint")
     return None
 
 

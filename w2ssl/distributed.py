@@ -1,9 +1,18 @@
-"""Process-group helpers. With no process group every helper is the one-process identity."""
+"""Launch modes and process-group helpers. With no process group every helper is the identity."""
 from __future__ import annotations
+
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import Tensor
+
+from .errors import TrainingStopped, UserError
 
 
 def is_dist() -> bool:
@@ -80,3 +89,95 @@ def all_reduce_mean(x: Tensor) -> Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+@dataclass
+class Context:
+    """Where this process runs: its device, global rank and world size, and its node-local rank."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _backend(args: Namespace, device: torch.device) -> str:
+    return args.dist_backend if device.type == "cuda" else "gloo"
+
+
+def _cuda_device(index: int) -> torch.device:
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _init_torchrun(args: Namespace) -> Context:
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = _cuda_device(local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dist.init_process_group(_backend(args, device), init_method="env://")
+    return Context(device, dist.get_rank(), dist.get_world_size(), local_rank, local_world)
+
+
+def _spawned(gpu: int, worker: Callable[[Context, Namespace], None], args: Namespace, ngpus: int) -> None:
+    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
+    device = _cuda_device(gpu)
+    world, rank_ = nodes * ngpus, node_rank * ngpus + gpu
+    dist.init_process_group(_backend(args, device), init_method=args.dist_url, world_size=world, rank=rank_)
+    _run_worker(worker, Context(device, rank_, world, gpu, ngpus), args)
+
+
+def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args: Namespace) -> None:
+    try:
+        worker(ctx, args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingStopped as e:
+        if ctx.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+
+
+def launch(worker: Callable[[Context, Namespace], None], args: Namespace) -> None:
+    """Run ``worker(ctx, args)`` in the launch mode the environment and flags ask for.
+
+    * torchrun (``LOCAL_RANK`` set): one process per launcher slot, ``env://`` rendezvous;
+    * ``--multiprocessing-distributed``: one spawned process per GPU of this node (the authors' way);
+    * ``--world-size > 1`` with ``--dist-url``: one process per node;
+    * otherwise a single process, on ``--gpu``, the first GPU, or the CPU, with no process group.
+    """
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        _run_worker(worker, _init_torchrun(args), args)
+    elif args.multiprocessing_distributed:
+        ngpus = torch.cuda.device_count()
+        if ngpus == 0:
+            raise UserError("--multiprocessing-distributed starts one process per GPU and this machine has no "
+                            "GPU: drop the flag to train in one process on the CPU, or use "
+                            "torchrun --nproc_per_node=K for K CPU processes")
+        try:
+            mp.spawn(_spawned, nprocs=ngpus, args=(worker, args, ngpus))
+        except mp.ProcessExitedException as e:
+            sys.exit(e.exit_code)
+    elif args.world_size > 1:
+        device = _cuda_device(args.gpu or 0) if torch.cuda.is_available() else torch.device("cpu")
+        dist.init_process_group(_backend(args, device), init_method=args.dist_url,
+                                world_size=args.world_size, rank=max(args.rank, 0))
+        _run_worker(worker, Context(device, dist.get_rank(), args.world_size), args)
+    else:
+        device = _cuda_device(args.gpu or 0) if torch.cuda.is_available() else torch.device("cpu")
+        _run_worker(worker, Context(device), args)
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Element-wise maximum of ``x`` over processes (a copy)."""
+    x = x.detach().clone()
+    if is_dist():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x

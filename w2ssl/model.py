@@ -58,10 +58,11 @@ class W2SSL(nn.Module):
         return split_grid(grid)
 
     def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
-                perm: Tensor | None = None) -> dict[str, Tensor]:
+                perm: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``perm`` fixes the tile permutation; otherwise rank 0 draws it (from ``generator`` if given)."""
         tiles1, tiles2, n = self._global_tiles(view1, view2)
         if perm is None:
-            perm = D.broadcast(random_permutation(2 * n, tiles1.device))
+            perm = D.broadcast(random_permutation(2 * n, tiles1.device, generator))
         idx = local_indices(perm, D.rank(), D.world_size())
         x1, x2 = assemble(tiles1, idx), assemble(tiles2, idx)
 

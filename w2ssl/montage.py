@@ -44,6 +44,7 @@ def tile_labels(perm: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return perm % n, (perm >= n).long()
 
 
-def random_permutation(n_tiles: int, device: torch.device | str = "cpu") -> Tensor:
-    """One permutation of ``n_tiles`` from the default generator, on ``device``."""
-    return torch.randperm(n_tiles, device=device)
+def random_permutation(n_tiles: int, device: torch.device | str = "cpu",
+                       generator: torch.Generator | None = None) -> Tensor:
+    """One permutation of ``n_tiles`` on ``device``, from ``generator`` or the default one."""
+    return torch.randperm(n_tiles, device=device, generator=generator)

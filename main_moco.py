@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""W2SSL self-supervised pre-training: parse, check, launch (see README.md)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from w2ssl import cli, demo
+from w2ssl.distributed import launch
+from w2ssl.errors import UserError
+from w2ssl.pretrain import train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="W2SSL ImageNet pre-training")
+    cli.add_common(parser, batch_size=512, lr=0.6, wd=1e-6, epochs=200, print_freq=100, save_dir="outputs")
+    w2 = parser.add_argument_group("W2SSL")
+    w2.add_argument("--tile-size", default=112, type=int, help="side of each crop; montages are twice as large")
+    w2.add_argument("--crop-min", default=0.2, type=float, help="minimum RandomResizedCrop scale")
+    w2.add_argument("--crop_proj_dim", default=256, type=int, help="projector/predictor output dimension")
+    w2.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden dimension of the MLP heads")
+    w2.add_argument("--loss_t", default=0.3, type=float, help="temperature of the 'what' (SupCon) loss")
+    w2.add_argument("--loss_loc", default=1.0, type=float, help="weight of the 'where' loss")
+    w2.add_argument("--loss_crop", default=1.0, type=float, help="weight of the 'what' loss")
+    w2.add_argument("--moco-m", default=0.99, type=float, help="momentum of the EMA encoder")
+    w2.add_argument("--moco-m-cos", action="store_true", help="raise the momentum to 1 on a half-cosine")
+    w2.add_argument("--moco-dim", default=256, type=int, help="MoCo v3 flag, unused by W2SSL (as in the authors' code)")
+    w2.add_argument("--moco-t", default=1.0, type=float, help="MoCo v3 flag, unused by W2SSL (as in the authors' code)")
+    w2.add_argument("--loss_clu", default=1.0, type=float, help="authors' flag, unused by their released model")
+    w2.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
+    w2.add_argument("--warmup-epochs", default=10, type=int, metavar="N")
+    run = parser.add_argument_group("running")
+    run.add_argument("--save-freq-iters", default=0, type=int, metavar="N",
+                     help="also write checkpoint_last every N iterations (0: only at epoch ends)")
+    run.add_argument("--keep", default=0, type=int, metavar="N", help="keep the N newest epoch checkpoints (0: all)")
+    run.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    run.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
+                     help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
+    run.add_argument("--max-iters", default=0, type=int, metavar="N",
+                     help="stop after N global steps without a checkpoint and print img/s (benchmarks)")
+    run.add_argument("--demo", action="store_true",
+                     help="pre-train on a small embedded photo set with CPU-sized settings, then compare kNN "
+                          "accuracy with a random trunk")
+    run.add_argument("--fault-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--fault-kill-step", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(resume="auto")  # like DINO: a restarted run continues from its newest checkpoint
+    return parser
+
+
+def check(args: argparse.Namespace, world_size: int) -> None:
+    """Checks that can fail before any process starts."""
+    if not args.data:
+        raise UserError("no dataset given: pass DIR (with DIR/train/<class>/<image>), or --demo")
+    train_dir = Path(args.data) / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"{train_dir} does not exist: DIR must hold a train/ folder of class sub-folders")
+    if args.batch_size <= 0 or args.batch_size % (2 * world_size):
+        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of 2 x {world_size} "
+                        f"processes (each montage takes 2 images per process)")
+    if args.resume not in ("", "auto", "none") and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume} does not exist: pass a checkpoint file or 'auto'")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = cli.parse(parser, argv)
+    if args.demo:
+        args = demo.prepare(parser, argv)
+    check(args, cli.expected_world_size(args))
+    launch(train, args)
+    if args.demo:
+        demo.report(args)
+
+
+if __name__ == "__main__":
+    cli.with_error_boundary(main)()

@@ -1,0 +1,118 @@
+"""Argument groups shared by both entry scripts, YAML config merging, and the error boundary."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .encoder import ARCHS
+from .errors import UserError
+
+
+def default_workers() -> int:
+    """The authors' 32, capped by the CPUs this process may use."""
+    return min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wd: float, epochs: int,
+               print_freq: int, save_dir: str) -> None:
+    """Data, model, schedule, checkpoint and launch flags, as in the authors' and MoCo v3's parsers."""
+    parser.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ (and val/) folders")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of flag values; the command line overrides it")
+    parser.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="trunk architecture")
+    parser.add_argument("-j", "--workers", default=default_workers(), type=int, metavar="N",
+                        help="data-loading workers per node (split over its processes)")
+    parser.add_argument("--epochs", default=epochs, type=int, metavar="N")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="epoch to start at (overridden by --resume)")
+    parser.add_argument("-b", "--batch-size", default=batch_size, type=int, metavar="N",
+                        help="global batch size, summed over all processes")
+    parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
+                        help="base learning rate, scaled by batch-size/256")
+    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="optimizer momentum")
+    parser.add_argument("--wd", "--weight-decay", default=wd, type=float, metavar="W", dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N", help="log every N iterations")
+    parser.add_argument("--resume", default="", metavar="PATH", help="checkpoint to resume from, or 'auto' (newest in --save-dir)")
+    parser.add_argument("--save-dir", default=save_dir, metavar="PATH", help="checkpoints, log.txt and tb/ go here")
+    parser.add_argument("--seed", default=None, type=int, help="seed for initialisation and augmentation")
+    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
+                        help="default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (can run code: trusted files only)")
+    dist = parser.add_argument_group("distributed")
+    dist.add_argument("--world-size", default=-1, type=int, help="number of nodes (with --multiprocessing-distributed)")
+    dist.add_argument("--rank", default=-1, type=int, help="node rank (with --multiprocessing-distributed)")
+    dist.add_argument("--dist-url", default="env://", type=str, help="rendezvous URL, e.g. tcp://localhost:10001")
+    dist.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPUs; gloo is used on CPU")
+    dist.add_argument("--gpu", default=None, type=int, help="GPU id for a one-process run")
+    dist.add_argument("--multiprocessing-distributed", action="store_true",
+                      help="spawn one process per GPU of this node (the authors' launch); torchrun works too")
+
+
+def _dest_map(parser: argparse.ArgumentParser) -> dict[str, str]:
+    names = {}
+    for action in parser._actions:
+        names[action.dest] = action.dest
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                names[opt[2:]] = action.dest
+                names[opt[2:].replace("-", "_")] = action.dest
+    return names
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE`` become defaults that the command line overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the --config path")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of flag names to values")
+    names = _dest_map(parser)
+    unknown = sorted(k for k in values if k not in names)
+    if unknown:
+        raise UserError(f"config file {path} has unknown keys {unknown}: use the flag names of --help")
+    return {names[k]: v for k, v in values.items()}
+
+
+def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main``; a :class:`UserError` becomes ``error: …`` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def with_error_boundary(main: Callable[[Sequence[str] | None], None]) -> Callable[[], None]:
+    @functools.wraps(main)
+    def entry() -> None:
+        sys.exit(run_main(main))
+    return entry
+
+
+def expected_world_size(args: argparse.Namespace) -> int:
+    """The number of processes the launch will create (to check the batch before starting them)."""
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if args.multiprocessing_distributed:
+        import torch
+        return max(torch.cuda.device_count(), 1) * max(args.world_size, 1)
+    return max(args.world_size, 1)

@@ -1,0 +1,148 @@
+"""Pre-training data: dataset checks, bad-image tolerance, deterministic per-sample augmentation,
+a resumable sampler and the loader.
+
+Augmentation randomness is a function of ``(seed, epoch, sample index)`` only, so a run gives the
+same batches whatever the number of workers, and a resumed run continues with the very batches the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import UserError
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixing ``seed``, ``epoch`` and ``index`` (SplitMix64-style constants)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def image_folder(root: str | Path, what: str = "training") -> ImageFolder:
+    """An ``ImageFolder`` at ``root`` (labels ignored in pre-training), checked with clear errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} folder {root} does not exist: pass DATA whose {root.name}/ holds one "
+                        f"sub-folder of images per class (ImageNet layout)")
+    try:
+        folder = ImageFolder(str(root), loader=_path_only)
+    except FileNotFoundError as e:
+        raise UserError(f"{what} folder {root} has no images ({e}); expected {root}/<class>/<image>.jpg") from None
+    return folder
+
+
+def _path_only(path: str) -> str:
+    return path
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class PretrainDataset(Dataset):
+    """Images of an ``ImageFolder`` through ``transform``; items are requested as ``(index, epoch)``.
+
+    An unreadable file is replaced by the next readable one and reported in the item's ``bad``
+    field (the main process counts them and, with ``strict``, stops).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any], seed: int,
+                 loader: Callable[[str], Any] = load_rgb):
+        self.samples = [path for path, _ in image_folder(root).samples]
+        self.transform, self.seed, self.loader = transform, seed, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def check_readable(self) -> None:
+        """Fail at start when not a single image can be read."""
+        for path in self.samples:
+            try:
+                self.loader(path)
+                return
+            except (OSError, ValueError, SyntaxError):
+                continue
+        raise UserError(f"none of the {len(self.samples)} image files under the training folder can be "
+                        f"read (first: {self.samples[0]}): check the dataset")
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, str]:
+        index, epoch = key
+        bad = []
+        for offset in range(len(self.samples)):
+            path = self.samples[(index + offset) % len(self.samples)]
+            try:
+                img = self.loader(path)
+                break
+            except (OSError, ValueError, SyntaxError):
+                bad.append(path)
+        else:
+            raise RuntimeError("no readable image left in the dataset")
+        s = sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        torch.manual_seed(s)
+        return self.transform(img), "\n".join(bad)
+
+
+class ResumableSampler(Sampler):
+    """Distributed shuffling sampler that can start an epoch part-way.
+
+    Yields ``(index, epoch)`` for this rank: the epoch's permutation (seeded by ``seed + epoch``) is
+    padded to a multiple of ``num_replicas``, strided by rank, and the first ``start_batch`` batches
+    are skipped.
+    """
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.batch_size = size, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = (size + num_replicas - 1) // num_replicas
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: self.per_rank * self.num_replicas - self.size]
+        mine = order[self.rank::self.num_replicas]
+        return mine[: self.batches_per_epoch * self.batch_size][self.start_batch * self.batch_size:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, self.epoch) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,
+                collate_fn: Callable | None = None) -> DataLoader:
+    """Batches of ``sampler.batch_size`` with persistent workers (no stall at epoch starts)."""
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
+
+
+def has_images(root: Path) -> bool:
+    return any(p.suffix.lower() in IMG_EXTENSIONS for p in root.rglob("*"))

@@ -1,0 +1,125 @@
+"""Meters, the console/``log.txt`` logger with ETA, a progress bar on terminals, and TensorBoard."""
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class AverageMeter:
+    """Latest value and running mean, printed as ``Name val (avg)`` like the authors' logs."""
+
+    def __init__(self, name: str, fmt: str = ":.4e"):
+        self.name, self.fmt = name, fmt
+        self.reset()
+
+    def reset(self) -> None:
+        self.val, self.sum, self.count = 0.0, 0.0, 0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.val = val
+        self.sum += val * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
+
+    def __str__(self) -> str:
+        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(name=self.name, val=self.val, avg=self.avg)
+
+
+def format_duration(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+class ETA:
+    """Remaining time of the whole run from the mean time of the iterations seen in this process."""
+
+    def __init__(self, total_iters: int, done_iters: int):
+        self.total, self.start_done, self.done = total_iters, done_iters, done_iters
+        self.start = time.perf_counter()
+
+    def step(self, done_iters: int) -> str:
+        self.done = done_iters
+        seen = self.done - self.start_done
+        if seen <= 0:
+            return "?"
+        per_iter = (time.perf_counter() - self.start) / seen
+        return format_duration(per_iter * (self.total - self.done))
+
+
+class Logger:
+    """Rank-0 output: console (through tqdm when stdout is a terminal), ``log.txt``, TensorBoard.
+
+    On other ranks every method does nothing.
+    """
+
+    def __init__(self, save_dir: str | Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.save_dir = Path(save_dir)
+        self.tty = sys.stdout.isatty()
+        self._tb = None
+        self._bar = None
+        if enabled:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.save_dir / "log.txt", "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.save_dir / "tb"))
+
+    def info(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+        self._file.write(line + "\n")
+
+    def warn(self, line: str) -> None:
+        self.info(f"WARNING: {line}")
+
+    def start_bar(self, total: int, desc: str) -> None:
+        if self.enabled and self.tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def advance_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "train/") -> None:
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(prefix + key, value, step)
+
+    def images(self, step: int, tag: str, batch: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Log a grid of normalised images ``[n, 3, h, w]`` (un-normalised for display)."""
+        if self._tb is None:
+            return
+        from torchvision.utils import make_grid
+        m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
+        shown = (batch.float() * s + m).clamp(0, 1)
+        self._tb.add_image(tag, make_grid(shown, nrow=4, padding=2), step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()

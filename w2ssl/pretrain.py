@@ -1,0 +1,325 @@
+"""Pre-training in one process of a run: build data, model and optimiser, resume, loop, checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from . import distributed as D
+from .augment import MEAN, STD, FourCrop
+from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
+from .errors import TrainingStopped, UserError
+from .guard import Guard
+from .model import W2SSL
+from .monitor import ETA, AverageMeter, Logger, format_duration
+from .montage import assemble
+from .optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
+
+
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU (unless asked)."""
+    if name:
+        return name
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def shared_seed(seed: int | None, device: torch.device) -> int:
+    """``seed``, or a fresh random one chosen by rank 0 and shared with every process."""
+    if seed is not None:
+        return seed
+    value = torch.tensor(int.from_bytes(os.urandom(4), "little"), device=device)
+    return int(D.broadcast(value).item())
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def _tuples(x: object) -> object:
+    """``random.setstate`` wants tuples where a round trip through a checkpoint may give lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Pretrainer:
+    """One process's share of a W2SSL pre-training run."""
+
+    def __init__(self, ctx: D.Context, args: Namespace):
+        self.ctx, self.args = ctx, args
+        self.device = ctx.device
+        self.logger = Logger(args.save_dir, ctx.is_main)
+        self.seed = shared_seed(args.seed, self.device)
+        seed_everything(self.seed)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.local_batch = args.batch_size // ctx.world_size
+
+        self.dataset = PretrainDataset(Path(args.data) / "train", FourCrop(args.tile_size, args.crop_min), self.seed)
+        if ctx.is_main:
+            self.dataset.check_readable()
+        self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        if self.iters_per_epoch == 0:
+            raise UserError(f"the training folder has {len(self.dataset)} images, fewer than one batch of "
+                            f"{args.batch_size}: lower --batch-size")
+        workers = math.ceil(args.workers / ctx.local_world_size)
+        self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda")
+
+        self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
+                           loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop).to(self.device)
+        if ctx.world_size > 1 and self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.lr = scaled_lr(args.lr, args.batch_size)
+        self.optimizer = build_optimizer(args.optimizer, self.model, self.lr, args.weight_decay, args.momentum)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.net: nn.Module = self.model
+        if ctx.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
+        self.epoch, self.iteration, self.step = args.start_epoch, 0, args.start_epoch * self.iters_per_epoch
+        self.bad_files: set[str] = set()
+        self.perm_gen = torch.Generator(self.device)
+        self.step_ends: list[float] = []
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "iteration": self.iteration, "global_step": self.step,
+                "arch": self.args.arch, "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                "seed": self.seed, "rng": rng_state(), "bad_files": sorted(self.bad_files)}
+
+    def save(self, epoch_end: bool) -> None:
+        """Checkpoint on rank 0: ``checkpoint_last`` always, ``checkpoint_%04d`` at an epoch's end."""
+        self.guard.flush()  # never write a checkpoint from a non-finite state
+        if self.ctx.is_main:
+            save_dir = Path(self.args.save_dir)
+            state = self.state()
+            try:
+                if epoch_end:
+                    ckpt_io.save_atomic(state, save_dir / ckpt_io.epoch_name(self.epoch - 1))
+                    ckpt_io.prune(save_dir, self.args.keep)
+                ckpt_io.save_atomic(state, save_dir / ckpt_io.LAST)
+            except OSError as e:
+                raise UserError(f"could not write a checkpoint to {save_dir} ({e}); the previous checkpoint "
+                                f"is intact: free space or pass another --save-dir, then --resume auto") from e
+        D.barrier()
+
+    def resume(self) -> None:
+        found = self._find_checkpoint()
+        if found is None:
+            return
+        path, state = found
+        try:
+            self.model.load_state_dict(state["state_dict"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path} does not fit this model (--arch {self.args.arch}): "
+                            f"{ckpt_io.first_line(e)}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iteration = state["epoch"], state.get("iteration", 0)
+        self.step = state.get("global_step", self.epoch * self.iters_per_epoch + self.iteration)
+        if self.iteration >= self.iters_per_epoch:
+            self.epoch, self.iteration = self.epoch + 1, 0
+        self.bad_files = set(state.get("bad_files", []))
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
+                         f"(global step {self.step})")
+
+    def _find_checkpoint(self) -> tuple[Path, dict] | None:
+        resume = self.args.resume
+        if resume in ("", "none"):
+            return None
+        if resume == "auto":
+            found = ckpt_io.find_resumable(self.args.save_dir, self.args.trust_checkpoint, warn=self.logger.warn)
+            if found is None:
+                self.logger.info(f"=> no checkpoint in {self.args.save_dir}: starting from scratch")
+            return found
+        return Path(resume), ckpt_io.load(resume, self.args.trust_checkpoint)
+
+    # ----------------------------------------------------------------- training
+    def run(self) -> None:
+        args = self.args
+        self.resume()
+        self.logger.info(f"=> {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
+                         f"{self.device.type}, batch {args.batch_size} images = {args.batch_size // 2} montages "
+                         f"per view, lr {self.lr:.4g}, {self.iters_per_epoch} iterations per epoch, seed {self.seed}")
+        total = args.epochs * self.iters_per_epoch
+        self.eta = ETA(total, self.step)
+        try:
+            while self.epoch < args.epochs and not self._iteration_budget_spent():
+                self._train_epoch()
+                if self.iteration < self.iters_per_epoch:
+                    break  # --max-iters reached mid-epoch
+                self.epoch, self.iteration = self.epoch + 1, 0
+                self.save(epoch_end=True)
+                self.logger.info(f"=> epoch {self.epoch - 1} done; bad image files so far: {len(self.bad_files)}; "
+                                 f"saved {ckpt_io.epoch_name(self.epoch - 1)}")
+            if args.max_iters:
+                self._report_throughput()
+        finally:
+            self.logger.close()
+
+    def _iteration_budget_spent(self) -> bool:
+        return bool(self.args.max_iters) and self.step >= self.args.max_iters
+
+    def _report_throughput(self) -> None:
+        """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        ends = self.step_ends[len(self.step_ends) // 2:]
+        if len(ends) >= 2:
+            img_s = (len(ends) - 1) * self.args.batch_size / (ends[-1] - ends[0])
+            self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": len(self.step_ends),
+                                         "batch_size": self.args.batch_size, "device": str(self.device),
+                                         "gpu_aug": bool(getattr(self.args, "gpu_aug", False))}))
+
+    def _train_epoch(self) -> None:
+        args, device = self.args, self.device
+        self.sampler.set_epoch(self.epoch, self.iteration)
+        meters = {k: torch.zeros((), device=device) for k in LOGGED}
+        counted = 0
+        history: list[dict[str, Tensor]] = []
+        batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+        self.logger.start_bar(self.iters_per_epoch - self.iteration, f"epoch {self.epoch}")
+        end = time.perf_counter()
+        for tiles, bad in self.loader:
+            data_time.update(time.perf_counter() - end)
+            self._note_bad(bad)
+            tiles = [t.to(device, non_blocking=True) for t in tiles]
+            if self.iteration == self.sampler.start_batch and self.ctx.is_main:
+                self._log_montages(tiles)
+            t = self.epoch + self.iteration / self.iters_per_epoch
+            lr = lr_at(t, self.lr, args.warmup_epochs, args.epochs)
+            m = momentum_at(t, args.epochs, args.moco_m, args.moco_m_cos)
+            parts = self._step(tiles, lr, m)
+            self.iteration += 1
+            self.step += 1
+            self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
+            for k in LOGGED:
+                meters[k] += parts[k].detach()
+            counted += 1
+            history.append({k: parts[k].detach() for k in LOGGED})
+            batch_time.update(time.perf_counter() - end)
+            self.logger.advance_bar()
+            if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
+                self._log(history, meters, counted, batch_time, data_time, lr, m)
+                history = []
+            if args.fault_kill_step is not None and self.step == args.fault_kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
+            if self.guard.stop:
+                self._stop_on_signal()
+            if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
+                self.save(epoch_end=False)
+                self.logger.info(f"=> saved {ckpt_io.LAST} at epoch {self.epoch} iteration {self.iteration}")
+            self.step_ends.append(time.perf_counter())
+            if self._iteration_budget_spent():
+                break
+            end = time.perf_counter()
+        self.guard.flush()
+        if self.guard.stop:
+            self._stop_on_signal()
+        self.logger.close_bar()
+
+    def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
+        set_lr(self.optimizer, lr)
+        self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration) % 2**63)
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+            parts = self.net(tiles[:2], tiles[2:], m, generator=self.perm_gen)
+        if self.args.fault_nan_step is not None and self.step == self.args.fault_nan_step:
+            parts["loss"] = parts["loss"] * float("nan")  # test hook: a poisoned step
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return parts
+
+    def _note_bad(self, bad: list[str]) -> None:
+        new = [p for joined in bad if joined for p in joined.split("\n")]
+        if not new:
+            return
+        if self.args.strict_data:
+            raise UserError(f"unreadable image file {new[0]}: remove or replace it (or drop --strict-data "
+                            f"to skip bad files)")
+        for path in new:
+            if path not in self.bad_files:
+                self.bad_files.add(path)
+                self.logger.warn(f"unreadable image file {path} replaced by another sample "
+                                 f"({len(self.bad_files)} bad so far)")
+
+    def _log(self, history: list[dict[str, Tensor]], meters: dict[str, Tensor], counted: int,
+             batch_time: AverageMeter, data_time: AverageMeter, lr: float, m: float) -> None:
+        if not self.ctx.is_main:
+            return
+        rows = torch.stack([torch.stack([h[k] for k in LOGGED]) for h in history]).float().tolist()
+        avgs = (torch.stack([meters[k] for k in LOGGED]) / counted).tolist()
+        img_s = self.args.batch_size / max(batch_time.avg, 1e-9)
+        first = self.step - len(rows)
+        for i, row in enumerate(rows):
+            self.logger.scalars(first + i, dict(zip(LOGGED, row)))
+        self.logger.scalars(self.step - 1, {"lr": lr, "momentum": m, "img_per_s": img_s, "data_time": data_time.val,
+                                            "bad_files": len(self.bad_files)})
+        cur = dict(zip(LOGGED, rows[-1]))
+        avg = dict(zip(LOGGED, avgs))
+        width = len(str(self.iters_per_epoch))
+        self.logger.info(
+            f"Epoch: [{self.epoch}][{self.iteration:>{width}}/{self.iters_per_epoch}]\t{batch_time}\t{data_time}\t"
+            f"LR {lr:.4e}\tLoss {cur['loss']:.4e} ({avg['loss']:.4e})\t"
+            f"Loss_loc {cur['loss_where']:.4e} ({avg['loss_where']:.4e})\t"
+            f"Loss_crop {cur['loss_what']:.4e} ({avg['loss_what']:.4e})\t"
+            f"Where_acc {100 * cur['where_acc']:.1f} ({100 * avg['where_acc']:.1f})\t"
+            f"img/s {img_s:.1f}\tETA {self.eta.step(self.step)}")
+
+    def _log_montages(self, tiles: list[Tensor]) -> None:
+        n = min(8, tiles[0].shape[0] // 2 * 2)
+        if n < 2:
+            return
+        perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(self.epoch)).to(tiles[0].device)
+        for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:])):
+            montages = assemble(torch.cat([left[:n], right[:n]]), perm)
+            self.logger.images(self.step, f"montages/{name}", montages, MEAN, STD)
+        self.logger.flush()
+
+    def _stop_on_signal(self) -> None:
+        self.save(epoch_end=False)
+        name = signal.Signals(self.guard.signal).name
+        raise TrainingStopped(
+            f"{name} received: saved {Path(self.args.save_dir) / ckpt_io.LAST} at epoch {self.epoch} iteration "
+            f"{self.iteration}; continue with the same command and --resume auto", code=128 + self.guard.signal)
+
+
+def train(ctx: D.Context, args: Namespace) -> None:
+    """The worker that :func:`w2ssl.distributed.launch` runs in every process."""
+    start = time.perf_counter()
+    trainer = Pretrainer(ctx, args)
+    trainer.run()
+    if ctx.is_main:
+        print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)
