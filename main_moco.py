@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from w2ssl import cli, demo
 from w2ssl.distributed import launch
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-freq-iters", default=0, type=int, metavar="N",
                      help="also write checkpoint_last every N iterations (0: only at epoch ends)")
     run.add_argument("--keep", default=0, type=int, metavar="N", help="keep the N newest epoch checkpoints (0: all)")
-    run.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    run.add_argument("--strict-data", action="store_true",
+                     help="stop at the first unreadable image instead of skipping it")
     run.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
                      help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     run.add_argument("--max-iters", default=0, type=int, metavar="N",

@@ -10,8 +10,9 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -62,14 +63,18 @@ def load(path: str | Path, trust: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({first_line(e)})") from e
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if blocked is None:
+            raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(e)})") from None
         if not trust:
-            raise UserError(f"checkpoint {path} needs arbitrary unpickling, which can run code "
-                            f"({first_line(e)}); pass --trust-checkpoint only if you trust its source") from e
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(e)})") from e
+            raise UserError(f"checkpoint {path} needs arbitrary unpickling, which can run code ({blocked}); "
+                            f"pass --trust-checkpoint only if you trust its source") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise UserError(f"checkpoint {path} is corrupt ({type(e2).__name__}: {first_line(e2)})") from None
+    except Exception as e:  # a truncated zip or pickle stream fails in many ways (KeyError, EOFError, ...)
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
     return obj

@@ -5,8 +5,9 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -28,7 +29,8 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("-j", "--workers", default=default_workers(), type=int, metavar="N",
                         help="data-loading workers per node (split over its processes)")
     parser.add_argument("--epochs", default=epochs, type=int, metavar="N")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="epoch to start at (overridden by --resume)")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                        help="epoch to start at (a resumed checkpoint overrides it)")
     parser.add_argument("-b", "--batch-size", default=batch_size, type=int, metavar="N",
                         help="global batch size, summed over all processes")
     parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
@@ -36,7 +38,8 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="optimizer momentum")
     parser.add_argument("--wd", "--weight-decay", default=wd, type=float, metavar="W", dest="weight_decay")
     parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N", help="log every N iterations")
-    parser.add_argument("--resume", default="", metavar="PATH", help="checkpoint to resume from, or 'auto' (newest in --save-dir)")
+    parser.add_argument("--resume", default="", metavar="PATH",
+                        help="checkpoint to resume from, 'auto' (newest loadable in --save-dir) or 'none'")
     parser.add_argument("--save-dir", default=save_dir, metavar="PATH", help="checkpoints, log.txt and tb/ go here")
     parser.add_argument("--seed", default=None, type=int, help="seed for initialisation and augmentation")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,

@@ -5,8 +5,8 @@ state dict loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import torch
 import torchvision
@@ -16,7 +16,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pool_matrix(size: int) -> Tensor:
     """``[2, size]`` float64 matrix equal to bilinear resize to 8 (align_corners=False), then mean of 4.
 

@@ -1,7 +1,7 @@
 """The W2SSL model: base and momentum encoders, montages, heads and one step's losses (SPEC §2–§5)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,8 @@ class AverageMeter:
         return self.sum / max(self.count, 1)
 
     def __str__(self) -> str:
-        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(name=self.name, val=self.val, avg=self.avg)
+        template = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
+        return template.format(name=self.name, val=self.val, avg=self.avg)
 
 
 def format_duration(seconds: float) -> str:

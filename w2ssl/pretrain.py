@@ -63,6 +63,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+def plain_args(args: Namespace) -> dict:
+    """The parsed arguments as plain values, loadable with ``weights_only=True``."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool))}
+
+
 def _tuples(x: object) -> object:
     """``random.setstate`` wants tuples where a round trip through a checkpoint may give lists."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -113,7 +118,7 @@ class Pretrainer:
         return {"epoch": self.epoch, "iteration": self.iteration, "global_step": self.step,
                 "arch": self.args.arch, "state_dict": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                "args": plain_args(self.args),
                 "seed": self.seed, "rng": rng_state(), "bad_files": sorted(self.bad_files)}
 
     def save(self, epoch_end: bool) -> None:

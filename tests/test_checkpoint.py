@@ -1,0 +1,120 @@
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+from w2ssl.checkpoint import check_trunk, extract_trunk, find_resumable, load, load_trunk, prune, save_atomic
+from w2ssl.errors import UserError
+
+
+class Exploit:
+    """Unpickling this would run a command (it is never run: weights_only refuses it)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/w2ssl_pwned",))
+
+
+def layouts():
+    sd = torchvision.models.resnet18().state_dict()
+    trunk = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    ours = {"state_dict": {**{f"base_encoder.{k}": v for k, v in trunk.items()},
+                           "projector.0.weight": torch.zeros(4, 512),
+                           "momentum_encoder.conv1.weight": trunk["conv1.weight"]},
+            "epoch": 3}
+    authors = {"state_dict": {**{f"module.base_encoder.{k}": v for k, v in trunk.items()},
+                              "module.base_encoder.fc.weight": torch.zeros(256, 512),
+                              "module.base_encoder.fc_crop.0.weight": torch.zeros(4096, 512),
+                              "module.base_encoder.fc_loc.weight": torch.zeros(2, 512),
+                              "module.momentum_encoder.conv1.weight": trunk["conv1.weight"]}}
+    mocov3 = {"state_dict": {**{f"module.base_encoder.{k}": v for k, v in trunk.items()},
+                             "module.base_encoder.fc.0.weight": torch.zeros(4096, 512),
+                             "module.predictor.0.weight": torch.zeros(4096, 256)}}
+    return trunk, {"ours": ours, "authors": authors, "mocov3": mocov3}
+
+
+@pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
+def test_extract_trunk_from_every_layout(layout, tmp_path):
+    trunk, ckpts = layouts()
+    save_atomic(ckpts[layout], tmp_path / "c.pth.tar")
+    got = load_trunk(tmp_path / "c.pth.tar", "resnet18")
+    assert got.keys() == trunk.keys()
+    assert all(torch.equal(got[k], trunk[k]) for k in trunk)
+
+
+def test_linear_probe_and_wrong_arch_are_refused():
+    trunk, _ = layouts()
+    probe = {"state_dict": {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}
+    with pytest.raises(UserError, match="linear-probe"):
+        extract_trunk(probe)
+    with pytest.raises(UserError, match="--arch resnet50"):
+        check_trunk(trunk, "resnet50")
+
+
+def test_unsafe_pickle_is_refused_unless_trusted(tmp_path):
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": Exploit()}, path)
+    if os.path.exists("/tmp/w2ssl_pwned"):
+        os.remove("/tmp/w2ssl_pwned")
+    with pytest.raises(UserError, match="--trust-checkpoint"):
+        load(path)
+    assert not os.path.exists("/tmp/w2ssl_pwned")
+
+
+def test_missing_truncated_and_garbage_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load(tmp_path / "nope.pth")
+    good = tmp_path / "good.pth"
+    save_atomic({"epoch": 1, "state_dict": {"w": torch.ones(1000)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(UserError, match="truncated or corrupt|corrupt"):
+        load(truncated)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(UserError):
+        load(garbage)
+    (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match="corrupt"):
+        load(tmp_path / "pickle.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="not a dict"):
+        load(tmp_path / "list.pth")
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pth.tar"
+    save_atomic({"epoch": 1}, path)
+
+    def boom(obj, f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth.tar"]  # no temp file left
+
+
+def test_find_resumable_skips_corrupt_newest(tmp_path):
+    save_atomic({"epoch": 1, "state_dict": {}}, tmp_path / "checkpoint_0000.pth.tar")
+    newest = tmp_path / "checkpoint_last.pth.tar"
+    newest.write_bytes(b"PK\x03\x04 truncated")
+    os.utime(newest, (2e9, 2e9))
+    warnings = []
+    path, ckpt = find_resumable(tmp_path, warn=warnings.append)
+    assert path.name == "checkpoint_0000.pth.tar" and ckpt["epoch"] == 1
+    assert len(warnings) == 1 and "checkpoint_last" in warnings[0]
+    assert find_resumable(tmp_path / "empty") is None
+
+
+def test_prune_keeps_newest_epochs(tmp_path):
+    for e in range(5):
+        save_atomic({"epoch": e}, tmp_path / f"checkpoint_{e:04d}.pth.tar")
+    save_atomic({"epoch": 5}, tmp_path / "checkpoint_last.pth.tar")
+    prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_0003.pth.tar", "checkpoint_0004.pth.tar", "checkpoint_last.pth.tar"]

@@ -1,0 +1,143 @@
+"""Exporting trunks from the three checkpoint layouts to torchvision and timm key names."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from w2ssl.export import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FC = ["fc.bias", "fc.weight"]
+
+
+def trunk_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random ``arch`` trunk (no fc) with non-default BN statistics, so that every tensor is distinctive."""
+    torch.manual_seed(seed)
+    state = torchvision.models.__dict__[arch]().state_dict()
+    for value in state.values():
+        if value.is_floating_point():
+            value.copy_(torch.randn_like(value))
+        else:
+            value.fill_(seed + 7)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def ours(trunk):
+    """main_moco.py: the W2SSL module's state dict, no ``module.`` prefix."""
+    state = {f"base_encoder.{k}": v for k, v in trunk.items()}
+    state.update({f"momentum_encoder.{k}": v + 1 for k, v in trunk.items()})
+    state.update({"projector.0.weight": torch.randn(8, 4), "where_head.weight": torch.randn(2, 4)})
+    return {"epoch": 3, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def authors(trunk):
+    """The authors' W2SSL: MoCo v3 code, DDP ``module.`` prefix, projector in ``base_encoder.fc`` plus crop heads."""
+    state = {f"module.base_encoder.{k}": v for k, v in trunk.items()}
+    state.update({f"module.momentum_encoder.{k}": v + 1 for k, v in trunk.items()})
+    state.update({"module.base_encoder.fc.0.weight": torch.randn(8, 4), "module.fc_crop.weight": torch.randn(2, 4),
+                  "module.fc_loc.weight": torch.randn(4, 4), "module.predictor.0.weight": torch.randn(8, 8)})
+    return {"epoch": 100, "arch": "resnet50", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+            "scaler": {"scale": 1024.0}}
+
+
+def mocov3(trunk):
+    state = {f"module.base_encoder.{k}": v for k, v in trunk.items()}
+    state.update({f"module.momentum_encoder.{k}": v + 1 for k, v in trunk.items()})
+    state.update({"module.base_encoder.fc.0.weight": torch.randn(8, 4), "module.predictor.0.weight": torch.randn(8, 8)})
+    return {"epoch": 300, "arch": "resnet50", "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def target_model(to, arch):
+    return torchvision.models.__dict__[arch]() if to == "torchvision" else timm.create_model(arch, pretrained=False)
+
+
+def check_loads(out: Path, trunk, to: str, arch: str) -> None:
+    exported = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(exported) == set(trunk)
+    model = target_model(to, arch)
+    result = model.load_state_dict(exported, strict=False)
+    assert sorted(result.missing_keys) == FC and result.unexpected_keys == []
+    loaded = model.state_dict()
+    for key, value in trunk.items():
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize(("layout", "to"), [(ours, "torchvision"), (authors, "timm"), (mocov3, "torchvision"),
+                                             (ours, "timm")])
+def test_export_resnet18_all_layouts(tmp_path, layout, to, capsys):
+    trunk = trunk_state("resnet18")
+    torch.save(layout(trunk), tmp_path / "ckpt.pth.tar")
+    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", to, "--arch", "resnet18"]) == 0
+    assert "only fc.weight and fc.bias are missing" in capsys.readouterr().out
+    check_loads(tmp_path / "out.pth", trunk, to, "resnet18")
+
+
+@pytest.mark.parametrize("to", ["torchvision", "timm"])
+def test_export_resnet50_default_arch(tmp_path, to):
+    trunk = trunk_state("resnet50", seed=1)
+    torch.save(authors(trunk), tmp_path / "ckpt.pth.tar")
+    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", to]) == 0
+    check_loads(tmp_path / "out.pth", trunk, to, "resnet50")
+
+
+def run_error(argv, capsys) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_file_exits_2(tmp_path, capsys):
+    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
+    whole = (tmp_path / "ckpt.pth.tar").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    assert "truncated" in run_error([tmp_path / "cut.pth", tmp_path / "out.pth", "--to", "torchvision"], capsys)
+    (tmp_path / "text.pth").write_bytes(b"not a checkpoint")
+    run_error([tmp_path / "text.pth", tmp_path / "out.pth", "--to", "timm"], capsys)
+    assert "does not exist" in run_error([tmp_path / "nope.pth", tmp_path / "out.pth", "--to", "timm"], capsys)
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_linear_probe_checkpoint_exits_2(tmp_path, capsys):
+    probe = {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}
+    torch.save({"epoch": 90, "state_dict": probe}, tmp_path / "lincls.pth.tar")
+    err = run_error([tmp_path / "lincls.pth.tar", tmp_path / "out.pth", "--to", "torchvision", "--arch", "resnet18"],
+                    capsys)
+    assert "linear-probe" in err
+
+
+def test_wrong_arch_and_bad_output_exit_2(tmp_path, capsys):
+    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
+    ckpt = tmp_path / "ckpt.pth.tar"
+    assert "--arch resnet50" in run_error([ckpt, tmp_path / "out.pth", "--to", "timm"], capsys)
+    assert "does not exist" in run_error([ckpt, tmp_path / "no" / "out.pth", "--to", "timm", "--arch", "resnet18"],
+                                         capsys)
+    assert "is a directory" in run_error([ckpt, tmp_path, "--to", "timm", "--arch", "resnet18"], capsys)
+    assert "is the input" in run_error([ckpt, ckpt, "--to", "timm", "--arch", "resnet18"], capsys)
+
+
+def test_untrusted_pickle_needs_flag(tmp_path, capsys):
+    ckpt = ours(trunk_state("resnet18"))
+    ckpt["args"] = argparse.Namespace(lr=0.1)  # the authors' scripts may pickle their arguments
+    torch.save(ckpt, tmp_path / "ckpt.pth.tar")
+    argv = [tmp_path / "ckpt.pth.tar", tmp_path / "out.pth", "--to", "torchvision", "--arch", "resnet18"]
+    assert "--trust-checkpoint" in run_error(argv, capsys)
+    assert main([str(a) for a in argv] + ["--trust-checkpoint"]) == 0
+    check_loads(tmp_path / "out.pth", trunk_state("resnet18"), "torchvision", "resnet18")
+
+
+def test_module_cli_end_to_end(tmp_path):
+    trunk = trunk_state("resnet18", seed=2)
+    torch.save(mocov3(trunk), tmp_path / "ckpt.pth.tar")
+    cmd = [sys.executable, "-m", "w2ssl.export", str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"),
+           "--to", "timm", "--arch", "resnet18"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    check_loads(tmp_path / "out.pth", trunk, "timm", "resnet18")

@@ -1,0 +1,92 @@
+"""Export a pre-trained trunk as a plain state dict for torchvision or timm.
+
+    python -m w2ssl.export CKPT OUT --to {torchvision,timm} [--arch resnet50] [--trust-checkpoint]
+
+CKPT may be ours, the authors' W2SSL or MoCo v3's pre-training checkpoint. OUT is a ``torch.save``'d
+dict of tensors that ``torchvision.models.<arch>()`` or ``timm.create_model("<arch>")`` loads with
+``strict=False``, reporting only the classifier ``fc.weight`` and ``fc.bias`` missing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_trunk, save_atomic
+from .encoder import ARCHS
+from .errors import UserError
+
+TARGETS = ("torchvision", "timm")
+
+
+def to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
+    """torchvision-named trunk -> timm ``arch`` names.
+
+    timm's ResNet keeps torchvision's parameter and buffer names (``conv1``, ``bn1``, ``layer1.0.downsample.0``
+    … checked for timm 1.0), so the map is the identity; this verifies it against the installed timm.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError("timm is not installed: pip install timm, or export --to torchvision") from e
+    with torch.device("meta"):  # names and shapes only, no memory or init time
+        model = timm.create_model(arch, pretrained=False)
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(f"{classifier}.")}
+    differ = sorted(set(expected) ^ set(trunk)) or sorted(k for k in expected if expected[k] != trunk[k].shape)
+    if differ:
+        raise UserError(f"timm {timm.__version__} names {arch}'s weights differently from torchvision "
+                        f"(first difference: {differ[0]}): export --to torchvision and map the keys")
+    return dict(trunk)
+
+
+def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str = "resnet50",
+           trust: bool = False) -> dict[str, Tensor]:
+    """Write ``ckpt``'s ``arch`` trunk to ``out`` with ``to``'s key names; return what was written."""
+    ckpt, out = Path(ckpt), Path(out)
+    if to not in TARGETS:
+        raise UserError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
+    if out.is_dir():
+        raise UserError(f"output {out} is a directory: pass a file name such as {out / 'resnet50.pth'}")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist: create it first")
+    if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
+        raise UserError(f"output {out} is the input checkpoint: choose another file name")
+    trunk = load_trunk(ckpt, arch, trust)
+    weights = to_timm(trunk, arch) if to == "timm" else trunk
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    try:
+        save_atomic(weights, out)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}): check the path, permissions and free space") from e
+    return weights
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m w2ssl.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", help="pre-training checkpoint (ours, the authors' W2SSL or MoCo v3)")
+    parser.add_argument("out", help="output file: a plain state dict of the trunk, without fc")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="key layout of the output")
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk architecture (default: resnet50)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow full unpickling (runs code from the file): only for checkpoints you trust")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        weights = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(weights)} tensors ({args.arch} trunk, {args.to} keys) to {args.out}; "
+          f"load with strict=False: only fc.weight and fc.bias are missing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
