@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     run.add_argument("--max-iters", default=0, type=int, metavar="N",
                      help="stop after N global steps without a checkpoint and print img/s (benchmarks)")
+    run.add_argument("--gpu-aug", action="store_true",
+                     help="decode JPEGs and augment on the GPU (workers only read bytes); PIL stays the default")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC activations (default: on for GPUs)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the trunks")
+    run.add_argument("--knn-every", default=0, type=int, metavar="E", help="kNN-evaluate every E epochs (0: never)")
+    run.add_argument("--knn-data", metavar="DIR", help="labelled ImageFolder root with train/ and val/ for --knn-every")
+    run.add_argument("--knn-size", default=224, type=int, help="center-crop size for --knn-every")
     run.add_argument("--demo", action="store_true",
                      help="pre-train on a small embedded photo set with CPU-sized settings, then compare kNN "
                           "accuracy with a random trunk")
@@ -59,6 +67,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size <= 0 or args.batch_size % (2 * world_size):
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of 2 x {world_size} "
                         f"processes (each montage takes 2 images per process)")
+    if args.knn_every and not (args.knn_data and (Path(args.knn_data) / "val").is_dir()):
+        raise UserError("--knn-every needs --knn-data DIR with DIR/train and DIR/val labelled image folders")
     if args.resume not in ("", "auto", "none") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume} does not exist: pass a checkpoint file or 'auto'")
 

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,3 +32,26 @@ def random_views(b: int, tile: int, seed: int = 0, dtype: torch.dtype = torch.fl
     g = torch.Generator().manual_seed(seed)
     tiles = [torch.randn(b, 3, tile, tile, generator=g, dtype=dtype) for _ in range(4)]
     return [tiles[0], tiles[1]], [tiles[2], tiles[3]]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["-a", "resnet18", "--tile-size", "16", "--moco-mlp-dim", "64", "--crop_proj_dim", "32",
+        "--seed", "0", "--print-freq", "1"]
+
+
+def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None,
+               launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` (relative to the repo root) in a fresh interpreter and capture its output."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def logged_losses(log: Path) -> dict[tuple[int, int], str]:
+    """``(epoch, iteration) -> 'Loss …'`` field of every iteration line in a ``log.txt``."""
+    out = {}
+    for line in log.read_text().splitlines():
+        m = re.match(r"Epoch: \[(\d+)\]\[\s*(\d+)/\d+\].*?\t(Loss [^\t]+)", line)
+        if m:
+            out[int(m[1]), int(m[2])] = m[3]
+    return out

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from . import distributed as D
+from .augment import MEAN, STD
 from .errors import UserError
 
 
@@ -65,7 +67,7 @@ class PretrainDataset(Dataset):
     field (the main process counts them and, with ``strict``, stops).
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any], seed: int,
+    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None, seed: int,
                  loader: Callable[[str], Any] = load_rgb):
         self.samples = [path for path, _ in image_folder(root).samples]
         self.transform, self.seed, self.loader = transform, seed, loader
@@ -77,7 +79,7 @@ class PretrainDataset(Dataset):
         """Fail at start when not a single image can be read."""
         for path in self.samples:
             try:
-                self.loader(path)
+                load_rgb(path)
                 return
             except (OSError, ValueError, SyntaxError):
                 continue
@@ -96,6 +98,8 @@ class PretrainDataset(Dataset):
                 bad.append(path)
         else:
             raise RuntimeError("no readable image left in the dataset")
+        if self.transform is None:
+            return img, "\n".join(bad)
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         torch.manual_seed(s)
@@ -145,5 +149,25 @@ def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_m
                       prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
 
 
-def has_images(root: Path) -> bool:
-    return any(p.suffix.lower() in IMG_EXTENSIONS for p in root.rglob("*"))
+def eval_transform(size: int = 224) -> transforms.Compose:
+    """Resize to ``size·256/224`` then center-crop ``size`` (the usual ImageNet evaluation)."""
+    return transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def train_transform(size: int = 224) -> transforms.Compose:
+    """RandomResizedCrop + flip, as in the linear-probe protocol."""
+    return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
+                    what: str) -> tuple[DataLoader, int]:
+    """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes."""
+    image_folder(root, what)
+    dataset = ImageFolder(str(root), transform)
+    sampler = DistributedSampler(dataset, shuffle=shuffle) if D.is_dist() else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                        persistent_workers=workers > 0)
+    return loader, len(dataset.classes)

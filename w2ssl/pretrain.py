@@ -4,73 +4,38 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
-from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
+from .data import (
+    PretrainDataset,
+    ResumableSampler,
+    eval_transform,
+    labelled_loader,
+    make_loader,
+    sample_seed,
+    seed_everything,
+)
 from .errors import TrainingStopped, UserError
+from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded_with_path
 from .guard import Guard
+from .knn import format_knn, knn_eval
 from .model import W2SSL
 from .monitor import ETA, AverageMeter, Logger, format_duration
 from .montage import assemble
 from .optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
+from .runstate import plain_args, resolve_precision, rng_state, set_rng_state, shared_seed
+from .speed import PRECISIONS, prepare_model
 
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
-
-
-def resolve_precision(name: str | None, device: torch.device) -> str:
-    """bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU (unless asked)."""
-    if name:
-        return name
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def shared_seed(seed: int | None, device: torch.device) -> int:
-    """``seed``, or a fresh random one chosen by rank 0 and shared with every process."""
-    if seed is not None:
-        return seed
-    value = torch.tensor(int.from_bytes(os.urandom(4), "little"), device=device)
-    return int(D.broadcast(value).item())
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-def plain_args(args: Namespace) -> dict:
-    """The parsed arguments as plain values, loadable with ``weights_only=True``."""
-    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool))}
-
-
-def _tuples(x: object) -> object:
-    """``random.setstate`` wants tuples where a round trip through a checkpoint may give lists."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class Pretrainer:
@@ -85,7 +50,15 @@ class Pretrainer:
         self.precision = resolve_precision(args.precision, self.device)
         self.local_batch = args.batch_size // ctx.world_size
 
-        self.dataset = PretrainDataset(Path(args.data) / "train", FourCrop(args.tile_size, args.crop_min), self.seed)
+        train_dir = Path(args.data) / "train"
+        if args.gpu_aug:
+            # Workers only read bytes; decoding and the four crops run batched on the device.
+            self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
+            self.gpu_crop: GpuFourCrop | None = GpuFourCrop(args.tile_size, args.crop_min)
+            self.crop_gen = torch.Generator(self.device)
+        else:
+            self.dataset = PretrainDataset(train_dir, FourCrop(args.tile_size, args.crop_min), self.seed)
+            self.gpu_crop = None
         if ctx.is_main:
             self.dataset.check_readable()
         self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
@@ -94,12 +67,15 @@ class Pretrainer:
             raise UserError(f"the training folder has {len(self.dataset)} images, fewer than one batch of "
                             f"{args.batch_size}: lower --batch-size")
         workers = math.ceil(args.workers / ctx.local_world_size)
-        self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda")
+        self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
+                                  collate_fn=collate_pretrain if args.gpu_aug else None)
 
         self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
                            loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop).to(self.device)
         if ctx.world_size > 1 and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
+        prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
         self.lr = scaled_lr(args.lr, args.batch_size)
         self.optimizer = build_optimizer(args.optimizer, self.model, self.lr, args.weight_decay, args.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -112,6 +88,7 @@ class Pretrainer:
         self.bad_files: set[str] = set()
         self.perm_gen = torch.Generator(self.device)
         self.step_ends: list[float] = []
+        self._knn_loaders: tuple | None = None
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -188,6 +165,8 @@ class Pretrainer:
                 self.save(epoch_end=True)
                 self.logger.info(f"=> epoch {self.epoch - 1} done; bad image files so far: {len(self.bad_files)}; "
                                  f"saved {ckpt_io.epoch_name(self.epoch - 1)}")
+                if args.knn_every and self.epoch % args.knn_every == 0:
+                    self._knn()
             if args.max_iters:
                 self._report_throughput()
         finally:
@@ -216,10 +195,10 @@ class Pretrainer:
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         self.logger.start_bar(self.iters_per_epoch - self.iteration, f"epoch {self.epoch}")
         end = time.perf_counter()
-        for tiles, bad in self.loader:
+        for batch, bad in self.loader:
             data_time.update(time.perf_counter() - end)
-            self._note_bad(bad)
-            tiles = [t.to(device, non_blocking=True) for t in tiles]
+            tiles, decode_bad = self._tiles(batch)
+            self._note_bad([*bad, *decode_bad])
             if self.iteration == self.sampler.start_batch and self.ctx.is_main:
                 self._log_montages(tiles)
             t = self.epoch + self.iteration / self.iters_per_epoch
@@ -254,10 +233,21 @@ class Pretrainer:
             self._stop_on_signal()
         self.logger.close_bar()
 
+    def _tiles(self, batch: object) -> tuple[list[Tensor], list[str]]:
+        """The four ``[b, 3, t, t]`` tile batches on the device, and files that failed to decode."""
+        if self.gpu_crop is None:
+            return [t.to(self.device, non_blocking=True) for t in batch], []
+        data, paths = batch
+        images, bad = decode_tolerant(data, paths, self.device)
+        self.crop_gen.manual_seed(sample_seed(self.seed, self.epoch, -(2**40) - self.iteration))
+        view1, view2 = self.gpu_crop(images, self.crop_gen)
+        return [*view1, *view2], bad
+
     def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
         set_lr(self.optimizer, lr)
-        self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration) % 2**63)
-        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+        self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration))
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             parts = self.net(tiles[:2], tiles[2:], m, generator=self.perm_gen)
         if self.args.fault_nan_step is not None and self.step == self.args.fault_nan_step:
             parts["loss"] = parts["loss"] * float("nan")  # test hook: a poisoned step
@@ -313,6 +303,19 @@ class Pretrainer:
             self.logger.images(self.step, f"montages/{name}", montages, MEAN, STD)
         self.logger.flush()
 
+    def _knn(self) -> None:
+        """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""
+        if self._knn_loaders is None:
+            root, size, workers = Path(self.args.knn_data), self.args.knn_size, min(self.args.workers, 8)
+            train, classes = labelled_loader(root / "train", eval_transform(size), 256, workers, False, "kNN train")
+            val, _ = labelled_loader(root / "val", eval_transform(size), 256, workers, False, "kNN val")
+            self._knn_loaders = (train, val, classes)
+        train, val, classes = self._knn_loaders
+        result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
+                          channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])
+        self.logger.info(f"=> epoch {self.epoch - 1} {format_knn(result)}")
+        self.logger.scalars(self.step, {f"knn_top1_k{k}": a1 for k, (a1, _) in result.items()}, prefix="eval/")
+
     def _stop_on_signal(self) -> None:
         self.save(epoch_end=False)
         name = signal.Signals(self.guard.signal).name
@@ -324,6 +327,7 @@ class Pretrainer:
 def train(ctx: D.Context, args: Namespace) -> None:
     """The worker that :func:`w2ssl.distributed.launch` runs in every process."""
     start = time.perf_counter()
+    torch.backends.cudnn.benchmark = True
     trainer = Pretrainer(ctx, args)
     trainer.run()
     if ctx.is_main:

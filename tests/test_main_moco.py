@@ -1,0 +1,114 @@
+"""End-to-end pre-training runs of main_moco.py on a tiny JPEG folder (CPU)."""
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from main_moco import build_parser
+from tests.helpers import TINY, logged_losses, run_script
+from w2ssl import cli
+
+SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
+PUBLISHED_4GPU = ("--moco-m-cos --crop-min=.2 --dist-url 'tcp://localhost:10109' --multiprocessing-distributed "
+                  "--world-size 1 --rank 0 --print-freq 1000 --batch-size 512 --epochs 200 --loss_crop 1.0 DATA")
+
+
+def published_commands() -> list[str]:
+    """The pre-training commands of the published README (falls back to the copy above)."""
+    if not SEED_README.is_file():
+        return [PUBLISHED_4GPU]
+    lines = [line for line in SEED_README.read_text().splitlines()
+             if line.startswith("CUDA_VISIBLE_DEVICES") and "main_moco.py" in line]
+    return [line.split("main_moco.py", 1)[1].replace("[your imagenet-folder with train and val folders]", "DATA")
+            for line in lines]
+
+
+@pytest.mark.parametrize("command", published_commands())
+def test_published_command_parses_unchanged(command):
+    args = cli.parse(build_parser(), shlex.split(command))
+    assert args.moco_m_cos and args.multiprocessing_distributed
+    assert (args.crop_min, args.dist_url, args.world_size, args.rank) == (0.2, "tcp://localhost:10109", 1, 0)
+    assert (args.print_freq, args.epochs, args.loss_crop, args.data) == (1000, 200, 1.0, "DATA")
+    assert args.batch_size in (512, 2048)
+    # The authors' defaults for everything else.
+    assert (args.arch, args.lr, args.weight_decay, args.momentum, args.optimizer) == ("resnet50", 0.6, 1e-6, 0.9, "lars")
+    assert (args.tile_size, args.loss_t, args.loss_loc, args.moco_m, args.warmup_epochs) == (112, 0.3, 1.0, 0.99, 10)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_epochs_then_resume_auto(image_root, tmp_path, workers):
+    out = tmp_path / "run"
+    common = [image_root, *TINY, "-b", "8", "--workers", workers, "--save-dir", out]
+    res = run_script("main_moco.py", *common, "--epochs", "2")
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert {"checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar", "checkpoint_last.pth.tar", "log.txt", "tb"} <= set(names)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    losses = logged_losses(out / "log.txt")
+    assert len(losses) == 6  # 24 images / 8 = 3 iterations x 2 epochs
+    assert all("nan" not in v and "inf" not in v for v in losses.values())
+    ckpt = torch.load(out / "checkpoint_last.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18" and ckpt["args"]["batch_size"] == 8
+    assert "base_encoder.conv1.weight" in ckpt["state_dict"] and "module.base_encoder.conv1.weight" not in ckpt["state_dict"]
+    assert {"optimizer", "scaler", "rng", "global_step"} <= set(ckpt)
+
+    res = run_script("main_moco.py", *common, "--epochs", "3", "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "at epoch 2 iteration 0" in res.stdout
+    assert (out / "checkpoint_0002.pth.tar").is_file()
+    assert len(logged_losses(out / "log.txt")) == 9
+
+
+def test_torchrun_two_cpu_processes(image_root, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = run_script("main_moco.py", image_root, *TINY, "-b", "8", "--workers", "1", "--epochs", "1",
+                     "--save-dir", tmp_path, launcher=torchrun)
+    assert res.returncode == 0, res.stderr
+    assert "2 process(es) on cpu" in res.stdout
+    assert len(logged_losses(tmp_path / "log.txt")) == 3  # 3 iterations of 4 images per process
+    assert (tmp_path / "checkpoint_0000.pth.tar").is_file()
+
+
+def test_config_file_and_command_line_override(image_root, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("batch-size: 12\nloss_crop: 0.5\narch: resnet18\nepochs: 7\n")
+    args = cli.parse(build_parser(), ["--config", str(config), "--epochs", "3", str(image_root)])
+    assert (args.batch_size, args.loss_crop, args.arch, args.epochs) == (12, 0.5, "resnet18", 3)
+
+
+@pytest.fixture
+def empty_root(tmp_path):
+    (tmp_path / "empty" / "train" / "class0").mkdir(parents=True)
+    return tmp_path / "empty"
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing train", lambda r, e: [r.parent / "nowhere"], "train does not exist"),
+    ("empty dataset", lambda r, e: [e], "has no images"),
+    ("batch does not divide", lambda r, e: [r, "-b", "7"], "multiple of 2"),
+    ("resume path missing", lambda r, e: [r, "--resume", "/nonexistent.pth.tar"], "does not exist"),
+    ("multiprocessing without GPU", lambda r, e: [r, "--multiprocessing-distributed"], "no GPU"),
+    ("bad config key", lambda r, e: [r, "--config", Path(__file__)], "not valid YAML|unknown keys|mapping"),
+    ("batch larger than dataset", lambda r, e: [r, "-b", "64"], "fewer than one batch"),
+])
+def test_bad_input_exits_2_with_one_line(image_root, empty_root, tmp_path, case, args, message):
+    if case == "multiprocessing without GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = run_script("main_moco.py", *args(image_root, empty_root), *TINY, "--workers", "0",
+                     "--save-dir", tmp_path / "out", timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_config_presets_parse():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for preset in sorted(configs.glob("pretrain_*.yaml")):
+        args = cli.parse(build_parser(), ["--config", str(preset), "DATA"])
+        assert args.batch_size in (512, 2048) and args.moco_m_cos and args.epochs == 200
+
