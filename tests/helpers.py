@@ -48,10 +48,11 @@ def run_script(script: str, *args: str, timeout: float = 600, env: dict | None =
 
 
 def logged_losses(log: Path) -> dict[tuple[int, int], str]:
-    """``(epoch, iteration) -> 'Loss …'`` field of every iteration line in a ``log.txt``."""
+    """``(epoch, iteration) -> that iteration's loss`` (as printed) from a ``log.txt``; a later line
+    for the same iteration (after a resume) replaces an earlier one."""
     out = {}
     for line in log.read_text().splitlines():
-        m = re.match(r"Epoch: \[(\d+)\]\[\s*(\d+)/\d+\].*?\t(Loss [^\t]+)", line)
+        m = re.match(r"Epoch: \[(\d+)\]\[\s*(\d+)/\d+\].*?\tLoss (\S+)", line)
         if m:
             out[int(m[1]), int(m[2])] = m[3]
     return out

@@ -1,0 +1,131 @@
+"""What survives what: SIGKILL, interrupted checkpoint writes, bad images, NaN losses, SIGTERM."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import write_folder
+from tests.helpers import ROOT, TINY, logged_losses, run_script
+
+
+def common(data, out, workers, epochs=2):
+    # 24 images, batch 4: 6 iterations per epoch
+    return [data, *TINY, "-b", "4", "--workers", workers, "--epochs", epochs, "--save-dir", out]
+
+
+def state_dict(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_uninterrupted(image_root, tmp_path, workers):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script("main_moco.py", *common(image_root, a, workers)).returncode == 0
+    # Run B dies hard at global step 10 (epoch 1, iteration 4); its newest checkpoint is from step 8.
+    killed = run_script("main_moco.py", *common(image_root, b, workers), "--save-freq-iters", "2",
+                        "--fault-kill-step", "10")
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(b / "checkpoint_last.pth.tar", weights_only=True)["iteration"] == 2
+    resumed = run_script("main_moco.py", *common(image_root, b, workers), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at epoch 1 iteration 2" in resumed.stdout
+    sa, sb = state_dict(a / "checkpoint_last.pth.tar"), state_dict(b / "checkpoint_last.pth.tar")
+    assert sa.keys() == sb.keys()
+    assert max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa) <= 1e-6
+    la, lb = logged_losses(a / "log.txt"), logged_losses(b / "log.txt")
+    after = [(1, i) for i in range(3, 7)]  # the iterations run again after the resume point
+    assert [la[k] for k in after] == [lb[k] for k in after]
+
+
+def test_truncated_newest_checkpoint_falls_back(image_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("main_moco.py", *common(image_root, out, 0, epochs=1)).returncode == 0
+    last = out / "checkpoint_last.pth.tar"
+    good = out / "checkpoint_0000.pth.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut off midway
+    os.utime(good, (time.time() - 100, time.time() - 100))
+    res = run_script("main_moco.py", *common(image_root, out, 0, epochs=2), "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert "skipping" in res.stdout and "checkpoint_last.pth.tar" in res.stdout
+    assert f"resumed from {good}" in res.stdout
+
+
+@pytest.fixture
+def dirty_root(tmp_path):
+    root = tmp_path / "dirty"
+    write_folder(root / "train", per_class=6)  # 18 good + 2 bad: every file is in some batch of 4
+    (root / "train" / "class0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 10)
+    (root / "train" / "class1" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def test_bad_images_are_skipped_and_counted(dirty_root, tmp_path):
+    out = tmp_path / "run"
+    res = run_script("main_moco.py", dirty_root, *TINY, "-b", "4", "--workers", "2", "--epochs", "1",
+                     "--save-dir", out)
+    assert res.returncode == 0, res.stderr
+    assert "bad image files so far: 2" in (out / "log.txt").read_text()
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["bad_files"] == sorted(
+        [str(dirty_root / "train" / "class0" / "corrupt.jpg"), str(dirty_root / "train" / "class1" / "empty.jpg")])
+
+
+def test_strict_data_stops_naming_the_file(dirty_root, tmp_path):
+    res = run_script("main_moco.py", dirty_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "1",
+                     "--save-dir", tmp_path / "run", "--strict-data")
+    assert res.returncode == 2
+    line = res.stderr.strip()
+    assert line.startswith("error: unreadable image file") and ("corrupt.jpg" in line or "empty.jpg" in line)
+    assert "Traceback" not in res.stderr
+
+
+def test_no_readable_image_fails_at_start(tmp_path):
+    bad = tmp_path / "bad" / "train" / "c"
+    bad.mkdir(parents=True)
+    for i in range(3):
+        (bad / f"{i}.jpg").write_bytes(b"junk")
+    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "2", "--workers", "0",
+                     "--save-dir", tmp_path / "run")
+    assert res.returncode == 2 and "none of the 3 image files" in res.stderr
+
+
+def test_nan_loss_stops_without_touching_checkpoints(image_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("main_moco.py", *common(image_root, out, 0, epochs=1)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.pth.tar")}
+    res = run_script("main_moco.py", *common(image_root, out, 0, epochs=2), "--fault-nan-step", "8",
+                     "--save-freq-iters", "1")
+    assert res.returncode == 3
+    assert "non-finite loss at epoch 1 iteration 2 (global step 8)" in res.stderr
+    assert "loss=nan" in res.stderr and "Traceback" not in res.stderr
+    after = {p.name: p.read_bytes() for p in out.glob("*.pth.tar")}
+    # Steps 6 and 7 were finite and checkpointed; the poisoned step 8 was never saved.
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["global_step"] == 8
+    assert after["checkpoint_0000.pth.tar"] == before["checkpoint_0000.pth.tar"]
+
+
+def test_sigterm_saves_and_resume_continues(image_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "main_moco.py"), *map(str, common(image_root, out, 0, epochs=3))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "Epoch: [0][2/6]" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and "--resume auto" in err
+    ckpt = torch.load(out / "checkpoint_last.pth.tar", weights_only=True)
+    stopped_at = (ckpt["epoch"], ckpt["iteration"])
+    assert stopped_at < (3, 0)
+    res = run_script("main_moco.py", *common(image_root, out, 0, epochs=3))
+    assert res.returncode == 0, res.stderr
+    assert f"at epoch {stopped_at[0]} iteration {stopped_at[1]}" in res.stdout
+    assert (out / "checkpoint_0002.pth.tar").is_file()
+    shutil.rmtree(out)
