@@ -1,0 +1,1 @@
+"""Transfer to detection: detectron2 weight conversion and launcher, torchvision fine-tuning (see README.md)."""

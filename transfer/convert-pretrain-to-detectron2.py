@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Convert the ResNet trunk of a pre-training checkpoint to a detectron2 weight file.
+
+Usage: ``python transfer/convert-pretrain-to-detectron2.py CKPT OUT.pkl [--arch resnet50]``
+
+Reads our checkpoints (``base_encoder.<key>``), the authors' W2SSL and MoCo v3's
+(``module.base_encoder.<key>``); drops every head and the momentum encoder, renames the trunk to
+detectron2's ResNet names and writes ``{"model": {name: ndarray}, "__author__": "W2SSL",
+"matching_heuristics": True}``, which detectron2's checkpointer maps onto C4 and FPN models alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+# Run as `python transfer/convert-pretrain-to-detectron2.py`: the repo root must be importable for `w2ssl`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from w2ssl.checkpoint import check_trunk, extract_trunk, load
+from w2ssl.encoder import ARCHS
+from w2ssl.errors import UserError
+
+AUTHOR = "W2SSL"
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(.+)")
+
+
+def _block_part(rest: str) -> str | None:
+    """detectron2 name of a key inside one residual block (``conv2.weight``, ``bn2.bias``, ``downsample.1.x``)."""
+    if m := re.fullmatch(r"conv([1-3])\.weight", rest):
+        return f"conv{m[1]}.weight"
+    if (m := re.fullmatch(r"bn([1-3])\.(\w+)", rest)) and m[2] in _BN_FIELDS:
+        return f"conv{m[1]}.norm.{m[2]}"
+    if rest == "downsample.0.weight":
+        return "shortcut.weight"
+    if (m := re.fullmatch(r"downsample\.1\.(\w+)", rest)) and m[1] in _BN_FIELDS:
+        return f"shortcut.norm.{m[1]}"
+    return None
+
+
+def detectron2_name(key: str) -> str | None:
+    """detectron2 ResNet name of torchvision trunk key ``key``; ``None`` for ``num_batches_tracked``.
+
+    ``conv1.weight -> stem.conv1.weight``, ``bn1.x -> stem.conv1.norm.x``,
+    ``layer{i}.{j}.conv{k}.weight -> res{i+1}.{j}.conv{k}.weight``, ``layer{i}.{j}.bn{k}.x -> …conv{k}.norm.x``,
+    ``layer{i}.{j}.downsample.{0,1} -> res{i+1}.{j}.shortcut{,.norm}``.
+    """
+    if key.endswith(".num_batches_tracked"):
+        return None
+    if key == "conv1.weight":
+        return "stem.conv1.weight"
+    if (m := re.fullmatch(r"bn1\.(\w+)", key)) and m[1] in _BN_FIELDS:
+        return f"stem.conv1.norm.{m[1]}"
+    if (m := _BLOCK.fullmatch(key)) and (part := _block_part(m[3])) is not None:
+        return f"res{int(m[1]) + 1}.{m[2]}.{part}"
+    raise ValueError(f"no detectron2 name for trunk key {key!r}")
+
+
+def convert(trunk: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Rename a torchvision trunk to detectron2 names, as float32 numpy arrays (shapes kept)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in trunk.items():
+        name = detectron2_name(key)
+        if name is None:
+            continue
+        if name in out:
+            raise ValueError(f"two trunk keys map to {name}")
+        out[name] = value.detach().cpu().float().numpy()
+    return out
+
+
+def write_pickle(obj: dict, path: Path) -> None:
+    """Pickle ``obj`` to a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Convert a pre-training checkpoint's ResNet trunk to detectron2 weights.")
+    p.add_argument("checkpoint", help="pre-training checkpoint (.pth.tar): ours, the authors' W2SSL or MoCo v3")
+    p.add_argument("output", help="detectron2 weight file to write; must end in .pkl")
+    p.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk the checkpoint was trained with")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (can run code: only for files you trust)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = Path(args.output)
+        # detectron2 picks its loader by extension: only ".pkl" reads a pickle of numpy arrays.
+        if out.suffix != ".pkl":
+            raise UserError(f"output {out} must end in .pkl so that detectron2 reads it as converted weights")
+        if not out.parent.is_dir():
+            raise UserError(f"output folder {out.parent} does not exist: create it first")
+        trunk = extract_trunk(load(args.checkpoint, args.trust_checkpoint))
+        check_trunk(trunk, args.arch)
+        model = convert(trunk)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_pickle({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, out)
+    print(f"wrote {len(model)} {args.arch} trunk tensors in detectron2 names to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
