@@ -39,11 +39,12 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("--wd", "--weight-decay", default=wd, type=float, metavar="W", dest="weight_decay")
     parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N", help="log every N iterations")
     parser.add_argument("--resume", default="", metavar="PATH",
-                        help="checkpoint to resume from, 'auto' (newest loadable in --save-dir) or 'none'")
+                        help="checkpoint to resume from, 'auto' (the newest loadable one in --save-dir) or 'none'")
     parser.add_argument("--save-dir", default=save_dir, metavar="PATH", help="checkpoints, log.txt and tb/ go here")
     parser.add_argument("--seed", default=None, type=int, help="seed for initialisation and augmentation")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
-                        help="default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+                        help="pre-training default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU; "
+                             "the linear probe defaults to fp32")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (can run code: trusted files only)")
     dist = parser.add_argument_group("distributed")

@@ -1,0 +1,336 @@
+"""Linear probe (main_lincls.py): the published command line, checkpoint layouts, pure helpers, and
+end-to-end runs on a tiny JPEG folder (full, resumed, evaluate-only, cached, kNN, torchrun) on the CPU."""
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from main_lincls import build_parser, main, split_joined_dist_url
+from tests.conftest import write_folder
+from tests.helpers import TINY, run_script
+from w2ssl import cli
+from w2ssl.checkpoint import load_trunk, save_atomic
+from w2ssl.distributed import Context
+from w2ssl.lincls import LinearProbe, build_model, changed_weights, stats_text, topk_hits, unpadded_rows
+
+SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
+PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"
+             "distributed --world-size 1 --rank 0 --print-freq 100 --pretrained checkpoint_0199.pth.tar DATA")
+PROBE = ["-a", "resnet18", "--input-size", "64", "-b", "8", "--workers", "0", "--seed", "0", "--print-freq", "1"]
+ACC = re.compile(r"^ \* Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+)$", re.M)
+
+
+def published_command() -> str:
+    """The linear-classification command of the published README, data path replaced (falls back to a copy)."""
+    if not SEED_README.is_file():
+        return PUBLISHED
+    line = next(line for line in SEED_README.read_text().splitlines() if "main_lincls.py" in line)
+    return line.split("main_lincls.py", 1)[1].replace("[your imagenet-folder with train and val folders]", "DATA")
+
+
+def run_inprocess(capsys, *argv) -> tuple[int, str, str]:
+    """``main_lincls.main`` in this process: exit code, stdout, stderr (errors in the worker exit via SystemExit)."""
+    try:
+        code = cli.run_main(main, [str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def pretrained(image_root, tmp_path_factory) -> Path:
+    """A one-epoch W2SSL pre-training checkpoint of the tiny folder (main_moco.py)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    res = run_script("main_moco.py", image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0",
+                     "--save-dir", out)
+    assert res.returncode == 0, res.stderr
+    return out / "checkpoint_0000.pth.tar"
+
+
+@pytest.fixture(scope="module")
+def probe_run(image_root, pretrained, tmp_path_factory):
+    """The full protocol for 2 epochs through the command line."""
+    out = tmp_path_factory.mktemp("probe")
+    res = run_script("main_lincls.py", image_root, *PROBE, "--epochs", "2", "--pretrained", pretrained,
+                     "--save-dir", out)
+    assert res.returncode == 0, res.stderr
+    return out, res.stdout
+
+
+# ----------------------------------------------------------------- command line
+def test_published_command_parses_unchanged():
+    args = cli.parse(build_parser(), shlex.split(published_command()))
+    # What a shell passes: the URL and the flag are one token, so the flag itself is not set.
+    assert args.dist_url == "tcp://localhost:10016--multiprocessing-distributed"
+    assert not args.multiprocessing_distributed
+    warning = split_joined_dist_url(args)
+    assert warning and "missing space" in warning
+    assert (args.dist_url, args.multiprocessing_distributed) == ("tcp://localhost:10016", True)
+    assert (args.arch, args.batch_size, args.epochs, args.world_size, args.rank, args.print_freq) == \
+        ("resnet50", 256, 100, 1, 0, 100)
+    assert (args.pretrained, args.data) == ("checkpoint_0199.pth.tar", "DATA")
+    # MoCo v3's defaults for the rest.
+    assert (args.lr, args.momentum, args.weight_decay, args.start_epoch, args.resume, args.evaluate) == \
+        (0.1, 0.9, 0.0, 0, "", False)
+    assert (args.input_size, args.cached, args.knn, args.seed, args.gpu) == (224, False, False, None, None)
+
+
+@pytest.mark.parametrize("url_args", [["--dist-url", "tcp://localhost:10016", "--multiprocessing-distributed"],
+                                      ["--dist-url", "env://"], []])
+def test_well_formed_dist_url_is_left_alone(url_args):
+    args = cli.parse(build_parser(), [*url_args, "DATA"])
+    before = (args.dist_url, args.multiprocessing_distributed)
+    assert split_joined_dist_url(args) is None
+    assert (args.dist_url, args.multiprocessing_distributed) == before
+
+
+def test_config_preset_is_the_published_protocol():
+    preset = Path(__file__).resolve().parents[1] / "configs" / "lincls.yaml"
+    args = cli.parse(build_parser(), ["--config", str(preset), "DATA"])
+    assert (args.arch, args.batch_size, args.lr, args.momentum, args.weight_decay, args.epochs) == \
+        ("resnet50", 256, 0.1, 0.9, 0.0, 100)
+    assert (args.input_size, args.precision, args.print_freq) == (224, "fp32", 100)
+
+
+# ----------------------------------------------------------------- pure helpers
+def test_topk_hits_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.2, 0.3, 0.4],    # ranks: 1, 5, 4, 3, 0, 2
+                           [0.9, 0.1, 0.0, 0.2, 0.3, 0.4],    # ranks: 0, 5, 4, 3, 1, 2
+                           [0.0, 0.1, 0.9, 0.2, 0.3, 0.4]])   # ranks: 2, 5, 4, 3, 1, 0
+    target = torch.tensor([1, 1, 0])
+    # row 0: top-1 hit; row 1: class 1 is 5th -> top-5 hit only; row 2: class 0 is last -> miss.
+    assert topk_hits(logits, target).tolist() == [1, 2]
+    # Three classes: "top-5" is top-3.
+    assert topk_hits(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2])).tolist() == [0, 1]
+
+
+def test_unpadded_rows_drop_distributed_sampler_padding():
+    # 9 samples on 2 ranks: rank 0 reads 0,2,4,6,8; rank 1 reads 1,3,5,7 and then 0 again (padding).
+    cpu = torch.device("cpu")
+    assert unpadded_rows(0, 5, 0, 2, 9, cpu).tolist() == [True] * 5
+    assert unpadded_rows(0, 3, 1, 2, 9, cpu).tolist() == [True] * 3
+    assert unpadded_rows(3, 2, 1, 2, 9, cpu).tolist() == [True, False]
+    assert unpadded_rows(0, 4, 0, 1, 4, cpu).all()
+
+
+def test_changed_weights_and_stats_text():
+    ref = {"a": torch.zeros(2), "b": torch.ones(1)}
+    assert changed_weights({"a": torch.zeros(2), "b": torch.ones(1), "fc.weight": torch.ones(1)}, ref) == []
+    assert changed_weights({"a": torch.tensor([0.0, 1e-7]), "b": torch.ones(1)}, ref) == ["a"]
+    assert changed_weights({"a": torch.zeros(2)}, ref) == ["b"]
+    # last batch: 4 rows, loss sum 2, 1 top-1 / 3 top-5 hits; epoch so far: 8 rows, loss 6, 4 / 8 hits.
+    assert stats_text([2.0, 1.0, 3.0, 4.0], [6.0, 4.0, 8.0, 8.0]) == \
+        "Loss 5.0000e-01 (7.5000e-01)\tAcc@1  25.00 ( 50.00)\tAcc@5  75.00 (100.00)"
+
+
+# ----------------------------------------------------------------- checkpoint layouts
+def random_trunk(arch: str = "resnet18") -> dict[str, torch.Tensor]:
+    """A torchvision trunk with random weights and BatchNorm statistics (so loading is visible)."""
+    g = torch.Generator().manual_seed(1)
+    sd = torchvision.models.__dict__[arch]().state_dict()
+    return {k: torch.rand(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def layout(name: str, trunk: dict[str, torch.Tensor]) -> dict:
+    """Synthetic checkpoints in the key layouts of our pre-training, the authors' W2SSL and MoCo v3."""
+    if name == "ours":
+        return {"epoch": 1, "state_dict": {**{f"base_encoder.{k}": v for k, v in trunk.items()},
+                                           "momentum_encoder.conv1.weight": torch.zeros(1),
+                                           "where_head.weight": torch.zeros(2, 512)}}
+    heads = ({"module.base_encoder.fc_crop.0.weight": torch.zeros(64, 512),
+              "module.base_encoder.fc_loc.weight": torch.zeros(2, 512)} if name == "authors"
+             else {"module.base_encoder.fc.0.weight": torch.zeros(64, 512),
+                   "module.predictor.0.weight": torch.zeros(64, 32)})
+    return {"epoch": 200, "arch": "resnet18", "optimizer": {},
+            "state_dict": {**{f"module.base_encoder.{k}": v for k, v in trunk.items()},
+                           **{f"module.momentum_encoder.{k}": v for k, v in trunk.items()}, **heads}}
+
+
+@pytest.mark.parametrize("name", ["ours", "authors", "mocov3"])
+def test_pretrained_layouts_load_into_a_frozen_torchvision_model(name, tmp_path):
+    trunk = random_trunk()
+    path = tmp_path / f"{name}.pth.tar"
+    save_atomic(layout(name, trunk), path)
+    torch.manual_seed(0)
+    model, reference = build_model("resnet18", 7, path)
+    assert not changed_weights(model.state_dict(), trunk) and not changed_weights(reference, trunk)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert not model.training and model.fc.out_features == 7
+    assert torch.equal(model.fc.bias, torch.zeros(7))
+    assert abs(model.fc.weight.std().item() - 0.01) < 0.001  # N(0, 0.01) over 7 x 512 draws
+
+
+def bad_pretrained(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """The flags of one bad ``--pretrained`` (or related) input and the message expected."""
+    if case == "linear-probe checkpoint":
+        probe = {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}
+        save_atomic({"epoch": 100, "state_dict": probe, "best_acc1": 1.0}, tmp_path / "lin.pth.tar")
+        return ["--pretrained", tmp_path / "lin.pth.tar"], r"linear-probe .*module\.bn1"
+    if case == "random file":
+        (tmp_path / "random.pth.tar").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+        return ["--pretrained", tmp_path / "random.pth.tar"], "truncated or corrupt"
+    if case == "missing path":
+        return ["--pretrained", tmp_path / "nowhere.pth.tar"], "nowhere.pth.tar does not exist"
+    if case == "mismatched arch":
+        save_atomic(layout("authors", random_trunk()), tmp_path / "r18.pth.tar")
+        return ["--pretrained", tmp_path / "r18.pth.tar", "-a", "resnet34"], "does not match --arch resnet34"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["linear-probe checkpoint", "random file", "missing path", "mismatched arch"])
+def test_bad_pretrained_exits_2_with_one_line(image_root, tmp_path, capsys, case):
+    flags, message = bad_pretrained(tmp_path, case)
+    code, out, err = run_inprocess(capsys, image_root, *PROBE, "--save-dir", tmp_path / "out", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --pretrained"), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("no weights", [], "--pretrained CKPT"),
+    ("aug without cached", ["--cached-aug", "2"], "needs --cached"),
+    ("evaluate cached", ["-e", "--cached"], "drop --cached"),
+    ("missing val", ["--data-root-without-val"], "val does not exist"),
+    ("resume missing", ["--resume", "/nonexistent.pth.tar"], "does not exist"),
+    ("resume auto with nothing", ["--resume", "auto"], "found no checkpoint.pth.tar"),
+])
+def test_other_bad_input_exits_2_with_one_line(image_root, tmp_path, capsys, case, flags, message):
+    data = image_root
+    if flags == ["--data-root-without-val"]:
+        data, flags = tmp_path / "data", []
+        (data / "train").mkdir(parents=True)
+    code, out, err = run_inprocess(capsys, data, *PROBE, "--save-dir", tmp_path / "out", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["random file", "pre-training checkpoint as --resume"])
+def test_bad_input_from_the_shell_has_no_traceback(image_root, pretrained, tmp_path, case):
+    if case == "random file":
+        flags, message = bad_pretrained(tmp_path, case)
+    else:  # found in the worker process, after the launch
+        flags, message = ["--resume", pretrained], "not a linear-probe checkpoint"
+    res = run_script("main_lincls.py", image_root, *PROBE, "--save-dir", tmp_path / "out", *flags, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert message in lines[0] and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------- end to end
+def test_full_probe_two_epochs(probe_run, pretrained):
+    out, stdout = probe_run
+    assert re.search(r"^Epoch: \[0\]\[0/3\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 ", stdout, re.M)
+    assert "Epoch: [1][2/3]" in stdout and re.search(r"^Test: \[1/2\]", stdout, re.M)
+    accs = [float(a1) for a1, _ in ACC.findall(stdout)]
+    assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
+    # The sanity check runs after the first epoch, and again at the end.
+    assert stdout.index("sanity check passed") < stdout.index("Epoch: [1]")
+    assert stdout.count("sanity check passed") == 2
+    assert {"checkpoint.pth.tar", "model_best.pth.tar", "log.txt", "tb"} <= {p.name for p in out.iterdir()}
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert "Epoch: [1][2/3]" in (out / "log.txt").read_text()
+
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert (ckpt["epoch"], ckpt["arch"], ckpt["best_acc1"]) == (2, "resnet18", max(accs))
+    assert ckpt["args"]["input_size"] == 64 and ckpt["args"]["pretrained"] == str(pretrained)
+    sd = ckpt["state_dict"]
+    assert "conv1.weight" in sd and sd["fc.weight"].shape == (3, 512) and not any(k.startswith("module.") for k in sd)
+    # Trunk (weights and BatchNorm statistics) untouched; fc trained.
+    assert changed_weights(sd, load_trunk(pretrained, "resnet18")) == []
+    assert sd["fc.bias"].abs().sum() > 0
+    # lr = 0.1 x 8/256 on a half-cosine per epoch: epoch 1 of 2 runs at half of it.
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.1 * 8 / 256 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert (group["momentum"], group["weight_decay"]) == (0.9, 0.0)
+
+
+def test_resume_then_evaluate_only(probe_run, image_root, pretrained, tmp_path, capsys):
+    out, _ = probe_run
+    code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "--epochs", "3", "--pretrained", pretrained,
+                                      "--resume", out / "checkpoint.pth.tar", "--save-dir", tmp_path)
+    assert code == 0, err
+    assert "at epoch 2" in stdout and "Epoch: [2][0/3]" in stdout and "Epoch: [1]" not in stdout
+    resumed = ACC.findall(stdout)
+    assert len(resumed) == 1
+    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 3
+
+    # -e on the resumed checkpoint alone (no --pretrained): same numbers, no training.
+    code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "-e", "--resume", tmp_path / "checkpoint.pth.tar",
+                                      "--save-dir", tmp_path / "eval")
+    assert code == 0, err
+    assert ACC.findall(stdout) == resumed and "Epoch:" not in stdout
+
+
+def test_resume_with_another_trunk_is_refused(probe_run, image_root, tmp_path, capsys):
+    out, _ = probe_run
+    other = tmp_path / "other.pth.tar"
+    save_atomic(layout("ours", random_trunk()), other)
+    code, _, err = run_inprocess(capsys, image_root, *PROBE, "--epochs", "3", "--pretrained", other,
+                                 "--resume", out / "checkpoint.pth.tar", "--save-dir", tmp_path)
+    assert code == 2 and "another trunk than --pretrained" in err
+
+
+def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, capsys):
+    argv = [image_root, *PROBE, "--epochs", "2", "--cached", "--cached-aug", "1", "--pretrained", pretrained,
+            "--save-dir", tmp_path]
+    probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
+    forwards = []
+    probe.model.layer4.register_forward_hook(lambda *_: forwards.append(1))
+    probe.run()
+    stdout = capsys.readouterr().out
+    # 24 train images / 8 = 3 batches for each of 2 views (center + 1 augmented), 12 val / 8 = 2 batches,
+    # once, whatever the number of epochs (the full probe would run 2 x (3 + 2)).
+    assert len(forwards) == 3 * 2 + 2
+    assert tuple(probe.cache.train.shape) == (2, 24, 512) and tuple(probe.cache.val.shape) == (12, 512)
+    assert "cached features" in stdout and len(ACC.findall(stdout)) == 2 and "Epoch: [1][2/3]" in stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 2 and changed_weights(ckpt["state_dict"], load_trunk(pretrained, "resnet18")) == []
+    # The cached center-crop features are the trunk's (float16-rounded).
+    images, _ = next(iter(probe.val_loader))
+    assert torch.allclose(probe.cache.val[:8].float(), probe.trunk_features(images), rtol=2e-3, atol=1e-3)
+
+
+def test_sanity_check_catches_a_moved_statistic(image_root, pretrained, tmp_path, capsys):
+    argv = [image_root, *PROBE, "--pretrained", pretrained, "--save-dir", tmp_path]
+    probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
+    probe.sanity_check()
+    probe.model.layer2[0].bn1.running_mean += 1e-3
+    with pytest.raises(RuntimeError, match=r"layer2\.0\.bn1\.running_mean"):
+        probe.sanity_check()
+
+
+def test_knn(image_root, pretrained, tmp_path, capsys):
+    code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "--input-size", "32", "--knn",
+                                      "--pretrained", pretrained, "--save-dir", tmp_path)
+    assert code == 0, err
+    m = re.search(r"kNN k=20 acc1 (\d+\.\d+) acc5 (\d+\.\d+) \| k=200 acc1 (\d+\.\d+) acc5 (\d+\.\d+)", stdout)
+    assert m and all(0 <= float(v) <= 100 for v in m.groups())
+    assert "24 train, 12 val images" in stdout
+
+
+def test_torchrun_two_processes_count_every_val_image_once(image_root, pretrained, tmp_path, capsys):
+    """9 val images on 2 processes: DistributedSampler pads rank 1 with a repeat, which must not count."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(image_root / "train")
+    write_folder(data / "val", per_class=3, seed=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = run_script("main_lincls.py", data, *PROBE, "--epochs", "1", "--pretrained", pretrained,
+                     "--save-dir", tmp_path / "ddp", launcher=torchrun, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2 process(es) on cpu" in res.stdout and "sanity check passed" in res.stdout
+    distributed = ACC.findall(res.stdout)
+    assert len(distributed) == 1
+    assert any(abs(float(distributed[0][0]) - 100 * k / 9) < 1e-3 for k in range(10))  # k of 9, not of 10
+    code, stdout, err = run_inprocess(capsys, data, *PROBE, "-e", "--resume", tmp_path / "ddp" / "checkpoint.pth.tar",
+                                      "--save-dir", tmp_path / "eval")
+    assert code == 0, err
+    assert ACC.findall(stdout) == distributed

@@ -1,0 +1,356 @@
+"""The linear probe (SPEC §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
+
+MoCo v3's protocol: SGD on ``fc`` only with lr = ``--lr`` × batch / 256 on a per-epoch half-cosine,
+the trunk in ``eval()`` mode (BatchNorm statistics frozen), top-1/top-5 on val after every epoch,
+the best kept, and a check that no trunk weight moved. ``--cached`` trains on features extracted
+once (:mod:`w2ssl.probe_cache`); ``--knn`` runs a weighted kNN evaluation instead.
+"""
+from __future__ import annotations
+
+import math
+import time
+from argparse import Namespace
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt_io
+from . import distributed as D
+from .data import eval_transform, labelled_loader, seed_everything, train_transform
+from .errors import UserError
+from .knn import format_knn, knn_eval, pooled_features
+from .monitor import ETA, AverageMeter, Logger, format_duration
+from .optim import lr_at, scaled_lr, set_lr
+from .probe_cache import FeatureCache
+from .runstate import plain_args, shared_seed
+from .speed import PRECISIONS, autocast, prepare_model, to_memory_format
+
+CHECKPOINT = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+PROBE_KEYS = ("state_dict", "optimizer", "epoch", "best_acc1")
+
+
+def load_pretrained(path: str | Path, arch: str, trust: bool) -> dict[str, Tensor]:
+    """The ``arch`` trunk of pre-training checkpoint ``path`` (ours, the authors' or MoCo v3's), torchvision keys."""
+    try:
+        return ckpt_io.load_trunk(path, arch, trust)
+    except UserError as e:
+        where = "--pretrained: " if str(path) in str(e) else f"--pretrained {path}: "
+        raise UserError(where + str(e)) from None
+
+
+def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None,
+                trust: bool = False) -> tuple[nn.Module, dict[str, Tensor] | None]:
+    """torchvision ``arch`` with only ``fc`` trainable, in eval mode, and the trunk it was loaded with.
+
+    ``fc.weight ~ N(0, 0.01)``, ``fc.bias = 0``. The second value is the loaded trunk (the reference
+    of :func:`changed_weights`), or None without ``pretrained``.
+    """
+    model = torchvision.models.__dict__[arch](num_classes=num_classes)
+    reference = None
+    if pretrained:
+        reference = load_pretrained(pretrained, arch, trust)
+        model.load_state_dict({**model.state_dict(), **reference})
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("fc.")
+    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    return model.eval(), reference
+
+
+def trunk_state(model: nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of every trunk parameter and buffer (all but ``fc``)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def changed_weights(state: dict[str, Tensor], reference: dict[str, Tensor]) -> list[str]:
+    """Keys of ``reference`` whose tensor in ``state`` is missing or not exactly equal."""
+    return [k for k, v in reference.items() if k not in state or not torch.equal(state[k].detach().cpu(), v)]
+
+
+def topk_hits(logits: Tensor, target: Tensor) -> Tensor:
+    """``logits [B, K]``, ``target [B]`` -> ``[2]``: rows whose target is the top-1, and among the top-5.
+
+    Top-5 is clipped to ``K`` classes (a 3-class set has top-3 for "top-5").
+    """
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == target[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+
+
+def unpadded_rows(first: int, count: int, rank: int, world: int, size: int, device: torch.device) -> Tensor:
+    """Which of a rank's rows ``first .. first+count-1`` are real samples, not DistributedSampler padding.
+
+    Unshuffled, rank ``r`` reads dataset positions ``r, r + world, …``; positions past ``size`` are the
+    padding (repeats of the first samples) that makes every shard equally long. Returns ``[count]`` bool.
+    """
+    positions = rank + (first + torch.arange(count, device=device)) * world
+    return positions < size
+
+
+def stats_text(last: list[float], total: list[float]) -> str:
+    """MoCo v3's ``Loss v (avg)  Acc@1 v (avg)  Acc@5 v (avg)`` from ``[loss sum, top-1 hits, top-5 hits, rows]``."""
+    def fields(s: list[float]) -> tuple[float, float, float]:
+        n = max(s[3], 1.0)
+        return s[0] / n, 100.0 * s[1] / n, 100.0 * s[2] / n
+    (l0, a0, b0), (l1, a1, b1) = fields(last), fields(total)
+    return f"Loss {l0:.4e} ({l1:.4e})\tAcc@1 {a0:6.2f} ({a1:6.2f})\tAcc@5 {b0:6.2f} ({b1:6.2f})"
+
+
+class LinearProbe:
+    """One process's share of a linear evaluation (full protocol, or ``--cached``)."""
+
+    def __init__(self, ctx: D.Context, args: Namespace):
+        self.ctx, self.args, self.device = ctx, args, ctx.device
+        self.logger = Logger(args.save_dir, ctx.is_main)
+        self.seed = shared_seed(args.seed, self.device)
+        seed_everything(self.seed)
+        self.precision = args.precision or "fp32"  # the published probe runs in float32
+        self.local_batch = args.batch_size // ctx.world_size
+        self.workers = math.ceil(args.workers / ctx.local_world_size)
+        self.root = Path(args.data)
+        self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation")
+        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        self.model.to(self.device)
+        self.channels_last = self.device.type == "cuda"
+        prepare_model(self.model, self.channels_last)
+        self.fc: nn.Module = self.model.fc
+        if ctx.world_size > 1:  # only fc trains, so only fc needs gradient averaging
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fc = nn.parallel.DistributedDataParallel(self.model.fc, device_ids=ids)
+        self.lr = scaled_lr(args.lr, args.batch_size)
+        self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay)
+        self.epoch, self.best_acc1 = args.start_epoch, 0.0
+        self.train_loader = None
+        self.cache: FeatureCache | None = None
+
+    def _loader(self, split: str, transform: Callable, what: str, shuffle: bool = False) -> tuple[DataLoader, int]:
+        return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what)
+
+    # ----------------------------------------------------------------- features and data
+    @torch.no_grad()
+    def trunk_features(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 average-pooled layer4 features (no gradient)."""
+        images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
+        with autocast(self.device, self.precision):
+            return pooled_features(self.model, images).float()
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Images through the trunk, or cached ``[B, C]`` features as float32."""
+        return self.trunk_features(x) if self.cache is None else x.to(self.device).float()
+
+    def prepare(self) -> None:
+        """The training data: an augmenting loader, or (``--cached``) the features extracted once."""
+        if self.args.evaluate:
+            return
+        size, classes = self.args.input_size, self.val_loader.dataset.classes
+        if self.args.cached:
+            views = [self._loader("train", eval_transform(size), "training")[0]]
+            views += [self._loader("train", train_transform(size), "training")[0] for _ in range(self.args.cached_aug)]
+            start = time.perf_counter()
+            self.cache = FeatureCache.extract(self.trunk_features, views, self.val_loader, self.model.fc.in_features,
+                                              self.device)
+            self.logger.info(f"=> cached {self.cache.describe()} in {format_duration(time.perf_counter() - start)}")
+            train_classes = views[0].dataset.classes
+        else:
+            self.train_loader, _ = self._loader("train", train_transform(size), "training", shuffle=True)
+            train_classes = self.train_loader.dataset.classes
+        if train_classes != classes:
+            raise UserError(f"{self.root}/train has classes {train_classes[:3]}… ({len(train_classes)}) but val has "
+                            f"{classes[:3]}… ({len(classes)}): both need the same class sub-folders")
+
+    def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+        if self.cache is not None:
+            return self.cache.train_batches(self.local_batch, self.seed, self.epoch, self.ctx.rank)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        return self.train_loader, len(self.train_loader)
+
+    def _val_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+        if self.cache is not None:
+            return self.cache.val_batches(self.local_batch)
+        return self.val_loader, len(self.val_loader)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self, is_best: bool) -> None:
+        if self.ctx.is_main:
+            state = {"epoch": self.epoch, "arch": self.args.arch, "state_dict": self.model.state_dict(),
+                     "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
+                     "args": plain_args(self.args)}
+            save_dir = Path(self.args.save_dir)
+            try:
+                ckpt_io.save_atomic(state, save_dir / CHECKPOINT)
+                if is_best:
+                    ckpt_io.save_atomic(state, save_dir / BEST)
+            except OSError as e:
+                raise UserError(f"could not write a checkpoint to {save_dir} ({e}): free space or pass "
+                                f"another --save-dir") from e
+        D.barrier()
+
+    def resume(self) -> None:
+        path = self._resume_path()
+        if path is not None:
+            state = ckpt_io.load(path, self.args.trust_checkpoint)
+            missing = [k for k in PROBE_KEYS if k not in state]
+            if missing:
+                raise UserError(f"--resume {path} is not a linear-probe checkpoint (no {', '.join(missing)}): pass "
+                                f"main_lincls.py's {CHECKPOINT}; pre-training checkpoints go to --pretrained")
+            try:
+                self.model.load_state_dict(state["state_dict"])
+            except RuntimeError as e:
+                raise UserError(f"--resume {path} does not fit --arch {self.args.arch} with "
+                                f"{self.model.fc.out_features} classes: {ckpt_io.first_line(e)}") from None
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
+            self.logger.info(f"=> resumed from {path} at epoch {self.epoch} (best Acc@1 {self.best_acc1:.3f})")
+        if self.reference is None:
+            if path is None:
+                raise UserError(f"--resume auto found no {CHECKPOINT} in {self.args.save_dir} and no --pretrained "
+                                f"was given: pass --pretrained CKPT to start a probe")
+            self.reference = trunk_state(self.model)
+        elif path is not None and changed_weights(self.model.state_dict(), self.reference):
+            raise UserError(f"--resume {path} holds another trunk than --pretrained {self.args.pretrained}: "
+                            f"pass the pair from the same run (or drop --pretrained)")
+
+    def _resume_path(self) -> Path | None:
+        resume = self.args.resume
+        if resume in ("", "none"):
+            return None
+        if resume == "auto":
+            path = Path(self.args.save_dir) / CHECKPOINT
+            return path if path.is_file() else None
+        return Path(resume)
+
+    def sanity_check(self) -> None:
+        """Fail loudly if any trunk parameter or BatchNorm statistic moved (a bug, not bad input)."""
+        changed = changed_weights(self.model.state_dict(), self.reference)
+        if changed:
+            raise RuntimeError(f"trunk weights changed during linear evaluation: {changed[:3]}")
+        self.logger.info("=> sanity check passed: every trunk weight equals the pre-trained one")
+
+    # ----------------------------------------------------------------- loops
+    def run(self) -> None:
+        args = self.args
+        try:
+            self.resume()
+            mode = "cached features" if args.cached else "full protocol"
+            self.logger.info(f"=> linear probe ({mode}): {args.arch}, {self.model.fc.out_features} classes, "
+                             f"{self.ctx.world_size} process(es) on {self.device.type}, {self.precision}, batch "
+                             f"{args.batch_size}, lr {self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256), "
+                             f"input {args.input_size}, seed {self.seed}")
+            self.prepare()
+            if args.evaluate:
+                self.validate()
+                return
+            first, self.eta = self.epoch, ETA(args.epochs - self.epoch, 0)
+            while self.epoch < args.epochs:
+                self._train_epoch()
+                acc1, acc5 = self.validate()
+                self.epoch += 1
+                is_best = acc1 > self.best_acc1
+                self.best_acc1 = max(acc1, self.best_acc1)
+                self.save(is_best)
+                self.logger.scalars(self.epoch, {"acc1": acc1, "acc5": acc5, "best_acc1": self.best_acc1},
+                                    prefix="eval/")
+                self.logger.info(f"=> epoch {self.epoch - 1}: Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}, best Acc@1 "
+                                 f"{self.best_acc1:.3f}; saved {CHECKPOINT}; ETA {self.eta.step(self.epoch - first)}")
+                if self.epoch - 1 == first and self.epoch < args.epochs:  # MoCo v3's check after the first epoch
+                    self.sanity_check()
+            self.sanity_check()
+            self.logger.info(f"=> best Acc@1 {self.best_acc1:.3f}")
+        finally:
+            self.logger.close()
+
+    def _train_epoch(self) -> None:
+        args, device = self.args, self.device
+        lr = lr_at(self.epoch, self.lr, 0, args.epochs)
+        set_lr(self.optimizer, lr)
+        batches, n = self._train_batches()
+        batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+        total = torch.zeros(4, device=device)
+        end = time.perf_counter()
+        for i, (x, target) in enumerate(batches):
+            data_time.update(time.perf_counter() - end)
+            target = target.to(device, non_blocking=True)
+            logits = self.fc(self._features(x))
+            loss = F.cross_entropy(logits, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            rows = torch.tensor(float(len(target)), device=device)
+            last = torch.cat([(loss.detach() * rows)[None], topk_hits(logits.detach(), target).float(), rows[None]])
+            total += last
+            batch_time.update(time.perf_counter() - end)
+            if i % args.print_freq == 0 and self.ctx.is_main:
+                last_l, total_l = last.tolist(), total.tolist()
+                self.logger.info(f"Epoch: [{self.epoch}][{i:>{len(str(n))}}/{n}]\t{batch_time}\t{data_time}\t"
+                                 f"{stats_text(last_l, total_l)}")
+                self.logger.scalars(self.epoch * n + i, {"loss": last_l[0] / last_l[3],
+                                                         "acc1": 100 * last_l[1] / last_l[3]})
+            end = time.perf_counter()
+        self.logger.scalars(self.epoch, {"lr": lr})
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Top-1 and top-5 (%) on the whole val set, every process's shard counted once."""
+        batches, n = self._val_batches()
+        size = len(self.val_loader.dataset)
+        batch_time = AverageMeter("Time", ":6.3f")
+        total = torch.zeros(4, device=self.device)
+        seen = 0
+        end = time.perf_counter()
+        for i, (x, target) in enumerate(batches):
+            target = target.to(self.device, non_blocking=True)
+            real = unpadded_rows(seen, len(target), self.ctx.rank, self.ctx.world_size, size, self.device)
+            seen += len(target)
+            logits, target = self.model.fc(self._features(x))[real], target[real]
+            last = torch.cat([F.cross_entropy(logits, target, reduction="sum")[None],
+                              topk_hits(logits, target).float(), real.sum().float()[None]])
+            total += last
+            batch_time.update(time.perf_counter() - end)
+            if i % self.args.print_freq == 0 and self.ctx.is_main:
+                stats = stats_text(last.tolist(), total.tolist())
+                self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{stats}")
+            end = time.perf_counter()
+        loss, hits1, hits5, rows = D.gather(total[None]).sum(dim=0).tolist()
+        acc1, acc5 = 100.0 * hits1 / rows, 100.0 * hits5 / rows
+        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+        return acc1, acc5
+
+
+def knn_probe(ctx: D.Context, args: Namespace) -> None:
+    """Weighted kNN (k = 20 and 200, T = 0.07) of the pre-trained trunk: train bank -> val accuracy."""
+    logger = Logger(args.save_dir, ctx.is_main)
+    try:
+        root, size = Path(args.data), args.input_size
+        batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
+        train, classes = labelled_loader(root / "train", eval_transform(size), batch, workers, False, "training")
+        val, _ = labelled_loader(root / "val", eval_transform(size), batch, workers, False, "validation")
+        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        model.to(ctx.device)
+        channels_last = ctx.device.type == "cuda"
+        prepare_model(model, channels_last)
+        start = time.perf_counter()
+        result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
+                          autocast_dtype=PRECISIONS[args.precision or "fp32"])
+        logger.info(f"=> {format_knn(result)} ({len(train.dataset)} train, {len(val.dataset)} val images, "
+                    f"{format_duration(time.perf_counter() - start)})")
+        logger.scalars(0, {f"knn_top1_k{k}": a1 for k, (a1, _) in result.items()}, prefix="eval/")
+    finally:
+        logger.close()
+
+
+def worker(ctx: D.Context, args: Namespace) -> None:
+    """What :func:`w2ssl.distributed.launch` runs in every process of ``main_lincls.py``."""
+    torch.backends.cudnn.benchmark = True
+    if args.knn:
+        knn_probe(ctx, args)
+    else:
+        LinearProbe(ctx, args).run()
