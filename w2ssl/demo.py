@@ -50,7 +50,9 @@ def build_dataset(root: Path) -> Path:
     rng = random.Random(0)
     source = photo_dir()
     for name in PHOTOS:
-        img = Image.open(source / name).convert("RGB")
+        # Grey levels only: colour alone tells these photos apart, and W2SSL's colour augmentations
+        # teach colour invariance, so the demo asks for what it does learn (shapes and textures).
+        img = Image.open(source / name).convert("L").convert("RGB")
         w, h = img.size
         for split, count in PER_CLASS.items():
             out = root / split / Path(name).stem
@@ -69,7 +71,7 @@ def prepare(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argp
     parser.set_defaults(**DEFAULTS)
     args = cli.parse(parser, argv)
     if not args.data:
-        args.data = str(build_dataset(Path(args.save_dir) / "data"))
+        args.data = str(build_dataset(Path(args.save_dir) / "photos"))
     return args
 
 

@@ -88,6 +88,7 @@ class Pretrainer:
         self.bad_files: set[str] = set()
         self.perm_gen = torch.Generator(self.device)
         self.step_ends: list[float] = []
+        self.epoch_start_data: list[float] = []  # data time of each epoch's first batch (stalls show here)
         self._knn_loaders: tuple | None = None
 
     # ----------------------------------------------------------------- checkpoints
@@ -184,7 +185,8 @@ class Pretrainer:
             img_s = (len(ends) - 1) * self.args.batch_size / (ends[-1] - ends[0])
             self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": len(self.step_ends),
                                          "batch_size": self.args.batch_size, "device": str(self.device),
-                                         "gpu_aug": bool(getattr(self.args, "gpu_aug", False))}))
+                                         "gpu_aug": self.args.gpu_aug, "precision": self.precision,
+                                         "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data[1:]]}))
 
     def _train_epoch(self) -> None:
         args, device = self.args, self.device
@@ -197,6 +199,8 @@ class Pretrainer:
         end = time.perf_counter()
         for batch, bad in self.loader:
             data_time.update(time.perf_counter() - end)
+            if self.iteration == self.sampler.start_batch:
+                self.epoch_start_data.append(data_time.val)
             tiles, decode_bad = self._tiles(batch)
             self._note_bad([*bad, *decode_bad])
             if self.iteration == self.sampler.start_batch and self.ctx.is_main:

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from PIL import Image
+
+from w2ssl.augment import FourCrop
+from w2ssl.data import PretrainDataset, ResumableSampler, image_folder, make_loader, sample_seed
+from w2ssl.errors import UserError
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_order():
+    full = ResumableSampler(30, batch_size=4, seed=3)
+    full.set_epoch(2)
+    order = full.indices()
+    assert len(order) == 28 and len(set(order)) == 28     # drop_last: 7 batches of 4
+    part = ResumableSampler(30, batch_size=4, seed=3)
+    part.set_epoch(2, start_batch=5)
+    assert part.indices() == order[20:] and len(part) == 8
+    assert list(part)[0] == (order[20], 2)
+    other = ResumableSampler(30, batch_size=4, seed=3)
+    other.set_epoch(3)
+    assert other.indices() != order
+
+
+def test_sampler_shards_cover_the_epoch_once():
+    shards = [ResumableSampler(10, batch_size=2, num_replicas=3, rank=r, seed=0) for r in range(3)]
+    for s in shards:
+        s.set_epoch(0)
+    got = [i for s in shards for i in s.indices()]
+    # 10 indices padded to 12 (2 repeated), 4 per rank = 2 full batches each
+    assert all(len(s.indices()) == 4 for s in shards)
+    assert len(got) == 12 and set(got) == set(range(10))
+
+
+def test_sample_seed_mixes_all_inputs():
+    seeds = {sample_seed(s, e, i) for s in range(3) for e in range(3) for i in range(-3, 3)}
+    assert len(seeds) == 54 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(image_root):
+    ds = PretrainDataset(image_root / "train", FourCrop(16), seed=7)
+    a, _ = ds[(3, 1)]
+    torch.manual_seed(123)  # the global RNG state does not matter
+    b, _ = ds[(3, 1)]
+    c, _ = ds[(3, 2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_loader_batches_are_the_same_for_any_worker_count(image_root):
+    ds = PretrainDataset(image_root / "train", FourCrop(16), seed=0)
+    batches = []
+    for workers in (0, 2):
+        sampler = ResumableSampler(len(ds), 4, seed=0)
+        sampler.set_epoch(1, start_batch=2)
+        loader = make_loader(ds, sampler, workers, pin_memory=False)
+        batches.append([tiles for tiles, _ in loader])
+    assert len(batches[0]) == 4
+    for x, y in zip(*batches):
+        assert all(torch.equal(p, q) for p, q in zip(x, y))
+
+
+def test_bad_files_are_replaced_and_reported(tmp_path):
+    d = tmp_path / "train" / "c"
+    d.mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(d / "a.jpg")
+    (d / "b.jpg").write_bytes(b"")
+    Image.new("RGB", (40, 30), "blue").save(d / "c.jpg")
+    ds = PretrainDataset(tmp_path / "train", lambda img: img.getpixel((0, 0)), seed=0)
+    value, bad = ds[(1, 0)]
+    assert bad == str(d / "b.jpg") and value[2] > 200       # replaced by the next file (blue)
+    assert ds[(0, 0)][1] == ""
+    ds.check_readable()
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        image_folder(tmp_path / "missing")
+    (tmp_path / "empty" / "c").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        image_folder(tmp_path / "empty")
+    d = tmp_path / "junk" / "c"
+    d.mkdir(parents=True)
+    (d / "x.jpg").write_bytes(b"junk")
+    with pytest.raises(UserError, match="none of the 1 image files"):
+        PretrainDataset(tmp_path / "junk", None, seed=0).check_readable()
