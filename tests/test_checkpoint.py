@@ -5,7 +5,16 @@ import pytest
 import torch
 import torchvision
 
-from w2ssl.checkpoint import check_trunk, extract_trunk, find_resumable, load, load_trunk, prune, save_atomic
+from w2ssl.checkpoint import (
+    check_trunk,
+    extract_trunk,
+    find_resumable,
+    load,
+    load_trunk,
+    prune,
+    save_all,
+    save_atomic,
+)
 from w2ssl.errors import UserError
 
 
@@ -118,3 +127,9 @@ def test_prune_keeps_newest_epochs(tmp_path):
     prune(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint_0003.pth.tar", "checkpoint_0004.pth.tar", "checkpoint_last.pth.tar"]
+
+
+def test_save_all_explains_a_failed_write(tmp_path):
+    target = tmp_path / "missing_dir" / "checkpoint_last.pth.tar"
+    with pytest.raises(UserError, match="could not write checkpoint .*previous one is intact"):
+        save_all({"epoch": 1}, [target])

@@ -52,6 +52,16 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def save_all(obj: Any, paths: list[Path]) -> None:
+    """:func:`save_atomic` to each path; a failed write (full disk, …) becomes a :class:`UserError`."""
+    for path in paths:
+        try:
+            save_atomic(obj, path)
+        except OSError as e:
+            raise UserError(f"could not write checkpoint {path} ({e}); the previous one is intact: free space "
+                            f"or pass another --save-dir, then resume") from e
+
+
 def load(path: str | Path, trust: bool = False) -> dict:
     """Read a checkpoint on the CPU with ``weights_only=True``; with ``trust``, allow full unpickling.
 

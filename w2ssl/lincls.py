@@ -185,13 +185,7 @@ class LinearProbe:
                      "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
                      "args": plain_args(self.args)}
             save_dir = Path(self.args.save_dir)
-            try:
-                ckpt_io.save_atomic(state, save_dir / CHECKPOINT)
-                if is_best:
-                    ckpt_io.save_atomic(state, save_dir / BEST)
-            except OSError as e:
-                raise UserError(f"could not write a checkpoint to {save_dir} ({e}): free space or pass "
-                                f"another --save-dir") from e
+            ckpt_io.save_all(state, [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
         D.barrier()
 
     def resume(self) -> None:

@@ -105,14 +105,9 @@ class Pretrainer:
         if self.ctx.is_main:
             save_dir = Path(self.args.save_dir)
             state = self.state()
-            try:
-                if epoch_end:
-                    ckpt_io.save_atomic(state, save_dir / ckpt_io.epoch_name(self.epoch - 1))
-                    ckpt_io.prune(save_dir, self.args.keep)
-                ckpt_io.save_atomic(state, save_dir / ckpt_io.LAST)
-            except OSError as e:
-                raise UserError(f"could not write a checkpoint to {save_dir} ({e}); the previous checkpoint "
-                                f"is intact: free space or pass another --save-dir, then --resume auto") from e
+            epoch_file = [save_dir / ckpt_io.epoch_name(self.epoch - 1)] if epoch_end else []
+            ckpt_io.save_all(state, [*epoch_file, save_dir / ckpt_io.LAST])
+            ckpt_io.prune(save_dir, self.args.keep)
         D.barrier()
 
     def resume(self) -> None:
