@@ -31,7 +31,7 @@ PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png",
 CROP = (96, 72)  # width, height of each sample
 PER_CLASS = {"train": 24, "val": 8}
 DEFAULTS = dict(arch="resnet18", tile_size=32, batch_size=32, epochs=12, warmup_epochs=1, lr=0.6,
-                moco_mlp_dim=1024, workers=2, print_freq=5, seed=0, save_dir="outputs/demo", resume="none", keep=1)
+                moco_mlp_dim=1024, workers=2, print_freq=5, seed=0, save_dir="outputs/demo", keep=1)
 EVAL_SIZE = 96  # kNN input: each 96x72 sample resized to 128x96, then its centre 96x96
 
 
