@@ -74,3 +74,22 @@ def test_bad_input_raises_value_error(views, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
         model(*views(), m=0.99)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_loss_matches_cpu_and_bf16_channels_last_is_close():
+    torch.manual_seed(0)
+    model = tiny_model()
+    view1, view2 = random_views(8, 32)
+    perm = torch.randperm(16)
+    ref = model(view1, view2, m=0.99, perm=perm)["loss"].item()
+    gpu = tiny_model().cuda()
+    gpu.load_state_dict(model.state_dict())
+    cuda = [[t.cuda() for t in v] for v in (view1, view2)]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    assert gpu(*cuda, m=0.99, perm=perm.cuda())["loss"].item() == pytest.approx(ref, rel=1e-4)
+    gpu.load_state_dict(model.state_dict())
+    gpu.to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = gpu(*cuda, m=0.99, perm=perm.cuda())["loss"].item()
+    assert fast == pytest.approx(ref, rel=2e-2)
