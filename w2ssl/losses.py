@@ -27,6 +27,7 @@ def supcon_loss(z: Tensor, labels: Tensor, temperature: float = 0.3,
         positives = (labels[:, None] == labels[None, :]) & ~self_mask
         n_pos = positives.sum(dim=1)
         pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
-        has_pos = n_pos > 0
-        per_anchor = -(temperature / base_temperature) * pos_log_prob[has_pos] / n_pos[has_pos]
-        return per_anchor.mean()
+        has_pos = (n_pos > 0).to(dtype)
+        # Masked mean instead of boolean indexing: no data-dependent shape, so no host sync on GPUs.
+        per_anchor = -(temperature / base_temperature) * pos_log_prob / n_pos.clamp_min(1)
+        return (per_anchor * has_pos).sum() / has_pos.sum()

@@ -13,7 +13,8 @@ class LARS(torch.optim.Optimizer):
 
     For those: ``g ← g + wd·p``, then ``g ← g·η‖p‖/‖g‖`` when both norms are > 0. 1-D parameters
     (BN, biases) get plain ``g``. Then ``μ ← momentum·μ + g``, ``p ← p − lr·μ``. Vectorised with
-    ``torch._foreach_*`` and free of host syncs.
+    ``torch._foreach_*`` and free of host syncs. The weight decay is added to ``p.grad`` in place
+    (as GradScaler's unscaling already is), which saves a copy of every gradient.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.0,
@@ -35,8 +36,8 @@ class LARS(torch.optim.Optimizer):
             matrices = [p for p in params if p.ndim > 1]
             updates = {id(p): p.grad for p in params if p.ndim <= 1}
             if matrices:
-                grads = torch._foreach_add([p.grad for p in matrices], matrices,
-                                           alpha=group["weight_decay"])
+                grads = [p.grad for p in matrices]
+                torch._foreach_add_(grads, matrices, alpha=group["weight_decay"])
                 p_norm = torch.stack(torch._foreach_norm(matrices))
                 g_norm = torch.stack(torch._foreach_norm(grads))
                 ok = (p_norm > 0) & (g_norm > 0)

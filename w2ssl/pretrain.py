@@ -175,7 +175,7 @@ class Pretrainer:
         """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        ends = self.step_ends[len(self.step_ends) // 2:]
+        ends = self.step_ends[max(len(self.step_ends) // 2 - 1, 0):]
         if len(ends) >= 2:
             img_s = (len(ends) - 1) * self.args.batch_size / (ends[-1] - ends[0])
             self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": len(self.step_ends),

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+cd "$(dirname "$0")/.." && PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)} && { "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -r requirements.txt; }
+# Every benchmark on one GPU machine in under 6 minutes; a markdown table of the results goes to
+# $OUT (if set, else bench/results/) as bench_<UTC stamp>.md, with the full log and raw JSON lines.
+#   bash bench/run_gpu.sh                      GPU run: batch 256, tile 112, resnet50
+#   DEVICE=cpu QUICK=1 bash bench/run_gpu.sh   tiny sizes, to check the script on a CPU
+#   COMPILE=0 skips the torch.compile step run (default: on, off with QUICK=1; it only runs if at least
+#   2.5 minutes are left)
+#   BUDGET=<seconds> changes the overall deadline (default 340); PYTHON=<interpreter> picks Python.
+set -u -o pipefail
+DEVICE=${DEVICE:-cuda}
+RESULTS=${OUT:-bench/results}
+BUDGET=${BUDGET:-340}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$RESULTS"
+LOG="$RESULTS/bench_$STAMP.log" JSONL="$RESULTS/bench_$STAMP.jsonl" MD="$RESULTS/bench_$STAMP.md"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One generated JPEG folder for data.py and e2e.py (same image count), removed at exit.
+IMAGES=$(mktemp -d)
+trap 'rm -rf "$IMAGES"' EXIT
+
+if [ "${QUICK:-0}" = 1 ]; then
+  STEP=(--arch resnet18 --batch-size 4 --tile-size 16 --iters 1 --warmup 0)
+  DATA=(--images 24 --workers 2 --batch-size 4 --tile-size 16 --iters 2)
+  E2E=(--iters 2 --images 24 --batch-size 4 --tile-size 16 --arch resnet18 --workers 2)
+  COMPILE=${COMPILE:-0}
+else
+  STEP=(--arch resnet50 --batch-size 256 --tile-size 112 --iters 30 --warmup 10)
+  DATA=(--images 3000 --workers 16 --batch-size 256 --tile-size 112 --iters 20)
+  E2E=(--iters 50 --images 3000)
+fi
+[ "$DEVICE" = cpu ] || E2E+=(--gpu-aug)
+
+# bench LABEL MAX_SECONDS CMD...: run CMD with a timeout (capped by the overall deadline), log its output
+# and keep its last line (JSON) for the table; a failure is recorded and the next benchmark still runs.
+bench() {
+  local label=$1 limit=$2 left last
+  shift 2
+  left=$((BUDGET - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "== $label: skipped (deadline)" | tee -a "$LOG"
+    printf '%s\t%s\t%s\n' "$label" "$*" '{"skipped": "deadline"}' >>"$JSONL"
+    return 0
+  fi
+  echo "== $label (timeout ${limit}s): $*" | tee -a "$LOG"
+  if last=$(timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 1) && [ "${last:0:1}" = "{" ]; then
+    printf '%s\t%s\t%s\n' "$label" "$*" "$last" >>"$JSONL"
+  else
+    echo "== $label failed" | tee -a "$LOG"
+    printf '%s\t%s\t%s\n' "$label" "$*" '{"failed": "see the log"}' >>"$JSONL"
+  fi
+}
+
+bench "step fp16 NCHW" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision fp16 || echo failed
+bench "step bf16 channels_last" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision bf16 \
+  --channels-last || echo failed
+bench "data" 100 "$PY" bench/data.py --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
+bench "e2e" 120 "$PY" bench/e2e.py --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
+if [ "${COMPILE:-1}" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
+  bench "step bf16 channels_last compile" 200 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+    --precision bf16 --channels-last --compile || echo failed
+fi
+
+"$PY" - "$JSONL" "$MD" "$SECONDS" "$DEVICE" <<'EOF' || echo "failed to write the table"
+import json
+import sys
+
+from bench.common import device_name, markdown_table, resolve_device, versions
+
+jsonl, md, seconds, device = sys.argv[1:]
+runs = [line.rstrip("\n").split("\t") for line in open(jsonl)]
+runs = [(label, cmd, json.loads(result)) for label, cmd, result in runs]
+env = versions()
+lines = [f"# Benchmarks ({jsonl.rsplit('_', 1)[-1].split('.')[0]})", "",
+         f"{device_name(resolve_device(device))}; torch {env['torch']}, torchvision {env['torchvision']}, "
+         f"CUDA {env['cuda']}, cuDNN {env['cudnn']}; all runs took {seconds} s.", "",
+         "## Training step (source images/s; peak GiB)", ""]
+rows = []
+for label, cmd, r in runs:
+    if label.startswith("step") and "w2ssl_img_s" in r:
+        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-"
+                         for n in ("w2ssl", "mocov3", "supervised"))
+        rows.append((label, r["w2ssl_img_s"], r["mocov3_img_s"], r["supervised_img_s"],
+                     r["ratio_w2ssl_mocov3"], r["ratio_w2ssl_supervised"], peaks))
+    elif label.startswith("step"):
+        rows.append((label, *["failed"] * 6))
+lines.append(markdown_table(["run", "W2SSL", "MoCo v3-style", "supervised", "W2SSL/MoCo v3",
+                             "W2SSL/supervised", "peak GiB W2SSL/MoCo/sup"], rows))
+for label, cmd, r in runs:
+    lines += ["", f"## {label}", "", f"`{cmd}`", ""]
+    if not label.startswith("step"):
+        lines.append(markdown_table(["key", "value"], sorted(r.items())))
+open(md, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "results: $MD (log $LOG)"

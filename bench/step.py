@@ -1,0 +1,243 @@
+"""Throughput of one full training step: W2SSL vs a MoCo v3-style step vs supervised ResNet.
+
+Each step is forward, backward, optimizer and (for the self-supervised ones) the momentum update, on
+random tensors already on the device. ``--batch-size`` counts source images: W2SSL gets four tiles
+of ``--tile-size`` per image (``view1``/``view2`` = [left, right], each ``[b, 3, t, t]``), MoCo v3 two
+views of ``2*tile`` px per image, supervised one image of ``2*tile`` px. Prints a table, then one JSON
+line. Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from bench import common  # noqa: E402
+from w2ssl.encoder import ARCHS, GridTrunk  # noqa: E402
+from w2ssl.errors import UserError  # noqa: E402
+from w2ssl.heads import predictor, projector  # noqa: E402
+from w2ssl.model import W2SSL  # noqa: E402
+from w2ssl.optim import LARS  # noqa: E402
+from w2ssl.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
+
+STEPS = ("w2ssl", "mocov3", "supervised")
+TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models
+MOMENTUM = 0.99
+
+
+class PooledTrunk(GridTrunk):
+    """The same trunk, globally average-pooled as in MoCo v3: ``[B, 3, H, W] -> [B, C]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+def contrastive(q: Tensor, k: Tensor, temperature: float) -> Tensor:
+    """MoCo v3's InfoNCE, one process: ``q, k [n, d]``; positives on the diagonal; scaled by ``2T``."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = q @ k.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * (2 * temperature)
+
+
+class MoCoV3(nn.Module):
+    """MoCo v3 (ResNet) built from our parts; ``forward(x1, x2, m)`` -> symmetric loss (scalar).
+
+    ``x1, x2 [b, 3, H, W]`` are the two views. Same projector/predictor sizes as W2SSL; the momentum
+    trunk + projector are an EMA of the base ones, updated before the keys are computed.
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+        self.base_encoder, self.momentum_encoder = PooledTrunk(arch), PooledTrunk(arch)
+        width = self.base_encoder.num_features
+        self.projector, self.momentum_projector = projector(width, mlp_dim, dim), projector(width, mlp_dim, dim)
+        self.predictor = predictor(dim, mlp_dim)
+        for base, mom in self._momentum_pairs():
+            mom.data.copy_(base.data)
+            mom.requires_grad = False
+
+    def _momentum_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        base = [*self.base_encoder.parameters(), *self.projector.parameters()]
+        mom = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+        return list(zip(base, mom))
+
+    def forward(self, x1: Tensor, x2: Tensor, m: float) -> Tensor:
+        q1 = self.predictor(self.projector(self.base_encoder(x1)))
+        q2 = self.predictor(self.projector(self.base_encoder(x2)))
+        with torch.no_grad():
+            base, mom = zip(*self._momentum_pairs())
+            torch._foreach_lerp_(list(mom), list(base), 1.0 - m)
+            k1 = self.momentum_projector(self.momentum_encoder(x1))
+            k2 = self.momentum_projector(self.momentum_encoder(x2))
+        return contrastive(q1, k2, self.temperature) + contrastive(q2, k1, self.temperature)
+
+
+def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
+               precision: str) -> Callable[[], Tensor]:
+    """One full step as a closure: zero grads, forward under autocast, backward, optimizer (+ scaler).
+
+    Returns the loss tensor (never read on the host in the timed loop).
+    """
+    scaler = grad_scaler(device, precision)
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = loss_fn()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Tensor]:
+    """The training-step closure of ``name`` (one of :data:`STEPS`) with its model, data and optimizer."""
+    b, t, cl = args.batch_size, args.tile_size, args.channels_last
+    gen = torch.Generator(device).manual_seed(0)
+
+    def images(size: int) -> Tensor:
+        return to_memory_format(torch.randn(b, 3, size, size, device=device, generator=gen), cl)
+
+    if name == "w2ssl":
+        model = prepare_model(W2SSL(args.arch).to(device), cl, args.compile, TRUNKS)
+        view1, view2 = [images(t), images(t)], [images(t), images(t)]
+        optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
+        return train_step(lambda: model(view1, view2, MOMENTUM)["loss"], optimizer, device, args.precision)
+    if name == "mocov3":
+        model = prepare_model(MoCoV3(args.arch).to(device), cl, args.compile, TRUNKS)
+        x1, x2 = images(2 * t), images(2 * t)
+        optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
+        return train_step(lambda: model(x1, x2, MOMENTUM), optimizer, device, args.precision)
+    model = prepare_model(torchvision.models.__dict__[args.arch]().to(device), cl, args.compile)
+    x = images(2 * t)
+    y = torch.randint(0, 1000, (b,), device=device, generator=gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * b / 256, momentum=0.9, weight_decay=1e-4)
+    return train_step(lambda: F.cross_entropy(model(x), y), optimizer, device, args.precision)
+
+
+def measure(names: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Per step kind: source images/s, median step ms and peak GiB (GPU).
+
+    On GPU each kind runs alone, in a clean memory state, so its peak memory is its own. On CPU (no
+    memory tracking, often shared with other processes) all kinds are built first and timed in
+    interleaved rounds, so that load from elsewhere hits them alike.
+    """
+    def built(name: str) -> Callable[[], Tensor]:
+        torch.manual_seed(0)
+        return build(name, args, device)
+
+    if device.type == "cpu":
+        steps = {n: built(n) for n in names}
+        times = common.time_interleaved(steps, args.iters, args.warmup)
+        peaks = dict.fromkeys(names)
+    else:
+        times, peaks = {}, {}
+        for n in names:
+            gc.collect()
+            common.reset_memory(device)
+            times[n] = common.time_iterations(built(n), args.iters, args.warmup, device)
+            peaks[n] = common.peak_memory_gib(device)
+    medians = {n: common.median(times[n]) for n in names}
+    return {n: {"img_s": args.batch_size / medians[n], "step_ms": medians[n] * 1000, "peak_gib": peaks[n]}
+            for n in names}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("--batch-size", type=int, default=256, help="source images per step (even)")
+    p.add_argument("--tile-size", type=int, default=112, help="W2SSL tile side; MoCo v3/supervised get 2x")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="autocast dtype; fp16 adds a GradScaler (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trunks (supervised: the model)")
+    p.add_argument("--iters", type=int, default=30, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compile)")
+    p.add_argument("--only", choices=STEPS, action="append", help="run only this step (repeatable)")
+    args = p.parse_args(argv)
+    if args.batch_size < 2 or args.batch_size % 2:
+        raise UserError(f"--batch-size must be even and >= 2 (W2SSL builds one montage per 2 images); "
+                        f"got {args.batch_size}")
+    if args.tile_size < 1:
+        raise UserError(f"--tile-size must be positive; got {args.tile_size}")
+    if args.iters < 1 or args.warmup < 0:
+        raise UserError(f"need --iters >= 1 and --warmup >= 0; got {args.iters} and {args.warmup}")
+    return args
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = common.resolve_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = precision
+    torch.backends.cudnn.benchmark = True
+    names = [n for n in STEPS if not args.only or n in args.only]
+    load_before = os.getloadavg()[0]
+    results = measure(names, args, device)
+    get = {n: results.get(n, {}) for n in STEPS}
+    out = {"device": common.device_name(device), "arch": args.arch, "batch_size": args.batch_size,
+           "tile_size": args.tile_size, "precision": precision, "channels_last": args.channels_last,
+           "compile": args.compile, "iters": args.iters, "warmup": args.warmup}
+    for n in STEPS:
+        for key in ("img_s", "step_ms", "peak_gib"):
+            out[f"{n}_{key}"] = get[n].get(key)
+    out["ratio_w2ssl_mocov3"] = ratio(out["w2ssl_img_s"], out["mocov3_img_s"])
+    out["ratio_w2ssl_supervised"] = ratio(out["w2ssl_img_s"], out["supervised_img_s"])
+    # Host load (1-minute average, ours included) before and after: flags runs disturbed by other processes.
+    out["load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    out.update(common.versions())
+    return out
+
+
+def report(out: dict) -> str:
+    """The human-readable table and ratios (the JSON line follows it)."""
+    labels = {"w2ssl": "W2SSL (4 tiles/img, LARS)", "mocov3": "MoCo v3-style (2 views/img, LARS)",
+              "supervised": f"supervised {out['arch']} (SGD)"}
+    rows = [(labels[n], out[f"{n}_img_s"], out[f"{n}_step_ms"], out[f"{n}_peak_gib"])
+            for n in STEPS if out[f"{n}_img_s"] is not None]
+    head = (f"{out['device']} | {out['arch']} batch {out['batch_size']} tile {out['tile_size']} | "
+            f"{out['precision']}{' channels_last' if out['channels_last'] else ''}"
+            f"{' compile' if out['compile'] else ''} | torch {out['torch']} | load {out['load_1m']}")
+    table = common.markdown_table(["step", "source img/s", "median step ms", "peak GiB"], rows)
+    lines = [head, table]
+    for key, text in (("ratio_w2ssl_mocov3", "W2SSL / MoCo v3"), ("ratio_w2ssl_supervised", "W2SSL / supervised")):
+        if out[key] is not None:
+            lines.append(f"throughput ratio {text}: {out[key]:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        out = run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report(out))
+    print(common.json_line(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

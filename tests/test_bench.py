@@ -1,0 +1,214 @@
+"""The step benchmark and the speed options: every optimisation keeps the math."""
+import argparse
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import w2ssl.encoder
+from bench import common, step
+from w2ssl.errors import UserError
+from w2ssl.optim import LARS
+from w2ssl.speed import autocast, grad_scaler, prepare_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def reference_grid_pool(fmap: torch.Tensor) -> torch.Tensor:
+    """SPEC §3 as the authors compute it: bilinear resize to 8x8, then average-pool to 2x2."""
+    return F.adaptive_avg_pool2d(F.interpolate(fmap, (8, 8), mode="bilinear", align_corners=False), 2)
+
+
+def bench_args(**kw) -> argparse.Namespace:
+    base = dict(arch="resnet18", batch_size=4, tile_size=32, channels_last=False, compile=False, precision="fp32")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
+    """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
+    torch.manual_seed(0)
+    train = step.build("w2ssl", bench_args(**kw), CPU)
+    return [train() for _ in range(steps)]
+
+
+def test_w2ssl_step_same_with_channels_last(monkeypatch):
+    plain = w2ssl_losses()
+    layouts = []
+    separable = w2ssl.encoder.grid_pool
+
+    def recording_pool(fmap):
+        layouts.append(fmap.is_contiguous(memory_format=torch.channels_last))
+        return separable(fmap)
+
+    monkeypatch.setattr(w2ssl.encoder, "grid_pool", recording_pool)
+    nhwc = w2ssl_losses(channels_last=True)
+    assert layouts and all(layouts), "channels_last must reach the trunk's layer4 output"
+    assert not torch.equal(plain[0], plain[-1]), "the steps must change the weights"
+    torch.testing.assert_close(nhwc, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_w2ssl_step_same_with_resize_then_pool(monkeypatch):
+    separable = w2ssl_losses()
+    monkeypatch.setattr(w2ssl.encoder, "grid_pool", reference_grid_pool)
+    reference = w2ssl_losses()
+    torch.testing.assert_close(separable, reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(w2ssl.encoder, "grid_pool", lambda f: F.adaptive_avg_pool2d(f, 2))
+    with pytest.raises(AssertionError):  # a different pooling changes the loss: the check can see it
+        torch.testing.assert_close(w2ssl_losses(steps=1), separable[:1], rtol=1e-5, atol=1e-5)
+
+
+def loop_lars(params, grads, lr, weight_decay, momentum=0.9, eta=0.001):
+    """Straightforward per-parameter LARS (SPEC §6), in place on ``params``; ``grads`` one list per step."""
+    bufs = [torch.zeros_like(p) for p in params]
+    for step_grads in grads:
+        for p, g, mu in zip(params, step_grads, bufs):
+            if g is None:
+                continue
+            if p.ndim > 1:
+                g = g + weight_decay * p
+                p_norm, g_norm = torch.norm(p), torch.norm(g)
+                if p_norm > 0 and g_norm > 0:
+                    g = g * (eta * p_norm / g_norm)
+            mu.mul_(momentum).add_(g)
+            p.sub_(lr * mu)
+
+
+def test_foreach_lars_equals_loop():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 3, 3, 3), (16, 8), (16,), (8,), (4, 4), (5, 2), (3,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    start[4].zero_()  # ||p|| = 0: trust ratio 1
+    grads = []
+    for _ in range(5):
+        g = [torch.randn(s, generator=gen) for s in shapes]
+        g[5] = torch.zeros(shapes[5])  # ||g|| = 0 (no weight decay in its group): trust ratio 1
+        g[6] = None  # no gradient: untouched
+        grads.append(g)
+    ours = [p.clone() for p in start]
+    wd, lr = 0.01, 0.5
+    opt = LARS([{"params": ours[:5]}, {"params": ours[5:], "weight_decay": 0.0}], lr=lr, weight_decay=wd)
+    for step_grads in grads:
+        for p, g in zip(ours, step_grads):
+            p.grad = None if g is None else g.clone()  # LARS adds the weight decay to p.grad in place
+        opt.step()
+    loop = [p.clone() for p in start]
+    loop_lars(loop[:5], [g[:5] for g in grads], lr, wd)
+    loop_lars(loop[5:], [g[5:] for g in grads], lr, 0.0)
+    for a, b in zip(ours, loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(ours[0], start[0]) and torch.equal(ours[6], start[6])
+
+
+def test_contrastive_hand_computed():
+    q = torch.eye(3, 4) * 5.0
+    # logits = I / T (unit rows, diagonal positives); CE = log(e^{1/T} + 2) - 1/T; scaled by 2T.
+    for t in (1.0, 0.5):
+        expected = (math.log(math.exp(1 / t) + 2) - 1 / t) * 2 * t
+        assert step.contrastive(q, q.clone(), t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mocov3_loss_is_symmetric_infonce_of_its_parts():
+    torch.manual_seed(0)
+    model = step.MoCoV3("resnet18", dim=8, mlp_dim=16)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss = model(x1, x2, m=1.0)
+    with torch.no_grad():
+        q1, q2 = (model.predictor(model.projector(model.base_encoder.features(x).mean((2, 3)))) for x in (x1, x2))
+        k1, k2 = (model.momentum_projector(model.momentum_encoder.features(x).mean((2, 3))) for x in (x1, x2))
+    expected = step.contrastive(q1, k2, 1.0) + step.contrastive(q2, k1, 1.0)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    assert model.base_encoder.conv1.weight.grad is not None
+
+
+def test_cli_runs_all_three_on_cpu(capsys):
+    argv = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--tile-size", "16",
+            "--iters", "1", "--warmup", "0"]
+    assert step.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["device"].startswith("cpu") and out["torch"] == torch.__version__ and out["precision"] == "fp32"
+    for name in step.STEPS:
+        assert out[f"{name}_img_s"] == pytest.approx(4 / (out[f"{name}_step_ms"] / 1000))
+        assert out[f"{name}_peak_gib"] is None
+    assert out["ratio_w2ssl_mocov3"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_img_s"])
+    assert any(line.startswith("| W2SSL") for line in lines)
+
+
+def test_only_and_ratios(monkeypatch, capsys):
+    speeds = {"w2ssl": 30.0, "mocov3": 15.0, "supervised": 60.0}
+    monkeypatch.setattr(step, "measure", lambda names, args, device: {
+        n: {"img_s": speeds[n], "step_ms": 1.0, "peak_gib": None} for n in names})
+    assert step.main(["--device", "cpu", "--only", "w2ssl", "--only", "supervised"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ratio_w2ssl_supervised"] == 0.5 and out["ratio_w2ssl_mocov3"] is None
+    assert out["mocov3_img_s"] is None and out["batch_size"] == 256 and out["tile_size"] == 112
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "3"], "--batch-size must be even"),
+    (["--iters", "0"], "--iters >= 1"),
+    (["--tile-size", "0"], "--tile-size must be positive"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "meta"], "unsupported device 'meta'"),
+])
+def test_bad_input_exits_2(argv, message, capsys):
+    assert step.main(["--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_cuda_without_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        common.resolve_device("cuda")
+
+
+def test_time_iterations_counts_calls():
+    calls = []
+    times = common.time_iterations(lambda: calls.append(1), iters=4, warmup=2, device=CPU)
+    assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+    assert common.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+def test_time_interleaved_alternates():
+    calls = []
+    times = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 1)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+
+
+def test_markdown_table():
+    text = common.markdown_table(["a", "b"], [("x", 1234.56), ("y", None), ("z", 0.012345)])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| x | 1234.6 |", "| y | - |", "| z | 0.0123 |"]
+
+
+def test_prepare_model_compiles_named_children_in_place():
+    model = step.MoCoV3("resnet18", dim=8, mlp_dim=16)
+    keys = list(model.state_dict())
+    prepare_model(model, channels_last=True, compile=True, compile_children=step.TRUNKS)
+    assert model.base_encoder._compiled_call_impl is not None
+    assert model.momentum_encoder._compiled_call_impl is not None
+    assert model.projector._compiled_call_impl is None
+    assert list(model.state_dict()) == keys
+    assert model.base_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_precision_helpers():
+    assert isinstance(grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
+    assert grad_scaler(CPU, "bf16") is None and grad_scaler(CPU, "fp32") is None
+    with autocast(CPU, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(CPU, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(UserError, match="unknown precision"):
+        autocast(CPU, "fp8")
+
+
+def test_run_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")], check=True)
