@@ -115,3 +115,20 @@ def test_config_presets_parse():
         args = cli.parse(build_parser(), ["--config", str(preset), "DATA"])
         assert args.batch_size in (512, 2048) and args.moco_m_cos and args.epochs == 200
 
+
+
+def test_knn_every_epoch_and_tensorboard_scalars(image_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run_script("main_moco.py", image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "1",
+                     "--print-freq", "2", "--knn-every", "1", "--knn-data", image_root, "--knn-size", "32",
+                     "--save-dir", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"epoch 0 kNN k=20 acc1 [\d.]+ acc5 [\d.]+ \| k=200", res.stdout)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    for name in ("loss", "loss_what", "loss_where", "where_acc", "lr", "momentum", "img_per_s", "data_time"):
+        steps = [e.step for e in events.Scalars(f"train/{name}")]
+        assert steps == [0, 1, 2], name  # every iteration, though printed every 2
+    assert "eval/knn_top1_k20" in tags["scalars"]
+    assert {"montages/view1", "montages/view2"} <= set(tags["images"])

@@ -188,7 +188,7 @@ class Pretrainer:
         self.sampler.set_epoch(self.epoch, self.iteration)
         meters = {k: torch.zeros((), device=device) for k in LOGGED}
         counted = 0
-        history: list[dict[str, Tensor]] = []
+        history: list[tuple[dict[str, Tensor], dict[str, float]]] = []  # device losses, host values
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         self.logger.start_bar(self.iters_per_epoch - self.iteration, f"epoch {self.epoch}")
         end = time.perf_counter()
@@ -210,11 +210,13 @@ class Pretrainer:
             for k in LOGGED:
                 meters[k] += parts[k].detach()
             counted += 1
-            history.append({k: parts[k].detach() for k in LOGGED})
             batch_time.update(time.perf_counter() - end)
+            history.append(({k: parts[k].detach() for k in LOGGED},
+                            {"lr": lr, "momentum": m, "data_time": data_time.val,
+                             "img_per_s": args.batch_size / max(batch_time.val, 1e-9)}))
             self.logger.advance_bar()
             if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
-                self._log(history, meters, counted, batch_time, data_time, lr, m)
+                self._log(history, meters, counted, batch_time, data_time)
                 history = []
             if args.fault_kill_step is not None and self.step == args.fault_kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
@@ -269,18 +271,19 @@ class Pretrainer:
                 self.logger.warn(f"unreadable image file {path} replaced by another sample "
                                  f"({len(self.bad_files)} bad so far)")
 
-    def _log(self, history: list[dict[str, Tensor]], meters: dict[str, Tensor], counted: int,
-             batch_time: AverageMeter, data_time: AverageMeter, lr: float, m: float) -> None:
+    def _log(self, history: list[tuple[dict[str, Tensor], dict[str, float]]], meters: dict[str, Tensor],
+             counted: int, batch_time: AverageMeter, data_time: AverageMeter) -> None:
+        """Console/log.txt line for the newest step; TensorBoard scalars for every step since the last
+        line (their device values are read here, in one sync, not once per step)."""
         if not self.ctx.is_main:
             return
-        rows = torch.stack([torch.stack([h[k] for k in LOGGED]) for h in history]).float().tolist()
+        rows = torch.stack([torch.stack([h[k] for k in LOGGED]) for h, _ in history]).float().tolist()
         avgs = (torch.stack([meters[k] for k in LOGGED]) / counted).tolist()
-        img_s = self.args.batch_size / max(batch_time.avg, 1e-9)
         first = self.step - len(rows)
-        for i, row in enumerate(rows):
-            self.logger.scalars(first + i, dict(zip(LOGGED, row)))
-        self.logger.scalars(self.step - 1, {"lr": lr, "momentum": m, "img_per_s": img_s, "data_time": data_time.val,
-                                            "bad_files": len(self.bad_files)})
+        for i, (row, (_, host)) in enumerate(zip(rows, history)):
+            self.logger.scalars(first + i, {**dict(zip(LOGGED, row)), **host, "bad_files": len(self.bad_files)})
+        lr = history[-1][1]["lr"]
+        img_s = self.args.batch_size / max(batch_time.avg, 1e-9)
         cur = dict(zip(LOGGED, rows[-1]))
         avg = dict(zip(LOGGED, avgs))
         width = len(str(self.iters_per_epoch))
