@@ -28,6 +28,7 @@ from w2ssl.encoder import ARCHS, GridTrunk  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.heads import predictor, projector  # noqa: E402
 from w2ssl.model import W2SSL  # noqa: E402
+from w2ssl.momentum import MomentumPairs  # noqa: E402
 from w2ssl.optim import LARS  # noqa: E402
 from w2ssl.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
 
@@ -64,21 +65,14 @@ class MoCoV3(nn.Module):
         width = self.base_encoder.num_features
         self.projector, self.momentum_projector = projector(width, mlp_dim, dim), projector(width, mlp_dim, dim)
         self.predictor = predictor(dim, mlp_dim)
-        for base, mom in self._momentum_pairs():
-            mom.data.copy_(base.data)
-            mom.requires_grad = False
-
-    def _momentum_pairs(self) -> list[tuple[Tensor, Tensor]]:
-        base = [*self.base_encoder.parameters(), *self.projector.parameters()]
-        mom = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
-        return list(zip(base, mom))
+        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
+                                            [self.momentum_encoder, self.momentum_projector])
 
     def forward(self, x1: Tensor, x2: Tensor, m: float) -> Tensor:
         q1 = self.predictor(self.projector(self.base_encoder(x1)))
         q2 = self.predictor(self.projector(self.base_encoder(x2)))
         with torch.no_grad():
-            base, mom = zip(*self._momentum_pairs())
-            torch._foreach_lerp_(list(mom), list(base), 1.0 - m)
+            self.momentum_pairs.update(m)
             k1 = self.momentum_projector(self.momentum_encoder(x1))
             k2 = self.momentum_projector(self.momentum_encoder(x2))
         return contrastive(q1, k2, self.temperature) + contrastive(q2, k1, self.temperature)

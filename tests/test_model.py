@@ -7,20 +7,20 @@ from w2ssl.model import W2SSL
 
 def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
     model = tiny_model()
-    for base, mom in model._momentum_pairs():
+    for base, mom in model.momentum_pairs:
         assert torch.equal(base, mom) and not mom.requires_grad
 
 
 def test_ema_closed_form():
     model = tiny_model()
-    start = [mom.clone() for _, mom in model._momentum_pairs()]
+    start = [mom.clone() for _, mom in model.momentum_pairs]
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.add_(torch.randn_like(p))
     m, k = 0.9, 3
     for _ in range(k):
         model.update_momentum(m)
-    for (base, mom), m0 in zip(model._momentum_pairs(), start):
+    for (base, mom), m0 in zip(model.momentum_pairs, start):
         torch.testing.assert_close(mom, m ** k * m0 + (1 - m ** k) * base)
 
 

@@ -11,6 +11,7 @@ from . import distributed as D
 from .encoder import GridTrunk
 from .heads import predictor, projector, where_head
 from .losses import supcon_loss
+from .momentum import MomentumPairs
 from .montage import assemble, local_indices, random_permutation, split_grid, tile_labels
 
 
@@ -36,20 +37,12 @@ class W2SSL(nn.Module):
         self.where_head = where_head(width)
         self.momentum_encoder = GridTrunk(arch, norm_layer)
         self.momentum_projector = projector(width, mlp_dim, dim)
-        for base, mom in self._momentum_pairs():
-            mom.data.copy_(base.data)
-            mom.requires_grad = False
+        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
+                                            [self.momentum_encoder, self.momentum_projector])
 
-    def _momentum_pairs(self) -> list[tuple[Tensor, Tensor]]:
-        base = [*self.base_encoder.parameters(), *self.projector.parameters()]
-        mom = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
-        return list(zip(base, mom))
-
-    @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
-        base, mom = zip(*self._momentum_pairs())
-        torch._foreach_lerp_(list(mom), list(base), 1.0 - m)
+        self.momentum_pairs.update(m)
 
     def _grid_features(self, trunk: nn.Module, montages: Tensor, with_grad: bool) -> Tensor:
         """Local montages ``[m, 3, 2t, 2t]`` -> global tile features ``[2N, C]`` in ``S`` order."""
