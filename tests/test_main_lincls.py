@@ -16,7 +16,8 @@ from tests.helpers import TINY, run_script
 from w2ssl import cli
 from w2ssl.checkpoint import load_trunk, save_atomic
 from w2ssl.distributed import Context
-from w2ssl.lincls import LinearProbe, build_model, changed_weights, stats_text, topk_hits, unpadded_rows
+from w2ssl.lincls import LinearProbe, build_model, changed_weights
+from w2ssl.metrics import stats_text, topk_hits, unpadded_rows
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"

@@ -24,6 +24,7 @@ from . import distributed as D
 from .data import eval_transform, labelled_loader, seed_everything, train_transform
 from .errors import UserError
 from .knn import format_knn, knn_eval, pooled_features
+from .metrics import stats_text, topk_hits, unpadded_rows
 from .monitor import ETA, AverageMeter, Logger, format_duration
 from .optim import lr_at, scaled_lr, set_lr
 from .probe_cache import FeatureCache
@@ -71,35 +72,6 @@ def trunk_state(model: nn.Module) -> dict[str, Tensor]:
 def changed_weights(state: dict[str, Tensor], reference: dict[str, Tensor]) -> list[str]:
     """Keys of ``reference`` whose tensor in ``state`` is missing or not exactly equal."""
     return [k for k, v in reference.items() if k not in state or not torch.equal(state[k].detach().cpu(), v)]
-
-
-def topk_hits(logits: Tensor, target: Tensor) -> Tensor:
-    """``logits [B, K]``, ``target [B]`` -> ``[2]``: rows whose target is the top-1, and among the top-5.
-
-    Top-5 is clipped to ``K`` classes (a 3-class set has top-3 for "top-5").
-    """
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == target[:, None]
-    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
-
-
-def unpadded_rows(first: int, count: int, rank: int, world: int, size: int, device: torch.device) -> Tensor:
-    """Which of a rank's rows ``first .. first+count-1`` are real samples, not DistributedSampler padding.
-
-    Unshuffled, rank ``r`` reads dataset positions ``r, r + world, …``; positions past ``size`` are the
-    padding (repeats of the first samples) that makes every shard equally long. Returns ``[count]`` bool.
-    """
-    positions = rank + (first + torch.arange(count, device=device)) * world
-    return positions < size
-
-
-def stats_text(last: list[float], total: list[float]) -> str:
-    """MoCo v3's ``Loss v (avg)  Acc@1 v (avg)  Acc@5 v (avg)`` from ``[loss sum, top-1 hits, top-5 hits, rows]``."""
-    def fields(s: list[float]) -> tuple[float, float, float]:
-        n = max(s[3], 1.0)
-        return s[0] / n, 100.0 * s[1] / n, 100.0 * s[2] / n
-    (l0, a0, b0), (l1, a1, b1) = fields(last), fields(total)
-    return f"Loss {l0:.4e} ({l1:.4e})\tAcc@1 {a0:6.2f} ({a1:6.2f})\tAcc@5 {b0:6.2f} ({b1:6.2f})"
 
 
 class LinearProbe:
