@@ -35,6 +35,7 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bench.common import device_name, json_line, markdown_table, median, resolve_device, time_iterations, versions  # noqa: E402
 from w2ssl.augment import FourCrop  # noqa: E402
+from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.gpu_augment import EncodedImageFolder, GpuFourCrop, collate_encoded, decode_batch  # noqa: E402
 
@@ -195,15 +196,15 @@ def report(out: dict) -> str:
     return head + "\n" + markdown_table(["pipeline", "source img/s"], rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        out = run(parse_args(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def benchmark(argv: list[str] | None = None) -> None:
+    out = run(parse_args(argv))
     print(report(out))
     print(json_line(out), flush=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line for bad arguments."""
+    return run_main(benchmark, argv)
 
 
 if __name__ == "__main__":

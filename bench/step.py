@@ -24,6 +24,7 @@ import torchvision  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from bench import common  # noqa: E402
+from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.encoder import ARCHS, GridTrunk  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.heads import predictor, projector  # noqa: E402
@@ -222,15 +223,15 @@ def report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        out = run(parse_args(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def benchmark(argv: list[str] | None = None) -> None:
+    out = run(parse_args(argv))
     print(report(out))
     print(common.json_line(out), flush=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line for bad arguments."""
+    return run_main(benchmark, argv)
 
 
 if __name__ == "__main__":

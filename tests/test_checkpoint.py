@@ -10,6 +10,7 @@ from w2ssl.checkpoint import (
     extract_trunk,
     find_resumable,
     load,
+    load_into,
     load_trunk,
     prune,
     save_all,
@@ -133,3 +134,11 @@ def test_save_all_explains_a_failed_write(tmp_path):
     target = tmp_path / "missing_dir" / "checkpoint_last.pth.tar"
     with pytest.raises(UserError, match="could not write checkpoint .*previous one is intact"):
         save_all({"epoch": 1}, [target])
+
+
+def test_load_into_names_the_mismatch():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(UserError, match=r"checkpoint c.pth does not fit --arch x: .*size mismatch"):
+        load_into(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, "c.pth", "--arch x")
+    load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
+    assert torch.equal(model.weight, torch.ones(2, 3))

@@ -90,6 +90,16 @@ def load(path: str | Path, trust: bool = False) -> dict:
     return obj
 
 
+def load_into(module: torch.nn.Module, weights: dict[str, Tensor], path: str | Path, fits: str) -> None:
+    """``module.load_state_dict(weights)``; a mismatch says that checkpoint ``path`` does not fit ``fits``."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        # torch's message is a header line, then one line per problem: name the first problem.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"checkpoint {path} does not fit {fits}: {lines[min(1, len(lines) - 1)]}") from None
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -168,11 +168,8 @@ class LinearProbe:
             if missing:
                 raise UserError(f"--resume {path} is not a linear-probe checkpoint (no {', '.join(missing)}): pass "
                                 f"main_lincls.py's {CHECKPOINT}; pre-training checkpoints go to --pretrained")
-            try:
-                self.model.load_state_dict(state["state_dict"])
-            except RuntimeError as e:
-                raise UserError(f"--resume {path} does not fit --arch {self.args.arch} with "
-                                f"{self.model.fc.out_features} classes: {ckpt_io.first_line(e)}") from None
+            ckpt_io.load_into(self.model, state["state_dict"], path,
+                              f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
             self.logger.info(f"=> resumed from {path} at epoch {self.epoch} (best Acc@1 {self.best_acc1:.3f})")

@@ -115,11 +115,7 @@ class Pretrainer:
         if found is None:
             return
         path, state = found
-        try:
-            self.model.load_state_dict(state["state_dict"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path} does not fit this model (--arch {self.args.arch}): "
-                            f"{ckpt_io.first_line(e)}") from None
+        ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state.get("iteration", 0)
