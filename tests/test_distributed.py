@@ -67,3 +67,23 @@ def test_two_processes_equal_one(tmp_path):
         for name, g in ref_grads.items():
             torch.testing.assert_close(res["grads"][name], g, rtol=1e-5, atol=1e-12, msg=name)
         assert torch.equal(res["bcast"][0], res["bcast"][1])
+
+
+def report_context(ctx, args) -> None:
+    torch.save({"rank": ctx.rank, "world": ctx.world_size, "local": ctx.local_rank, "device": ctx.device.type,
+                "group_world": dist.get_world_size()}, f"{args.out_dir}/ctx{ctx.rank}.pt")
+
+
+def test_spawn_launch_ranks_for_the_published_flags(tmp_path):
+    """The ``--multiprocessing-distributed --world-size 1 --rank 0 --dist-url tcp://…`` path: one
+    spawned process per device, global rank = node rank x devices + local index."""
+    from argparse import Namespace
+
+    from w2ssl.distributed import _spawned
+
+    args = Namespace(world_size=1, rank=0, dist_url=f"tcp://127.0.0.1:{free_port()}", dist_backend="nccl",
+                     out_dir=str(tmp_path))
+    mp.spawn(_spawned, nprocs=2, args=(report_context, args, 2))
+    got = [torch.load(tmp_path / f"ctx{r}.pt", weights_only=True) for r in range(2)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert got == [{"rank": r, "world": 2, "local": r, "device": device, "group_world": 2} for r in range(2)]

@@ -124,7 +124,8 @@ def _init_torchrun(args: Namespace) -> Context:
 
 def _spawned(gpu: int, worker: Callable[[Context, Namespace], None], args: Namespace, ngpus: int) -> None:
     nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
-    device = _cuda_device(gpu)
+    # launch() spawns only on GPU machines; the CPU fallback lets tests run this path with gloo.
+    device = _cuda_device(gpu) if torch.cuda.is_available() else torch.device("cpu")
     world, rank_ = nodes * ngpus, node_rank * ngpus + gpu
     dist.init_process_group(_backend(args, device), init_method=args.dist_url, world_size=world, rank=rank_)
     _run_worker(worker, Context(device, rank_, world, gpu, ngpus), args)
