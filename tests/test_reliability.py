@@ -1,5 +1,6 @@
 """What survives what: SIGKILL, interrupted checkpoint writes, bad images, NaN losses, SIGTERM."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,3 +130,14 @@ def test_sigterm_saves_and_resume_continues(image_root, tmp_path):
     assert f"at epoch {stopped_at[0]} iteration {stopped_at[1]}" in res.stdout
     assert (out / "checkpoint_0002.pth.tar").is_file()
     shutil.rmtree(out)
+
+
+def test_unseeded_run_keeps_its_seed_across_a_resume(image_root, tmp_path):
+    unseeded = [a for a in TINY if a not in ("--seed", "0")]
+    args = [image_root, *unseeded, "-b", "8", "--workers", "0", "--save-dir", tmp_path]
+    first = run_script("main_moco.py", *args, "--epochs", "1")
+    second = run_script("main_moco.py", *args, "--epochs", "2")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    seeds = [re.search(r"seed (\d+)", r.stdout)[1] for r in (first, second)]
+    assert seeds[0] == seeds[1]
+    assert torch.load(tmp_path / "checkpoint_last.pth.tar", weights_only=True)["seed"] == int(seeds[0])

@@ -125,6 +125,9 @@ class Pretrainer:
         if self.iteration >= self.iters_per_epoch:
             self.epoch, self.iteration = self.epoch + 1, 0
         self.bad_files = set(state.get("bad_files", []))
+        if self.args.seed is None and "seed" in state:
+            # The run's own seed decides its batches and augmentations: keep it across restarts.
+            self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
         if "rng" in state:
             set_rng_state(state["rng"])
         self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
