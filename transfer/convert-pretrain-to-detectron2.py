@@ -11,11 +11,9 @@ detectron2's ResNet names and writes ``{"model": {name: ndarray}, "__author__": 
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ from torch import Tensor
 # Run as `python transfer/convert-pretrain-to-detectron2.py`: the repo root must be importable for `w2ssl`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from w2ssl.checkpoint import check_trunk, extract_trunk, load
+from w2ssl.checkpoint import check_trunk, extract_trunk, load, save_all
+from w2ssl.cli import run_main
 from w2ssl.encoder import ARCHS
 from w2ssl.errors import UserError
 
@@ -77,18 +76,6 @@ def convert(trunk: dict[str, Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def write_pickle(obj: dict, path: Path) -> None:
-    """Pickle ``obj`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Convert a pre-training checkpoint's ResNet trunk to detectron2 weights.")
     p.add_argument("checkpoint", help="pre-training checkpoint (.pth.tar): ours, the authors' W2SSL or MoCo v3")
@@ -99,24 +86,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        out = Path(args.output)
-        # detectron2 picks its loader by extension: only ".pkl" reads a pickle of numpy arrays.
-        if out.suffix != ".pkl":
-            raise UserError(f"output {out} must end in .pkl so that detectron2 reads it as converted weights")
-        if not out.parent.is_dir():
-            raise UserError(f"output folder {out.parent} does not exist: create it first")
-        trunk = extract_trunk(load(args.checkpoint, args.trust_checkpoint))
-        check_trunk(trunk, args.arch)
-        model = convert(trunk)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_pickle({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, out)
+    out = Path(args.output)
+    # detectron2 picks its loader by extension: only ".pkl" reads a pickle of numpy arrays.
+    if out.suffix != ".pkl":
+        raise UserError(f"output {out} must end in .pkl so that detectron2 reads it as converted weights")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist: create it first")
+    trunk = extract_trunk(load(args.checkpoint, args.trust_checkpoint))
+    check_trunk(trunk, args.arch)
+    model = convert(trunk)
+    save_all({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, [out], dump=pickle.dump)
     print(f"wrote {len(model)} {args.arch} trunk tensors in detectron2 names to {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

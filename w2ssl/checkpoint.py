@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torchvision
@@ -29,16 +29,15 @@ def epoch_name(epoch: int) -> str:
     return f"checkpoint_{epoch:04d}.pth.tar"
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file at ``path`` intact.
+def save_atomic(obj: Any, path: str | Path, dump: Callable[[Any, BinaryIO], None] | None = None) -> None:
+    """Write ``obj`` (with ``dump``, default ``torch.save``) to a temporary file beside ``path``, fsync,
+    then rename over ``path``. A crash or a full disk leaves the previous file at ``path`` intact.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,11 +51,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def save_all(obj: Any, paths: list[Path]) -> None:
+def save_all(obj: Any, paths: list[Path], dump: Callable[[Any, BinaryIO], None] | None = None) -> None:
     """:func:`save_atomic` to each path; a failed write (full disk, …) becomes a :class:`UserError`."""
     for path in paths:
         try:
-            save_atomic(obj, path)
+            save_atomic(obj, path, dump)
         except OSError as e:
             raise UserError(f"could not write checkpoint {path} ({e}); the previous one is intact: free space "
                             f"or pass another --save-dir, then resume") from e

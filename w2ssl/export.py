@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_trunk, save_atomic
+from .checkpoint import load_trunk, save_all
+from .cli import run_main
 from .encoder import ARCHS
 from .errors import UserError
 
@@ -58,10 +59,7 @@ def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str
     trunk = load_trunk(ckpt, arch, trust)
     weights = to_timm(trunk, arch) if to == "timm" else trunk
     weights = {k: v.detach().contiguous() for k, v in weights.items()}
-    try:
-        save_atomic(weights, out)
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror or e}): check the path, permissions and free space") from e
+    save_all(weights, [out])
     return weights
 
 
@@ -76,16 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        weights = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    weights = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
     print(f"wrote {len(weights)} tensors ({args.arch} trunk, {args.to} keys) to {args.out}; "
           f"load with strict=False: only fc.weight and fc.bias are missing")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
