@@ -30,3 +30,23 @@ def test_logger_writes_log_txt_and_tensorboard(tmp_path):
     quiet.info("nothing")
     quiet.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_epoch_progress_prints_current_and_average(tmp_path):
+    import torch
+
+    from w2ssl.monitor import EpochProgress
+
+    log = Logger(tmp_path, enabled=True, tensorboard=False)
+    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=12, epoch=3)
+    for i, loss in enumerate([3.0, 5.0]):
+        parts = {"loss": torch.tensor(loss), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(loss - 0.5),
+                 "where_acc": torch.tensor(0.25 * i)}
+        progress.record(parts, lr=0.1, momentum=0.99, data_s=0.5, batch_s=2.0)
+    progress.line(step=7, iteration=2, eta="0:01:00", extra={})
+    log.close()
+    line = (tmp_path / "log.txt").read_text().strip()
+    assert line.startswith("Epoch: [3][ 2/12]\tTime  2.000 ( 2.000)\tData  0.500 ( 0.500)\tLR 1.0000e-01\t")
+    assert "Loss 5.0000e+00 (4.0000e+00)\tLoss_loc 5.0000e-01 (5.0000e-01)\tLoss_crop 4.5000e+00 (3.5000e+00)" in line
+    assert line.endswith("Where_acc 25.0 (12.5)\timg/s 4.0\tETA 0:01:00")
+    assert progress.pending == []

@@ -124,3 +124,51 @@ class Logger:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
+
+
+class EpochProgress:
+    """One epoch's meters of pre-training. Loss parts stay on the device and are read in one sync
+    per printed line; TensorBoard still gets every iteration's values."""
+
+    def __init__(self, logger: Logger, device: torch.device, batch_size: int, iters_per_epoch: int, epoch: int):
+        self.logger, self.batch_size, self.iters, self.epoch = logger, batch_size, iters_per_epoch, epoch
+        self.sums = {k: torch.zeros((), device=device) for k in LOGGED}
+        self.count = 0
+        self.pending: list[tuple[dict[str, Tensor], dict[str, float]]] = []  # since the last line
+        self.batch_time, self.data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+
+    def record(self, parts: dict[str, Tensor], lr: float, momentum: float, data_s: float, batch_s: float) -> None:
+        self.data_time.update(data_s)
+        self.batch_time.update(batch_s)
+        for k in LOGGED:
+            self.sums[k] += parts[k].detach()
+        self.count += 1
+        self.pending.append(({k: parts[k].detach() for k in LOGGED},
+                             {"lr": lr, "momentum": momentum, "data_time": data_s,
+                              "img_per_s": self.batch_size / max(batch_s, 1e-9)}))
+
+    def line(self, step: int, iteration: int, eta: str, extra: dict[str, float]) -> None:
+        """Log the authors' line for the newest step (``step`` steps done, ``iteration`` in this
+        epoch) and TensorBoard scalars, plus ``extra``, for every pending step."""
+        if not self.logger.enabled or not self.pending:
+            self.pending = []
+            return
+        rows = torch.stack([torch.stack([p[k] for k in LOGGED]) for p, _ in self.pending]).float().tolist()
+        avg = dict(zip(LOGGED, (torch.stack([self.sums[k] for k in LOGGED]) / self.count).tolist()))
+        first = step - len(rows)
+        for i, (row, (_, host)) in enumerate(zip(rows, self.pending)):
+            self.logger.scalars(first + i, {**dict(zip(LOGGED, row)), **host, **extra})
+        cur, lr = dict(zip(LOGGED, rows[-1])), self.pending[-1][1]["lr"]
+        self.pending = []
+        img_s = self.batch_size / max(self.batch_time.avg, 1e-9)
+        width = len(str(self.iters))
+        self.logger.info(
+            f"Epoch: [{self.epoch}][{iteration:>{width}}/{self.iters}]\t{self.batch_time}\t{self.data_time}\t"
+            f"LR {lr:.4e}\tLoss {cur['loss']:.4e} ({avg['loss']:.4e})\t"
+            f"Loss_loc {cur['loss_where']:.4e} ({avg['loss_where']:.4e})\t"
+            f"Loss_crop {cur['loss_what']:.4e} ({avg['loss_what']:.4e})\t"
+            f"Where_acc {100 * cur['where_acc']:.1f} ({100 * avg['where_acc']:.1f})\t"
+            f"img/s {img_s:.1f}\tETA {eta}")

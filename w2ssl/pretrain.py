@@ -29,13 +29,11 @@ from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded
 from .guard import Guard
 from .knn import format_knn, knn_eval
 from .model import W2SSL
-from .monitor import ETA, AverageMeter, Logger, format_duration
+from .monitor import ETA, EpochProgress, Logger, format_duration
 from .montage import assemble
 from .optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
 from .runstate import plain_args, resolve_precision, rng_state, set_rng_state, shared_seed
 from .speed import PRECISIONS, prepare_model
-
-LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
 
 
 class Pretrainer:
@@ -185,18 +183,15 @@ class Pretrainer:
                                          "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data[1:]]}))
 
     def _train_epoch(self) -> None:
-        args, device = self.args, self.device
+        args = self.args
         self.sampler.set_epoch(self.epoch, self.iteration)
-        meters = {k: torch.zeros((), device=device) for k in LOGGED}
-        counted = 0
-        history: list[tuple[dict[str, Tensor], dict[str, float]]] = []  # device losses, host values
-        batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+        progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch)
         self.logger.start_bar(self.iters_per_epoch - self.iteration, f"epoch {self.epoch}")
         end = time.perf_counter()
         for batch, bad in self.loader:
-            data_time.update(time.perf_counter() - end)
+            data_s = time.perf_counter() - end
             if self.iteration == self.sampler.start_batch:
-                self.epoch_start_data.append(data_time.val)
+                self.epoch_start_data.append(data_s)
             tiles, decode_bad = self._tiles(batch)
             self._note_bad([*bad, *decode_bad])
             if self.iteration == self.sampler.start_batch and self.ctx.is_main:
@@ -208,17 +203,10 @@ class Pretrainer:
             self.iteration += 1
             self.step += 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
-            for k in LOGGED:
-                meters[k] += parts[k].detach()
-            counted += 1
-            batch_time.update(time.perf_counter() - end)
-            history.append(({k: parts[k].detach() for k in LOGGED},
-                            {"lr": lr, "momentum": m, "data_time": data_time.val,
-                             "img_per_s": args.batch_size / max(batch_time.val, 1e-9)}))
+            progress.record(parts, lr, m, data_s, time.perf_counter() - end)
             self.logger.advance_bar()
             if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
-                self._log(history, meters, counted, batch_time, data_time)
-                history = []
+                progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
             if args.fault_kill_step is not None and self.step == args.fault_kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
             if self.guard.stop:
@@ -271,30 +259,6 @@ class Pretrainer:
                 self.bad_files.add(path)
                 self.logger.warn(f"unreadable image file {path} replaced by another sample "
                                  f"({len(self.bad_files)} bad so far)")
-
-    def _log(self, history: list[tuple[dict[str, Tensor], dict[str, float]]], meters: dict[str, Tensor],
-             counted: int, batch_time: AverageMeter, data_time: AverageMeter) -> None:
-        """Console/log.txt line for the newest step; TensorBoard scalars for every step since the last
-        line (their device values are read here, in one sync, not once per step)."""
-        if not self.ctx.is_main:
-            return
-        rows = torch.stack([torch.stack([h[k] for k in LOGGED]) for h, _ in history]).float().tolist()
-        avgs = (torch.stack([meters[k] for k in LOGGED]) / counted).tolist()
-        first = self.step - len(rows)
-        for i, (row, (_, host)) in enumerate(zip(rows, history)):
-            self.logger.scalars(first + i, {**dict(zip(LOGGED, row)), **host, "bad_files": len(self.bad_files)})
-        lr = history[-1][1]["lr"]
-        img_s = self.args.batch_size / max(batch_time.avg, 1e-9)
-        cur = dict(zip(LOGGED, rows[-1]))
-        avg = dict(zip(LOGGED, avgs))
-        width = len(str(self.iters_per_epoch))
-        self.logger.info(
-            f"Epoch: [{self.epoch}][{self.iteration:>{width}}/{self.iters_per_epoch}]\t{batch_time}\t{data_time}\t"
-            f"LR {lr:.4e}\tLoss {cur['loss']:.4e} ({avg['loss']:.4e})\t"
-            f"Loss_loc {cur['loss_where']:.4e} ({avg['loss_where']:.4e})\t"
-            f"Loss_crop {cur['loss_what']:.4e} ({avg['loss_what']:.4e})\t"
-            f"Where_acc {100 * cur['where_acc']:.1f} ({100 * avg['where_acc']:.1f})\t"
-            f"img/s {img_s:.1f}\tETA {self.eta.step(self.step)}")
 
     def _log_montages(self, tiles: list[Tensor]) -> None:
         n = min(8, tiles[0].shape[0] // 2 * 2)
