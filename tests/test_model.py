@@ -93,3 +93,29 @@ def test_cuda_loss_matches_cpu_and_bf16_channels_last_is_close():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fast = gpu(*cuda, m=0.99, perm=perm.cuda())["loss"].item()
     assert fast == pytest.approx(ref, rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_training_step_makes_no_host_sync():
+    from w2ssl.optim import LARS
+
+    torch.manual_seed(0)
+    model = tiny_model().cuda().to(memory_format=torch.channels_last)
+    opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
+    view1, view2 = [[t.cuda() for t in v] for v in random_views(8, 32)]
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(view1, view2, m=0.99, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    step()  # warm-up: cuDNN plans, cached pooling matrices, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

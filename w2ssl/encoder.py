@@ -34,14 +34,21 @@ def _pool_matrix(size: int) -> Tensor:
     return resize.view(2, 4, size).mean(dim=1)
 
 
+@cache
+def _pool_matrix_on(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`_pool_matrix` already on ``device``: a per-step copy from host memory would make the
+    host wait for the GPU in the middle of the forward."""
+    return _pool_matrix(size).to(device=device, dtype=dtype)
+
+
 def grid_pool(fmap: Tensor) -> Tensor:
     """Pool a feature map to a 2x2 grid: ``[B, C, H, W] -> [B, C, 2, 2]``.
 
     Equals ``adaptive_avg_pool2d(interpolate(fmap, (8, 8), mode="bilinear", align_corners=False), 2)``
     computed as the separable linear map it is (cheap backward, any memory format).
     """
-    rows = _pool_matrix(fmap.shape[-2]).to(device=fmap.device, dtype=fmap.dtype)
-    cols = _pool_matrix(fmap.shape[-1]).to(device=fmap.device, dtype=fmap.dtype)
+    rows = _pool_matrix_on(fmap.shape[-2], fmap.device, fmap.dtype)
+    cols = _pool_matrix_on(fmap.shape[-1], fmap.device, fmap.dtype)
     return torch.einsum("ih,bchw,jw->bcij", rows, fmap, cols)
 
 

@@ -48,8 +48,8 @@ class Guard:
     def push(self, epoch: int, iteration: int, step: int, parts: dict[str, Tensor]) -> None:
         """Record this step's loss parts; check the previous step's."""
         loss = parts["loss"]
-        flags = torch.stack([(~torch.isfinite(loss)).float(),
-                             torch.tensor(float(self.signal is not None), device=loss.device)])
+        # new_full fills on the device: no host-to-device copy, which would wait for the GPU.
+        flags = torch.stack([(~torch.isfinite(loss)).float(), loss.new_full((), float(self.signal is not None))])
         if D.is_dist():
             # Every rank must agree to stop at the same step.
             flags = D.all_reduce_max(flags)
