@@ -37,14 +37,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def image_folder(root: str | Path, what: str = "training") -> ImageFolder:
-    """An ``ImageFolder`` at ``root`` (labels ignored in pre-training), checked with clear errors."""
+def image_folder(root: str | Path, what: str = "training", transform: Callable | None = None) -> ImageFolder:
+    """An ``ImageFolder`` at ``root``, checked with clear errors; without ``transform`` its items are
+    file paths (the folder is only listed)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{what} folder {root} does not exist: pass DATA whose {root.name}/ holds one "
                         f"sub-folder of images per class (ImageNet layout)")
     try:
-        folder = ImageFolder(str(root), loader=_path_only)
+        folder = ImageFolder(str(root), transform) if transform else ImageFolder(str(root), loader=_path_only)
     except FileNotFoundError as e:
         raise UserError(f"{what} folder {root} has no images ({e}); expected {root}/<class>/<image>.jpg") from None
     return folder
@@ -164,8 +165,7 @@ def train_transform(size: int = 224) -> transforms.Compose:
 def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
                     what: str) -> tuple[DataLoader, int]:
     """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes."""
-    image_folder(root, what)
-    dataset = ImageFolder(str(root), transform)
+    dataset = image_folder(root, what, transform)
     sampler = DistributedSampler(dataset, shuffle=shuffle) if D.is_dist() else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
