@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as D
+from .data import eval_transform, labelled_loader
 from .encoder import TRUNK_LAYERS
 
 KS = (20, 200)
@@ -190,3 +193,16 @@ def knn_eval(trunk: nn.Module, train_loader: Iterable, test_loader: Iterable, de
 def format_knn(result: dict[int, tuple[float, float]]) -> str:
     """One log line, e.g. ``kNN k=20 acc1 61.20 acc5 83.05 | k=200 acc1 59.90 acc5 84.11``."""
     return "kNN " + " | ".join(f"k={k} acc1 {a1:.2f} acc5 {a5:.2f}" for k, (a1, a5) in sorted(result.items()))
+
+
+def folder_loaders(root: str | Path, size: int, batch_size: int, workers: int) -> tuple[DataLoader, DataLoader, int]:
+    """Unshuffled center-crop loaders of ``root/train`` (the bank) and ``root/val``, and the class count."""
+    root = Path(root)
+    train, classes = labelled_loader(root / "train", eval_transform(size), batch_size, workers, False, "kNN train")
+    val, _ = labelled_loader(root / "val", eval_transform(size), batch_size, workers, False, "kNN val")
+    return train, val, classes
+
+
+def knn_scalars(result: dict[int, tuple[float, float]]) -> dict[str, float]:
+    """TensorBoard scalars of a :func:`knn_accuracy` result: top-1 per k."""
+    return {f"knn_top1_k{k}": acc1 for k, (acc1, _) in result.items()}

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .data import eval_transform, labelled_loader, seed_everything, train_transform
 from .errors import UserError
-from .knn import format_knn, knn_eval, pooled_features
+from .knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
 from .metrics import stats_text, topk_hits, unpadded_rows
 from .monitor import ETA, AverageMeter, Logger, format_duration
 from .optim import lr_at, scaled_lr, set_lr
@@ -292,10 +292,8 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
     """Weighted kNN (k = 20 and 200, T = 0.07) of the pre-trained trunk: train bank -> val accuracy."""
     logger = Logger(args.save_dir, ctx.is_main)
     try:
-        root, size = Path(args.data), args.input_size
         batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
-        train, classes = labelled_loader(root / "train", eval_transform(size), batch, workers, False, "training")
-        val, _ = labelled_loader(root / "val", eval_transform(size), batch, workers, False, "validation")
+        train, val, classes = folder_loaders(args.data, args.input_size, batch, workers)
         model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
         model.to(ctx.device)
         channels_last = ctx.device.type == "cuda"
@@ -305,7 +303,7 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
                           autocast_dtype=PRECISIONS[args.precision or "fp32"])
         logger.info(f"=> {format_knn(result)} ({len(train.dataset)} train, {len(val.dataset)} val images, "
                     f"{format_duration(time.perf_counter() - start)})")
-        logger.scalars(0, {f"knn_top1_k{k}": a1 for k, (a1, _) in result.items()}, prefix="eval/")
+        logger.scalars(0, knn_scalars(result), prefix="eval/")
     finally:
         logger.close()
 

@@ -18,8 +18,6 @@ from .augment import MEAN, STD, FourCrop
 from .data import (
     PretrainDataset,
     ResumableSampler,
-    eval_transform,
-    labelled_loader,
     make_loader,
     sample_seed,
     seed_everything,
@@ -27,7 +25,7 @@ from .data import (
 from .errors import TrainingStopped, UserError
 from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded_with_path
 from .guard import Guard
-from .knn import format_knn, knn_eval
+from .knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from .model import W2SSL
 from .monitor import ETA, EpochProgress, Logger, format_duration
 from .montage import assemble
@@ -273,15 +271,12 @@ class Pretrainer:
     def _knn(self) -> None:
         """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""
         if self._knn_loaders is None:
-            root, size, workers = Path(self.args.knn_data), self.args.knn_size, min(self.args.workers, 8)
-            train, classes = labelled_loader(root / "train", eval_transform(size), 256, workers, False, "kNN train")
-            val, _ = labelled_loader(root / "val", eval_transform(size), 256, workers, False, "kNN val")
-            self._knn_loaders = (train, val, classes)
+            self._knn_loaders = folder_loaders(self.args.knn_data, self.args.knn_size, 256, min(self.args.workers, 8))
         train, val, classes = self._knn_loaders
         result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
                           channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])
         self.logger.info(f"=> epoch {self.epoch - 1} {format_knn(result)}")
-        self.logger.scalars(self.step, {f"knn_top1_k{k}": a1 for k, (a1, _) in result.items()}, prefix="eval/")
+        self.logger.scalars(self.step, knn_scalars(result), prefix="eval/")
 
     def _stop_on_signal(self) -> None:
         self.save(epoch_end=False)
