@@ -100,7 +100,7 @@ def test_foreach_lars_equals_loop():
     loop_lars(loop[:5], [g[:5] for g in grads], lr, wd)
     loop_lars(loop[5:], [g[5:] for g in grads], lr, 0.0)
     for a, b in zip(ours, loop):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # to rounding: the momentum update is a lerp
     assert not torch.equal(ours[0], start[0]) and torch.equal(ours[6], start[6])
 
 

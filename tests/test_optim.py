@@ -64,3 +64,8 @@ def test_build_optimizer_skips_frozen_and_rejects_unknown():
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups[0]["params"]) == 3
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("sgd", model, 1e-3, 0.0, 0.9)
+
+
+def test_lars_rejects_momentum_of_one():
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        LARS([torch.zeros(2, requires_grad=True)], momentum=1.0)

@@ -13,12 +13,16 @@ class LARS(torch.optim.Optimizer):
 
     For those: ``g ← g + wd·p``, then ``g ← g·η‖p‖/‖g‖`` when both norms are > 0. 1-D parameters
     (BN, biases) get plain ``g``. Then ``μ ← momentum·μ + g``, ``p ← p − lr·μ``. Vectorised with
-    ``torch._foreach_*`` and free of host syncs. The weight decay is added to ``p.grad`` in place
-    (as GradScaler's unscaling already is), which saves a copy of every gradient.
+    ``torch._foreach_*`` and free of host syncs. Every pass over the parameters counts (the step is
+    memory-bound), so the gradient is updated in place (as GradScaler's unscaling already is) and the
+    momentum update is one lerp: ``μ + (1 − momentum)·(g/(1 − momentum) − μ)``, the scale ``1/(1 − momentum)``
+    riding on the trust-ratio multiply.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.0,
                  weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"LARS momentum must be in [0, 1); got {momentum}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
@@ -33,8 +37,11 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            weight = 1.0 - group["momentum"]
             matrices = [p for p in params if p.ndim > 1]
-            updates = {id(p): p.grad for p in params if p.ndim <= 1}
+            vectors = [p.grad for p in params if p.ndim <= 1]
+            if vectors:
+                torch._foreach_mul_(vectors, 1.0 / weight)
             if matrices:
                 grads = [p.grad for p in matrices]
                 torch._foreach_add_(grads, matrices, alpha=group["weight_decay"])
@@ -43,16 +50,14 @@ class LARS(torch.optim.Optimizer):
                 ok = (p_norm > 0) & (g_norm > 0)
                 trust = torch.where(ok, group["trust_coefficient"] * p_norm / g_norm.clamp_min(1e-30),
                                     torch.ones_like(p_norm))
-                torch._foreach_mul_(grads, list(trust.to(grads[0].dtype).unbind()))
-                updates.update({id(p): g for p, g in zip(matrices, grads)})
+                torch._foreach_mul_(grads, list((trust / weight).to(grads[0].dtype).unbind()))
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 bufs.append(state["mu"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, [updates[id(p)] for p in params])
+            torch._foreach_lerp_(bufs, [p.grad for p in params], weight)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
 
