@@ -1,7 +1,8 @@
 """World-size invariance (lightly-style): two gloo processes on CPU, each holding half of a global
 batch, compute the same loss and (after DDP-style averaging) the same gradients as one process with
 the whole batch. The trunk uses GroupNorm because batch statistics differ per process on CPU (SyncBN
-needs CUDA); the projector's BatchNorm1d sees the gathered global batch, so it stays."""
+needs CUDA); the projector's BatchNorm1d sees the gathered global batch, so it stays. The two
+processes run both views in one call (``fused_views``), the one-process reference a call per view."""
 import os
 import socket
 
@@ -31,7 +32,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = tiny_model(norm=True).double()
+    model = tiny_model(norm=True, fused_views=True).double()  # the reference runs a call per view
     view1, view2 = random_views(N, TILE, dtype=torch.float64)
     half = slice(rank * N // world, (rank + 1) * N // world)
     local1, local2 = [t[half] for t in view1], [t[half] for t in view2]

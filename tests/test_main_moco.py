@@ -35,7 +35,7 @@ def test_published_command_parses_unchanged(command):
     assert args.batch_size in (512, 2048)
     # The authors' defaults for everything else.
     assert (args.arch, args.lr, args.weight_decay) == ("resnet50", 0.6, 1e-6)
-    assert (args.momentum, args.optimizer) == (0.9, "lars")
+    assert (args.momentum, args.optimizer, args.fused_views) == (0.9, "lars", None)
     assert (args.tile_size, args.loss_t, args.loss_loc, args.moco_m, args.warmup_epochs) == (112, 0.3, 1.0, 0.99, 10)
 
 

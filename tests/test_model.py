@@ -65,6 +65,33 @@ def test_permutation_is_shared_by_both_views():
     torch.testing.assert_close(a, b)
 
 
+def test_fused_views_equal_a_call_per_view():
+    """Both views in one call per encoder and head: same losses, gradients and BatchNorm statistics."""
+    torch.manual_seed(0)
+    separate = tiny_model().double()
+    fused = tiny_model(fused_views=True).double()
+    fused.load_state_dict(separate.state_dict())
+    view1, view2 = random_views(8, 16, dtype=torch.float64)
+    perm = torch.randperm(16)
+    outs = [model(view1, view2, m=0.9, perm=perm) for model in (separate, fused)]
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-9, atol=1e-12, msg=key)
+    for out in outs:
+        out["loss"].backward()
+    grads = dict(separate.named_parameters())
+    for name, p in fused.named_parameters():
+        if p.grad is None:
+            assert grads[name].grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-7, atol=1e-10, msg=name)
+    buffers = dict(separate.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert fused.base_encoder.bn1.num_batches_tracked.item() == 2
+    # The momentum encoder's statistics moved too (it runs in training mode, as in MoCo v3).
+    assert not torch.equal(fused.momentum_encoder.bn1.running_mean, torch.zeros(64, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("views, message", [
     (lambda: random_views(3, 16), "odd number"),
     (lambda: ([torch.zeros(4, 3, 16, 16), torch.zeros(4, 3, 8, 8)], [torch.zeros(4, 3, 16, 16)] * 2), "same shape"),
@@ -96,11 +123,12 @@ def test_cuda_loss_matches_cpu_and_bf16_channels_last_is_close():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_training_step_makes_no_host_sync():
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_training_step_makes_no_host_sync(fused):
     from w2ssl.optim import LARS
 
     torch.manual_seed(0)
-    model = tiny_model().cuda().to(memory_format=torch.channels_last)
+    model = tiny_model(fused_views=fused).cuda().to(memory_format=torch.channels_last)
     opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
     view1, view2 = [[t.cuda() for t in v] for v in random_views(8, 32)]
     gen = torch.Generator("cuda").manual_seed(0)

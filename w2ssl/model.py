@@ -13,6 +13,7 @@ from .heads import predictor, projector, where_head
 from .losses import supcon_loss
 from .momentum import MomentumPairs
 from .montage import assemble, local_indices, random_permutation, split_grid, tile_labels
+from .viewnorm import normalise_per_view, per_view
 
 
 class W2SSL(nn.Module):
@@ -21,13 +22,17 @@ class W2SSL(nn.Module):
     ``forward(view1, view2, m)`` takes each view as ``[left, right]`` tile batches of this process,
     each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
     ``where_acc`` (detached) for logging. Every process computes the same global loss.
+
+    With ``fused_views`` each encoder and head runs once on both views, every BatchNorm still taking
+    each view's statistics on their own (:mod:`w2ssl.viewnorm`): the same math in half the calls.
     """
 
     def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096,
                  temperature: float = 0.3, base_temperature: float = 0.07,
                  loss_where_weight: float = 1.0, loss_what_weight: float = 1.0,
-                 norm_layer: Callable[[int], nn.Module] | None = None):
+                 norm_layer: Callable[[int], nn.Module] | None = None, fused_views: bool = False):
         super().__init__()
+        self.fused_views = fused_views
         self.temperature, self.base_temperature = temperature, base_temperature
         self.loss_where_weight, self.loss_what_weight = loss_where_weight, loss_what_weight
         self.base_encoder = GridTrunk(arch, norm_layer)
@@ -39,16 +44,29 @@ class W2SSL(nn.Module):
         self.momentum_projector = projector(width, mlp_dim, dim)
         self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
                                             [self.momentum_encoder, self.momentum_projector])
+        self._normalise_views()
+
+    def _normalise_views(self) -> None:
+        if self.fused_views:
+            normalise_per_view(self, 2)
+
+    def convert_sync_batchnorm(self) -> None:
+        """SyncBatchNorm in the trunks: only they see per-process batches (the heads see the gathered one)."""
+        for trunk in (self.base_encoder, self.momentum_encoder):
+            nn.SyncBatchNorm.convert_sync_batchnorm(trunk)
+        self._normalise_views()
 
     def update_momentum(self, m: float) -> None:
         """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
         self.momentum_pairs.update(m)
 
-    def _grid_features(self, trunk: nn.Module, montages: Tensor, with_grad: bool) -> Tensor:
-        """Local montages ``[m, 3, 2t, 2t]`` -> global tile features ``[2N, C]`` in ``S`` order."""
-        grid = trunk(montages)
-        grid = D.gather_with_grad(grid) if with_grad else D.gather(grid)
-        return split_grid(grid)
+    def _per_view(self, fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
+        return per_view(fn, xs, self.fused_views)
+
+    def _grid_features(self, trunk: nn.Module, montages: Sequence[Tensor], with_grad: bool) -> list[Tensor]:
+        """Local montages ``[m, 3, 2t, 2t]`` per view -> global tile features ``[2N, C]`` in ``S`` order."""
+        gather = D.gather_with_grad if with_grad else D.gather
+        return [split_grid(gather(grid)) for grid in self._per_view(trunk, montages)]
 
     def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
                 perm: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -57,20 +75,19 @@ class W2SSL(nn.Module):
         if perm is None:
             perm = D.broadcast(random_permutation(2 * n, tiles1.device, generator))
         idx = local_indices(perm, D.rank(), D.world_size())
-        x1, x2 = assemble(tiles1, idx), assemble(tiles2, idx)
+        montages = [assemble(tiles1, idx), assemble(tiles2, idx)]
 
-        q1 = self._grid_features(self.base_encoder, x1, with_grad=True)
-        q2 = self._grid_features(self.base_encoder, x2, with_grad=True)
+        q1, q2 = self._grid_features(self.base_encoder, montages, with_grad=True)
         source, where = tile_labels(perm, n)
 
         where_logits = self.where_head(q1)
         loss_where = F.cross_entropy(where_logits.float(), where)
-        p1, p2 = self.predictor(self.projector(q1)), self.predictor(self.projector(q2))
+        p1, p2 = self._per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
 
         with torch.no_grad():
             self.update_momentum(m)
-            k1 = self.momentum_projector(self._grid_features(self.momentum_encoder, x1, with_grad=False))
-            k2 = self.momentum_projector(self._grid_features(self.momentum_encoder, x2, with_grad=False))
+            k1, k2 = self._per_view(self.momentum_projector,
+                                    self._grid_features(self.momentum_encoder, montages, with_grad=False))
 
         labels = torch.cat([source, source])
         loss_what = (self._what(p1, k2, labels) + self._what(p2, k1, labels))

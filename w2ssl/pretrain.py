@@ -66,12 +66,12 @@ class Pretrainer:
         self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
                                   collate_fn=collate_pretrain if args.gpu_aug else None)
 
+        fused = self.device.type == "cpu" if args.fused_views is None else args.fused_views
         self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
-                           loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop).to(self.device)
+                           loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop,
+                           fused_views=fused).to(self.device)
         if ctx.world_size > 1 and self.device.type == "cuda":
-            # Only the trunks see per-process batches; the heads already see the gathered global batch.
-            for trunk in (self.model.base_encoder, self.model.momentum_encoder):
-                nn.SyncBatchNorm.convert_sync_batchnorm(trunk)
+            self.model.convert_sync_batchnorm()
         self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
         prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
         self.lr = scaled_lr(args.lr, args.batch_size)
