@@ -52,9 +52,12 @@ bench() {
   fi
 }
 
-bench "step fp16 NCHW" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision fp16 || echo failed
+bench "step fp16 NCHW" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision fp16 --no-fused-views \
+  || echo failed
 bench "step bf16 channels_last" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision bf16 \
-  --channels-last || echo failed
+  --channels-last --no-fused-views || echo failed
+bench "step bf16 channels_last fused views" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+  --precision bf16 --channels-last --fused-views --only w2ssl || echo failed
 bench "data" 100 "$PY" bench/data.py --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
 bench "e2e" 120 "$PY" bench/e2e.py --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
 if [ "${COMPILE:-1}" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
@@ -79,14 +82,15 @@ lines = [f"# Benchmarks ({jsonl.rsplit('_', 1)[-1].split('.')[0]})", "",
 rows = []
 for label, cmd, r in runs:
     if label.startswith("step") and "w2ssl_img_s" in r:
-        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-"
-                         for n in ("w2ssl", "mocov3", "supervised"))
-        rows.append((label, r["w2ssl_img_s"], r["mocov3_img_s"], r["supervised_img_s"],
-                     r["ratio_w2ssl_mocov3"], r["ratio_w2ssl_supervised"], peaks))
+        names = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
+        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-" for n in names)
+        rows.append((label, *(r[f"{n}_img_s"] for n in names), r["ratio_w2ssl_mocov3"],
+                     r["ratio_w2ssl_mocov3_fused"], r["ratio_w2ssl_supervised"], peaks))
     elif label.startswith("step"):
-        rows.append((label, *["failed"] * 6))
-lines.append(markdown_table(["run", "W2SSL", "MoCo v3-style", "supervised", "W2SSL/MoCo v3",
-                             "W2SSL/supervised", "peak GiB W2SSL/MoCo/sup"], rows))
+        rows.append((label, *["failed"] * 8))
+lines.append(markdown_table(["run", "W2SSL", "MoCo v3-style", "MoCo v3-style, views fused", "supervised",
+                             "W2SSL/MoCo v3", "W2SSL/MoCo v3 fused", "W2SSL/supervised",
+                             "peak GiB W2SSL/MoCo/MoCo fused/sup"], rows))
 for label, cmd, r in runs:
     lines += ["", f"## {label}", "", f"`{cmd}`", ""]
     if not label.startswith("step"):

@@ -3,8 +3,10 @@
 Each step is forward, backward, optimizer and (for the self-supervised ones) the momentum update, on
 random tensors already on the device. ``--batch-size`` counts source images: W2SSL gets four tiles
 of ``--tile-size`` per image (``view1``/``view2`` = [left, right], each ``[b, 3, t, t]``), MoCo v3 two
-views of ``2*tile`` px per image, supervised one image of ``2*tile`` px. Prints a table, then one JSON
-line. Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
+views of ``2*tile`` px per image, supervised one image of ``2*tile`` px. MoCo v3 runs twice: one encoder
+call per view as in its builder (``mocov3``), and with both views in one call (``mocov3_fused``, the
+trick ``--fused-views`` gives W2SSL), so that W2SSL can be compared with either on equal terms. Prints a
+table, then one JSON line. Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from w2ssl.model import W2SSL  # noqa: E402
 from w2ssl.momentum import MomentumPairs  # noqa: E402
 from w2ssl.optim import LARS  # noqa: E402
 from w2ssl.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
+from w2ssl.viewnorm import normalise_per_view, per_view  # noqa: E402
 
-STEPS = ("w2ssl", "mocov3", "supervised")
+STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
 TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models
 MOMENTUM = 0.99
 
@@ -56,26 +59,28 @@ class MoCoV3(nn.Module):
     """MoCo v3 (ResNet) built from our parts; ``forward(x1, x2, m)`` -> symmetric loss (scalar).
 
     ``x1, x2 [b, 3, H, W]`` are the two views. Same projector/predictor sizes as W2SSL; the momentum
-    trunk + projector are an EMA of the base ones, updated before the keys are computed.
+    trunk + projector are an EMA of the base ones, updated before the keys are computed. With
+    ``fused_views`` each encoder runs once on both views, BatchNorm statistics still per view.
     """
 
-    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096, temperature: float = 1.0):
+    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096, temperature: float = 1.0,
+                 fused_views: bool = False):
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.fused_views = temperature, fused_views
         self.base_encoder, self.momentum_encoder = PooledTrunk(arch), PooledTrunk(arch)
         width = self.base_encoder.num_features
         self.projector, self.momentum_projector = projector(width, mlp_dim, dim), projector(width, mlp_dim, dim)
         self.predictor = predictor(dim, mlp_dim)
         self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
                                             [self.momentum_encoder, self.momentum_projector])
+        if fused_views:
+            normalise_per_view(self, 2)
 
     def forward(self, x1: Tensor, x2: Tensor, m: float) -> Tensor:
-        q1 = self.predictor(self.projector(self.base_encoder(x1)))
-        q2 = self.predictor(self.projector(self.base_encoder(x2)))
+        q1, q2 = per_view(lambda x: self.predictor(self.projector(self.base_encoder(x))), [x1, x2], self.fused_views)
         with torch.no_grad():
             self.momentum_pairs.update(m)
-            k1 = self.momentum_projector(self.momentum_encoder(x1))
-            k2 = self.momentum_projector(self.momentum_encoder(x2))
+            k1, k2 = per_view(lambda x: self.momentum_projector(self.momentum_encoder(x)), [x1, x2], self.fused_views)
         return contrastive(q1, k2, self.temperature) + contrastive(q2, k1, self.temperature)
 
 
@@ -112,12 +117,13 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable
         return to_memory_format(torch.randn(b, 3, size, size, device=device, generator=gen), cl)
 
     if name == "w2ssl":
-        model = prepare_model(W2SSL(args.arch).to(device), cl, args.compile, TRUNKS)
+        model = prepare_model(W2SSL(args.arch, fused_views=args.fused_views).to(device), cl, args.compile, TRUNKS)
         view1, view2 = [images(t), images(t)], [images(t), images(t)]
         optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
         return train_step(lambda: model(view1, view2, MOMENTUM)["loss"], optimizer, device, args.precision)
-    if name == "mocov3":
-        model = prepare_model(MoCoV3(args.arch).to(device), cl, args.compile, TRUNKS)
+    if name in ("mocov3", "mocov3_fused"):
+        model = prepare_model(MoCoV3(args.arch, fused_views=name == "mocov3_fused").to(device), cl, args.compile,
+                              TRUNKS)
         x1, x2 = images(2 * t), images(2 * t)
         optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
         return train_step(lambda: model(x1, x2, MOMENTUM), optimizer, device, args.precision)
@@ -165,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype; fp16 adds a GradScaler (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks (supervised: the model)")
+    p.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=None,
+                   help="W2SSL: both views in one call per encoder and head (default: on for CPUs, as main_moco.py)")
     p.add_argument("--iters", type=int, default=30, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compile)")
     p.add_argument("--only", choices=STEPS, action="append", help="run only this step (repeatable)")
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> dict:
     device = common.resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.precision = precision
+    if args.fused_views is None:
+        args.fused_views = device.type == "cpu"
     torch.backends.cudnn.benchmark = True
     names = [n for n in STEPS if not args.only or n in args.only]
     load_before = os.getloadavg()[0]
@@ -194,11 +204,12 @@ def run(args: argparse.Namespace) -> dict:
     get = {n: results.get(n, {}) for n in STEPS}
     out = {"device": common.device_name(device), "arch": args.arch, "batch_size": args.batch_size,
            "tile_size": args.tile_size, "precision": precision, "channels_last": args.channels_last,
-           "compile": args.compile, "iters": args.iters, "warmup": args.warmup}
+           "compile": args.compile, "fused_views": args.fused_views, "iters": args.iters, "warmup": args.warmup}
     for n in STEPS:
         for key in ("img_s", "step_ms", "peak_gib"):
             out[f"{n}_{key}"] = get[n].get(key)
     out["ratio_w2ssl_mocov3"] = ratio(out["w2ssl_img_s"], out["mocov3_img_s"])
+    out["ratio_w2ssl_mocov3_fused"] = ratio(out["w2ssl_img_s"], out["mocov3_fused_img_s"])
     out["ratio_w2ssl_supervised"] = ratio(out["w2ssl_img_s"], out["supervised_img_s"])
     # Host load (1-minute average, ours included) before and after: flags runs disturbed by other processes.
     out["load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -208,7 +219,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(out: dict) -> str:
     """The human-readable table and ratios (the JSON line follows it)."""
-    labels = {"w2ssl": "W2SSL (4 tiles/img, LARS)", "mocov3": "MoCo v3-style (2 views/img, LARS)",
+    fused = "views fused" if out["fused_views"] else "a call per view"
+    labels = {"w2ssl": f"W2SSL (4 tiles/img, LARS, {fused})",
+              "mocov3": "MoCo v3-style (2 views/img, LARS, a call per view)",
+              "mocov3_fused": "MoCo v3-style (2 views/img, LARS, views fused)",
               "supervised": f"supervised {out['arch']} (SGD)"}
     rows = [(labels[n], out[f"{n}_img_s"], out[f"{n}_step_ms"], out[f"{n}_peak_gib"])
             for n in STEPS if out[f"{n}_img_s"] is not None]
@@ -217,7 +231,9 @@ def report(out: dict) -> str:
             f"{' compile' if out['compile'] else ''} | torch {out['torch']} | load {out['load_1m']}")
     table = common.markdown_table(["step", "source img/s", "median step ms", "peak GiB"], rows)
     lines = [head, table]
-    for key, text in (("ratio_w2ssl_mocov3", "W2SSL / MoCo v3"), ("ratio_w2ssl_supervised", "W2SSL / supervised")):
+    for key, text in (("ratio_w2ssl_mocov3", "W2SSL / MoCo v3 (a call per view)"),
+                      ("ratio_w2ssl_mocov3_fused", "W2SSL / MoCo v3 (views fused)"),
+                      ("ratio_w2ssl_supervised", "W2SSL / supervised")):
         if out[key] is not None:
             lines.append(f"throughput ratio {text}: {out[key]:.2f}")
     return "\n".join(lines)

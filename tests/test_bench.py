@@ -25,7 +25,8 @@ def reference_grid_pool(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def bench_args(**kw) -> argparse.Namespace:
-    base = dict(arch="resnet18", batch_size=4, tile_size=32, channels_last=False, compile=False, precision="fp32")
+    base = dict(arch="resnet18", batch_size=4, tile_size=32, channels_last=False, compile=False, precision="fp32",
+                fused_views=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -50,6 +51,21 @@ def test_w2ssl_step_same_with_channels_last(monkeypatch):
     assert layouts and all(layouts), "channels_last must reach the trunk's layer4 output"
     assert not torch.equal(plain[0], plain[-1]), "the steps must change the weights"
     torch.testing.assert_close(nhwc, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_w2ssl_step_same_with_fused_views():
+    torch.testing.assert_close(w2ssl_losses(fused_views=True), w2ssl_losses(), rtol=1e-5, atol=1e-5)
+
+
+def test_mocov3_fused_views_same_loss():
+    torch.manual_seed(0)
+    separate = step.MoCoV3("resnet18", dim=8, mlp_dim=16)
+    fused = step.MoCoV3("resnet18", dim=8, mlp_dim=16, fused_views=True)
+    fused.load_state_dict(separate.state_dict())
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 2 + 1
+    torch.testing.assert_close(fused(x1, x2, m=0.9), separate(x1, x2, m=0.9), rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused.buffers(), separate.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_w2ssl_step_same_with_resize_then_pool(monkeypatch):
@@ -127,7 +143,7 @@ def test_mocov3_loss_is_symmetric_infonce_of_its_parts():
     assert model.base_encoder.conv1.weight.grad is not None
 
 
-def test_cli_runs_all_three_on_cpu(capsys):
+def test_cli_runs_every_step_on_cpu(capsys):
     argv = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--tile-size", "16",
             "--iters", "1", "--warmup", "0"]
     assert step.main(argv) == 0
@@ -138,6 +154,8 @@ def test_cli_runs_all_three_on_cpu(capsys):
         assert out[f"{name}_img_s"] == pytest.approx(4 / (out[f"{name}_step_ms"] / 1000))
         assert out[f"{name}_peak_gib"] is None
     assert out["ratio_w2ssl_mocov3"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_img_s"])
+    assert out["ratio_w2ssl_mocov3_fused"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_fused_img_s"])
+    assert out["fused_views"] is True  # the CPU default, as in main_moco.py
     assert any(line.startswith("| W2SSL") for line in lines)
 
 
