@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="NHWC activations (default: on for GPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the trunks")
-    run.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=None,
+    run.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=False,
                      help="run both views through each encoder and head in one call, every BatchNorm still "
-                          "normalising each view on its own: same math, half the calls (default: on for CPUs)")
+                          "normalising each view on its own: same math, half the calls (faster for small "
+                          "montages on CPUs, slower for large ones; see BENCHMARKS.md)")
     run.add_argument("--knn-every", default=0, type=int, metavar="E", help="kNN-evaluate every E epochs (0: never)")
     run.add_argument("--knn-data", metavar="DIR", help="labelled ImageFolder root with train/ and val/ for --knn-every")
     run.add_argument("--knn-size", default=224, type=int, help="center-crop size for --knn-every")

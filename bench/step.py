@@ -171,8 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype; fp16 adds a GradScaler (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks (supervised: the model)")
-    p.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=None,
-                   help="W2SSL: both views in one call per encoder and head (default: on for CPUs, as main_moco.py)")
+    p.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=False,
+                   help="W2SSL: both views in one call per encoder and head (main_moco.py --fused-views)")
     p.add_argument("--iters", type=int, default=30, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compile)")
     p.add_argument("--only", choices=STEPS, action="append", help="run only this step (repeatable)")
@@ -195,8 +195,6 @@ def run(args: argparse.Namespace) -> dict:
     device = common.resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.precision = precision
-    if args.fused_views is None:
-        args.fused_views = device.type == "cpu"
     torch.backends.cudnn.benchmark = True
     names = [n for n in STEPS if not args.only or n in args.only]
     load_before = os.getloadavg()[0]

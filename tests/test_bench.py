@@ -155,7 +155,7 @@ def test_cli_runs_every_step_on_cpu(capsys):
         assert out[f"{name}_peak_gib"] is None
     assert out["ratio_w2ssl_mocov3"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_img_s"])
     assert out["ratio_w2ssl_mocov3_fused"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_fused_img_s"])
-    assert out["fused_views"] is True  # the CPU default, as in main_moco.py
+    assert out["fused_views"] is False  # the default, as in main_moco.py
     assert any(line.startswith("| W2SSL") for line in lines)
 
 

@@ -35,7 +35,7 @@ def test_published_command_parses_unchanged(command):
     assert args.batch_size in (512, 2048)
     # The authors' defaults for everything else.
     assert (args.arch, args.lr, args.weight_decay) == ("resnet50", 0.6, 1e-6)
-    assert (args.momentum, args.optimizer, args.fused_views) == (0.9, "lars", None)
+    assert (args.momentum, args.optimizer, args.fused_views) == (0.9, "lars", False)
     assert (args.tile_size, args.loss_t, args.loss_loc, args.moco_m, args.warmup_epochs) == (112, 0.3, 1.0, 0.99, 10)
 
 
@@ -65,14 +65,28 @@ def test_two_epochs_then_resume_auto(image_root, tmp_path, workers):
     assert len(logged_losses(out / "log.txt")) == 9
 
 
-def test_torchrun_two_cpu_processes(image_root, tmp_path):
+@pytest.mark.parametrize("fused", [[], ["--fused-views"]])
+def test_torchrun_two_cpu_processes(image_root, tmp_path, fused):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     res = run_script("main_moco.py", image_root, *TINY, "-b", "8", "--workers", "1", "--epochs", "1",
-                     "--save-dir", tmp_path, launcher=torchrun)
+                     "--save-dir", tmp_path, *fused, launcher=torchrun)
     assert res.returncode == 0, res.stderr
     assert "2 process(es) on cpu" in res.stdout
     assert len(logged_losses(tmp_path / "log.txt")) == 3  # 3 iterations of 4 images per process
     assert (tmp_path / "checkpoint_0000.pth.tar").is_file()
+
+
+def test_fused_views_train_the_same(image_root, tmp_path):
+    losses = []
+    for flag in ("--no-fused-views", "--fused-views"):
+        out = tmp_path / flag
+        res = run_script("main_moco.py", image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "1",
+                         "--save-dir", out, flag)
+        assert res.returncode == 0, res.stderr
+        losses.append({k: float(v) for k, v in logged_losses(out / "log.txt").items()})
+    assert len(losses[0]) == 3 and losses[0].keys() == losses[1].keys()
+    for key, loss in losses[0].items():
+        assert losses[1][key] == pytest.approx(loss, rel=1e-3), key
 
 
 def test_config_file_and_command_line_override(image_root, tmp_path):

@@ -66,10 +66,9 @@ class Pretrainer:
         self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
                                   collate_fn=collate_pretrain if args.gpu_aug else None)
 
-        fused = self.device.type == "cpu" if args.fused_views is None else args.fused_views
         self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
                            loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop,
-                           fused_views=fused).to(self.device)
+                           fused_views=args.fused_views).to(self.device)
         if ctx.world_size > 1 and self.device.type == "cuda":
             self.model.convert_sync_batchnorm()
         self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
