@@ -27,8 +27,8 @@ DATA=$(mktemp -d)
 TINY=(-a resnet50 -b 64 --epochs 2 --print-freq 4 --workers 8 --seed 0 --max-iters 12 --resume none)
 step "published launch (mp.spawn)" 120 "$PY" main_moco.py --moco-m-cos --crop-min=.2 --dist-url tcp://localhost:10109 \
   --multiprocessing-distributed --world-size 1 --rank 0 "${TINY[@]}" --save-dir "$DATA/o1" "$DATA"
-step "torchrun fp16 NCHW" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 main_moco.py "${TINY[@]}" --precision fp16 \
-  --no-channels-last --save-dir "$DATA/o2" "$DATA"
+step "torchrun fp16 NCHW fused views" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 main_moco.py "${TINY[@]}" \
+  --precision fp16 --no-channels-last --fused-views --save-dir "$DATA/o2" "$DATA"
 step "one GPU --gpu-aug" 120 "$PY" main_moco.py "${TINY[@]}" --gpu-aug --save-dir "$DATA/o3" "$DATA"
 grep -h '^{' "$LOG" | tail -n 3
 rm -rf "$DATA"
