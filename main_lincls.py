@@ -13,7 +13,8 @@ from pathlib import Path
 from w2ssl import cli
 from w2ssl.distributed import launch
 from w2ssl.errors import UserError
-from w2ssl.lincls import load_pretrained, worker
+from w2ssl.lincls import worker
+from w2ssl.probe_model import load_pretrained
 
 JOINED_FLAG = "--multiprocessing-distributed"
 

@@ -112,3 +112,11 @@ def test_sync_batchnorm_conversion_keeps_per_view_statistics():
     head_norms = [m for m in model.projector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert head_norms and all(isinstance(m, nn.BatchNorm1d) and not isinstance(m, nn.SyncBatchNorm)
                               and m.views == 2 for m in head_norms)
+
+
+def test_channels_last_stays_channels_last():
+    norm = normalise_per_view(nn.BatchNorm2d(8), 2)
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    y = norm(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.cat([nn.BatchNorm2d(8)(v) for v in x.chunk(2)]))
