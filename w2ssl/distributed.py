@@ -70,6 +70,15 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
+@torch.no_grad()
+def all_to_all(x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+    """Rows of ``x`` grouped by destination (``send_counts[r]`` rows to process ``r``) -> the rows sent
+    to this process, grouped by source (``recv_counts[r]`` from process ``r``)."""
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+    return out
+
+
 def broadcast(x: Tensor, src: int = 0) -> Tensor:
     """``x`` of process ``src`` on every process (in place)."""
     if is_dist():

@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from . import distributed as D
 from .encoder import GridTrunk
+from .exchange import montage_tiles
 from .heads import predictor, projector, where_head
 from .losses import supcon_loss
 from .momentum import MomentumPairs
-from .montage import assemble, local_indices, random_permutation, split_grid, tile_labels
+from .montage import arrange, random_permutation, split_grid, tile_labels
 from .viewnorm import normalise_per_view, per_view
 
 
@@ -70,15 +71,17 @@ class W2SSL(nn.Module):
 
     def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
                 perm: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``perm`` fixes the tile permutation; otherwise rank 0 draws it (from ``generator`` if given)."""
-        tiles1, tiles2, n = self._global_tiles(view1, view2)
+        """``perm [2N]`` fixes the tile permutation and must be the same on every process (pass it on the
+        CPU: with several processes its values are read on the host); otherwise rank 0 draws it (from
+        ``generator`` if given) and broadcasts it."""
+        tiles, n = self._local_tiles(view1, view2)
         if perm is None:
-            perm = D.broadcast(random_permutation(2 * n, tiles1.device, generator))
-        idx = local_indices(perm, D.rank(), D.world_size())
-        montages = [assemble(tiles1, idx), assemble(tiles2, idx)]
+            perm = D.broadcast(random_permutation(2 * n, tiles.device, generator))
+        mine = montage_tiles(tiles, perm)  # [2b, 2 views, 3, t, t]
+        montages = [arrange(mine[:, 0]), arrange(mine[:, 1])]
 
         q1, q2 = self._grid_features(self.base_encoder, montages, with_grad=True)
-        source, where = tile_labels(perm, n)
+        source, where = tile_labels(perm.to(tiles.device, non_blocking=True), n)
 
         where_logits = self.where_head(q1)
         loss_where = F.cross_entropy(where_logits.float(), where)
@@ -101,8 +104,8 @@ class W2SSL(nn.Module):
         return supcon_loss(z, labels, self.temperature, self.base_temperature)
 
     @staticmethod
-    def _global_tiles(view1: Sequence[Tensor], view2: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
-        """Check the inputs and gather them: two ``[2N, 3, t, t]`` tile batches (left tiles first), N."""
+    def _local_tiles(view1: Sequence[Tensor], view2: Sequence[Tensor]) -> tuple[Tensor, int]:
+        """Check the inputs and stack them: ``[2b, 2, 3, t, t]`` (left tiles first; view 1, view 2), N."""
         if len(view1) != 2 or len(view2) != 2:
             raise ValueError("each view must be a pair [left, right] of tile batches")
         shapes = {tuple(t.shape) for t in (*view1, *view2)}
@@ -113,7 +116,4 @@ class W2SSL(nn.Module):
         if b % 2:
             raise ValueError(f"the global batch ({b * world} source images) must be divisible by "
                              f"2 x world size ({2 * world}): got {b} images on this process, an odd number")
-        tiles = []
-        for left, right in (view1, view2):
-            tiles.append(torch.cat([D.gather(left), D.gather(right)]))
-        return tiles[0], tiles[1], b * world
+        return torch.stack([torch.cat(list(view1)), torch.cat(list(view2))], dim=1), b * world

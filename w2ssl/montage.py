@@ -18,9 +18,15 @@ def assemble(tiles: Tensor, perm: Tensor) -> Tensor:
     """
     if perm.numel() % 4:
         raise ValueError(f"a montage needs 4 tiles: got {perm.numel()} indices, not a multiple of 4")
-    s = tiles[perm]
-    m, (c, th, tw) = perm.numel() // 4, s.shape[1:]
-    return s.view(2, 2, m, c, th, tw).permute(2, 3, 0, 4, 1, 5).reshape(m, c, 2 * th, 2 * tw)
+    return arrange(tiles[perm])
+
+
+def arrange(s: Tensor) -> Tensor:
+    """Tiles already in order ``[4M, C, t, t]`` -> montages ``[M, C, 2t, 2t]``: ``assemble(s, arange(4M))``."""
+    if s.shape[0] % 4:
+        raise ValueError(f"a montage needs 4 tiles: got {s.shape[0]} tiles, not a multiple of 4")
+    m, (c, th, tw) = s.shape[0] // 4, s.shape[1:]
+    return s.reshape(2, 2, m, c, th, tw).permute(2, 3, 0, 4, 1, 5).reshape(m, c, 2 * th, 2 * tw)
 
 
 def local_indices(perm: Tensor, rank: int, world_size: int) -> Tensor:

@@ -28,7 +28,7 @@ from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from .model import W2SSL
 from .monitor import ETA, EpochProgress, Logger, format_duration
-from .montage import assemble
+from .montage import assemble, random_permutation
 from .optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
 from .runstate import plain_args, resolve_precision, rng_state, set_rng_state, shared_seed
 from .speed import PRECISIONS, prepare_model
@@ -78,12 +78,15 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.net: nn.Module = self.model
         if ctx.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # No device_ids: the inputs are already on the device, and DDP would also move the host-side
+            # permutation to the GPU, where the all-to-all plan would have to read it back.
+            self.net = nn.parallel.DistributedDataParallel(self.model)
         self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
         self.epoch, self.iteration, self.step = args.start_epoch, 0, args.start_epoch * self.iters_per_epoch
         self.bad_files: set[str] = set()
-        self.perm_gen = torch.Generator(self.device)
+        # Tile permutations come from (seed, epoch, iteration) alone, so every process draws the same one on
+        # the host, where the all-to-all plan needs it (no broadcast, no GPU read).
+        self.perm_gen = torch.Generator()
         self.step_ends: list[float] = []
         self.epoch_start_data: list[float] = []  # data time of each epoch's first batch (stalls show here)
         self._knn_loaders: tuple | None = None
@@ -233,9 +236,10 @@ class Pretrainer:
     def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
         set_lr(self.optimizer, lr)
         self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration))
+        perm = random_permutation(2 * self.args.batch_size, generator=self.perm_gen)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            parts = self.net(tiles[:2], tiles[2:], m, generator=self.perm_gen)
+            parts = self.net(tiles[:2], tiles[2:], m, perm=perm)
         if self.args.fault_nan_step is not None and self.step == self.args.fault_nan_step:
             parts["loss"] = parts["loss"] * float("nan")  # test hook: a poisoned step
         self.optimizer.zero_grad(set_to_none=True)
