@@ -131,11 +131,12 @@ def test_cuda_training_step_makes_no_host_sync(fused):
     model = tiny_model(fused_views=fused).cuda().to(memory_format=torch.channels_last)
     opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
     view1, view2 = [[t.cuda() for t in v] for v in random_views(8, 32)]
-    gen = torch.Generator("cuda").manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
 
     def step():
+        perm = torch.randperm(16, generator=gen)  # on the host, as the trainer draws it
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(view1, view2, m=0.99, generator=gen)
+            out = model(view1, view2, m=0.99, perm=perm)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
