@@ -23,7 +23,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from w2ssl.checkpoint import check_trunk, extract_trunk, load, save_all
-from w2ssl.cli import run_main
+from w2ssl.cli import add_trust_checkpoint, run_main
 from w2ssl.encoder import ARCHS
 from w2ssl.errors import UserError
 
@@ -81,8 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="pre-training checkpoint (.pth.tar): ours, the authors' W2SSL or MoCo v3")
     p.add_argument("output", help="detectron2 weight file to write; must end in .pkl")
     p.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk the checkpoint was trained with")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of the checkpoint (can run code: only for files you trust)")
+    add_trust_checkpoint(p)
     return p.parse_args(argv)
 
 

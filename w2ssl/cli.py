@@ -45,8 +45,7 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
                         help="pre-training default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU; "
                              "the linear probe defaults to fp32")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need full unpickling (can run code: trusted files only)")
+    add_trust_checkpoint(parser)
     dist = parser.add_argument_group("distributed")
     dist.add_argument("--world-size", default=-1, type=int, help="number of nodes (with --multiprocessing-distributed)")
     dist.add_argument("--rank", default=-1, type=int, help="node rank (with --multiprocessing-distributed)")
@@ -55,6 +54,12 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     dist.add_argument("--gpu", default=None, type=int, help="GPU id for a one-process run")
     dist.add_argument("--multiprocessing-distributed", action="store_true",
                       help="spawn one process per GPU of this node (the authors' launch); torchrun works too")
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``: the one opt-out of safe (weights-only) checkpoint loading, for every CLI."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (can run code: trusted files only)")
 
 
 def _dest_map(parser: argparse.ArgumentParser) -> dict[str, str]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_trunk, save_all
-from .cli import run_main
+from .cli import add_trust_checkpoint, run_main
 from .encoder import ARCHS
 from .errors import UserError
 
@@ -69,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out", help="output file: a plain state dict of the trunk, without fc")
     parser.add_argument("--to", required=True, choices=TARGETS, help="key layout of the output")
     parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk architecture (default: resnet50)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow full unpickling (runs code from the file): only for checkpoints you trust")
+    add_trust_checkpoint(parser)
     return parser.parse_args(argv)
 
 
