@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from w2ssl.optim import LARS, build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.optim import LARS, build_optimizer, lr_at, momentum_at, norms, scaled_lr
 
 
 def test_linear_scaling():
@@ -48,6 +48,18 @@ def test_lars_one_step_by_hand():
     before = b.detach().clone()
     opt.step()
     torch.testing.assert_close(b.detach(), before - 2.0 * (0.9 * 0.5 + 0.5) * torch.ones(2))
+
+
+def test_norms_match_float64_for_every_layout_and_dtype():
+    g = torch.Generator().manual_seed(0)
+    conv = torch.randn(64, 32, 3, 3, generator=g)
+    tensors = [conv, conv.to(memory_format=torch.channels_last), torch.randn(300, 200, generator=g).double(),
+               torch.zeros(3, 3), torch.tensor([[3.0, 4.0]])]
+    expected = torch.stack([t.double().norm() for t in tensors])
+    torch.testing.assert_close(norms(tensors).double(), expected, rtol=1e-6, atol=0)
+    assert norms(tensors)[-1].item() == 5.0
+    half = torch.randn(50, 40, generator=g).bfloat16()  # not for BLAS: computed in its own precision
+    torch.testing.assert_close(norms([half]).double(), half.double().norm().view(1), rtol=1e-2, atol=0)
 
 
 def test_lars_zero_norms_get_plain_gradient():
