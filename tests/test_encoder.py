@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,15 @@ def test_grid_pool_equals_resize_then_pool(size):
 def test_grid_pool_channels_last_float32():
     fmap = torch.randn(4, 16, 7, 7).to(memory_format=torch.channels_last)
     torch.testing.assert_close(grid_pool(fmap), reference(fmap.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_pool_compiles_with_its_matrices_from_the_cache():
+    fmap = torch.randn(2, 3, 7, 7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(grid_pool, backend="aot_eager")(fmap)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]  # dynamo would trace the builder
+    torch.testing.assert_close(out, grid_pool(fmap))
 
 
 def test_trunk_keys_load_into_torchvision_without_fc():

@@ -34,10 +34,12 @@ def _pool_matrix(size: int) -> Tensor:
     return resize.view(2, 4, size).mean(dim=1)
 
 
+@torch.compiler.disable
 @cache
 def _pool_matrix_on(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """:func:`_pool_matrix` already on ``device``: a per-step copy from host memory would make the
-    host wait for the GPU in the middle of the forward."""
+    host wait for the GPU in the middle of the forward. Kept out of ``torch.compile`` graphs, which
+    would otherwise rebuild the matrix on the host and copy it over at every call."""
     return _pool_matrix(size).to(device=device, dtype=dtype)
 
 
