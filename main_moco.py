@@ -71,6 +71,9 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size <= 0 or args.batch_size % (2 * world_size):
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of 2 x {world_size} "
                         f"processes (each montage takes 2 images per process)")
+    if args.demo and args.max_iters:
+        raise UserError("--demo compares kNN accuracy on the saved checkpoint, and --max-iters stops without "
+                        "one: drop --max-iters (or run bench/e2e.py for throughput)")
     if args.knn_every and not (args.knn_data and (Path(args.knn_data) / "val").is_dir()):
         raise UserError("--knn-every needs --knn-data DIR with DIR/train and DIR/val labelled image folders")
     if args.resume not in ("", "auto", "none") and not Path(args.resume).is_file():

@@ -110,6 +110,7 @@ def empty_root(tmp_path):
     ("multiprocessing without GPU", lambda r, e: [r, "--multiprocessing-distributed"], "no GPU"),
     ("bad config key", lambda r, e: [r, "--config", Path(__file__)], "not valid YAML|unknown keys|mapping"),
     ("batch larger than dataset", lambda r, e: [r, "-b", "64"], "fewer than one batch"),
+    ("demo with max-iters", lambda r, e: ["--demo", "--max-iters", "2"], "drop --max-iters"),
 ])
 def test_bad_input_exits_2_with_one_line(image_root, empty_root, tmp_path, case, args, message):
     if case == "multiprocessing without GPU" and torch.cuda.is_available():
