@@ -2,7 +2,7 @@
 
 Runs ``main_moco.py --max-iters N`` in a fresh process (PIL pipeline, or ``--gpu-aug``) and reports the
 source images/s over the second half of the steps, plus the data-loading time of the first iteration
-of every epoch after the first (persistent workers: no stall at epoch boundaries). Last line: JSON.
+of every epoch after the first (the workers prefetch across epochs: no stall there). Last line: JSON.
 Example (GPU): ``python bench/e2e.py --device cuda --iters 50 --gpu-aug``.
 """
 from __future__ import annotations

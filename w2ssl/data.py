@@ -108,43 +108,51 @@ class PretrainDataset(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """Distributed shuffling sampler that can start an epoch part-way.
+    """Distributed shuffling sampler over a span of epochs that can start part-way through one.
 
-    Yields ``(index, epoch)`` for this rank: the epoch's permutation (seeded by ``seed + epoch``) is
-    padded to a multiple of ``num_replicas``, strided by rank, and the first ``start_batch`` batches
-    are skipped.
+    Yields ``(index, epoch)`` for this rank: each epoch's permutation (seeded by ``seed + epoch``) is
+    padded to a multiple of ``num_replicas``, strided by rank and cut to whole batches; the first
+    ``start_batch`` batches of the first epoch are skipped, and the epochs up to ``until`` follow one
+    another in one stream. One loader iterator then spans the run, so its workers keep prefetching
+    across epoch boundaries instead of starting each epoch's first batches from nothing.
     """
 
     def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.size, self.batch_size = size, batch_size
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.until = 0, 0, 1
         self.per_rank = (size + num_replicas - 1) // num_replicas
 
     @property
     def batches_per_epoch(self) -> int:
         return self.per_rank // self.batch_size
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, until: int | None = None) -> None:
+        """Start at batch ``start_batch`` of ``epoch``; end with epoch ``until - 1`` (default: ``epoch``)."""
         self.epoch, self.start_batch = epoch, start_batch
+        self.until = epoch + 1 if until is None else until
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices of a whole ``epoch``: whole batches, the same on every call."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        order += order[: self.per_rank * self.num_replicas - self.size]
+        return order[self.rank::self.num_replicas][: self.batches_per_epoch * self.batch_size]
 
     def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        order += order[: self.per_rank * self.num_replicas - self.size]
-        mine = order[self.rank::self.num_replicas]
-        return mine[: self.batches_per_epoch * self.batch_size][self.start_batch * self.batch_size:]
+        """The first epoch's indices after its ``start_batch`` skipped batches."""
+        return self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(i, self.epoch) for i in self.indices()])
+        for epoch in range(self.epoch, self.until):
+            yield from ((i, epoch) for i in (self.indices() if epoch == self.epoch else self.epoch_indices(epoch)))
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return ((self.until - self.epoch) * self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,
                 collate_fn: Callable | None = None) -> DataLoader:
-    """Batches of ``sampler.batch_size`` with persistent workers (no stall at epoch starts)."""
+    """Batches of ``sampler.batch_size``; workers persist across iterators and prefetch 4 batches each."""
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)

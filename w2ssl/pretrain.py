@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from argparse import Namespace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -151,6 +152,9 @@ class Pretrainer:
                          f"per view, lr {self.lr:.4g}, {self.iters_per_epoch} iterations per epoch, seed {self.seed}")
         total = args.epochs * self.iters_per_epoch
         self.eta = ETA(total, self.step)
+        # One stream of batches for the rest of the run: the workers prefetch across epoch boundaries.
+        self.sampler.set_epoch(self.epoch, self.iteration, until=args.epochs)
+        self.batches = iter(self.loader) if self.epoch < args.epochs else iter(())
         try:
             while self.epoch < args.epochs and not self._iteration_budget_spent():
                 self._train_epoch()
@@ -184,17 +188,17 @@ class Pretrainer:
 
     def _train_epoch(self) -> None:
         args = self.args
-        self.sampler.set_epoch(self.epoch, self.iteration)
+        start = self.iteration
         progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch)
-        self.logger.start_bar(self.iters_per_epoch - self.iteration, f"epoch {self.epoch}")
+        self.logger.start_bar(self.iters_per_epoch - start, f"epoch {self.epoch}")
         end = time.perf_counter()
-        for batch, bad in self.loader:
+        for batch, bad in islice(self.batches, self.iters_per_epoch - start):
             data_s = time.perf_counter() - end
-            if self.iteration == self.sampler.start_batch:
+            if self.iteration == start:
                 self.epoch_start_data.append(data_s)
             tiles, decode_bad = self._tiles(batch)
             self._note_bad([*bad, *decode_bad])
-            if self.iteration == self.sampler.start_batch and self.ctx.is_main:
+            if self.iteration == start and self.ctx.is_main:
                 self._log_montages(tiles)
             t = self.epoch + self.iteration / self.iters_per_epoch
             lr = lr_at(t, self.lr, args.warmup_epochs, args.epochs)
