@@ -16,13 +16,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
-from .data import (
-    PretrainDataset,
-    ResumableSampler,
-    make_loader,
-    sample_seed,
-    seed_everything,
-)
+from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
 from .errors import TrainingStopped, UserError
 from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded_with_path
 from .guard import Guard
