@@ -1,11 +1,11 @@
-"""Throughput of one full training step: W2SSL vs a MoCo v3-style step vs supervised ResNet.
+"""Throughput of one full training step: W2SSL vs MoCo v3 (``w2ssl.mocov3``) vs supervised ResNet.
 
 Each step is forward, backward, optimizer and (for the self-supervised ones) the momentum update, on
 random tensors already on the device. ``--batch-size`` counts source images: W2SSL gets four tiles
 of ``--tile-size`` per image (``view1``/``view2`` = [left, right], each ``[b, 3, t, t]``), MoCo v3 two
 views of ``2*tile`` px per image, supervised one image of ``2*tile`` px. MoCo v3 runs twice: one encoder
 call per view as in its builder (``mocov3``), and with both views in one call (``mocov3_fused``, the
-trick ``--fused-views`` gives W2SSL), so that W2SSL can be compared with either on equal terms. Prints a
+trick ``--fused-views`` gives both methods), so that W2SSL can be compared with either on equal terms. Prints a
 table, then one JSON line. Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
 """
 from __future__ import annotations
@@ -23,65 +23,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from bench import common  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.encoder import ARCHS, GridTrunk  # noqa: E402
+from w2ssl.encoder import ARCHS  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.heads import predictor, projector  # noqa: E402
+from w2ssl.mocov3 import MoCoV3  # noqa: E402
 from w2ssl.model import W2SSL  # noqa: E402
-from w2ssl.momentum import MomentumPairs  # noqa: E402
 from w2ssl.optim import LARS  # noqa: E402
 from w2ssl.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
-from w2ssl.viewnorm import normalise_per_view, per_view  # noqa: E402
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
 TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models
 MOMENTUM = 0.99
-
-
-class PooledTrunk(GridTrunk):
-    """The same trunk, globally average-pooled as in MoCo v3: ``[B, 3, H, W] -> [B, C]``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(x).mean(dim=(2, 3))
-
-
-def contrastive(q: Tensor, k: Tensor, temperature: float) -> Tensor:
-    """MoCo v3's InfoNCE, one process: ``q, k [n, d]``; positives on the diagonal; scaled by ``2T``."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    logits = q @ k.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * (2 * temperature)
-
-
-class MoCoV3(nn.Module):
-    """MoCo v3 (ResNet) built from our parts; ``forward(x1, x2, m)`` -> symmetric loss (scalar).
-
-    ``x1, x2 [b, 3, H, W]`` are the two views. Same projector/predictor sizes as W2SSL; the momentum
-    trunk + projector are an EMA of the base ones, updated before the keys are computed. With
-    ``fused_views`` each encoder runs once on both views, BatchNorm statistics still per view.
-    """
-
-    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096, temperature: float = 1.0,
-                 fused_views: bool = False):
-        super().__init__()
-        self.temperature, self.fused_views = temperature, fused_views
-        self.base_encoder, self.momentum_encoder = PooledTrunk(arch), PooledTrunk(arch)
-        width = self.base_encoder.num_features
-        self.projector, self.momentum_projector = projector(width, mlp_dim, dim), projector(width, mlp_dim, dim)
-        self.predictor = predictor(dim, mlp_dim)
-        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
-                                            [self.momentum_encoder, self.momentum_projector])
-        if fused_views:
-            normalise_per_view(self, 2)
-
-    def forward(self, x1: Tensor, x2: Tensor, m: float) -> Tensor:
-        q1, q2 = per_view(lambda x: self.predictor(self.projector(self.base_encoder(x))), [x1, x2], self.fused_views)
-        with torch.no_grad():
-            self.momentum_pairs.update(m)
-            k1, k2 = per_view(lambda x: self.momentum_projector(self.momentum_encoder(x)), [x1, x2], self.fused_views)
-        return contrastive(q1, k2, self.temperature) + contrastive(q2, k1, self.temperature)
 
 
 def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
@@ -126,7 +81,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable
                               TRUNKS)
         x1, x2 = images(2 * t), images(2 * t)
         optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
-        return train_step(lambda: model(x1, x2, MOMENTUM), optimizer, device, args.precision)
+        return train_step(lambda: model(x1, x2, MOMENTUM)["loss"], optimizer, device, args.precision)
     model = prepare_model(torchvision.models.__dict__[args.arch]().to(device), cl, args.compile)
     x = images(2 * t)
     y = torch.randint(0, 1000, (b,), device=device, generator=gen)
