@@ -3,6 +3,7 @@ import functools
 import math
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 from tests.helpers import group_norm
-from tests.test_distributed import free_port
 from w2ssl.augment import MEAN, STD
 from w2ssl.augment_twocrop import two_crop
 from w2ssl.checkpoint import check_trunk, extract_trunk
@@ -162,6 +162,19 @@ def test_fused_views_same_loss_and_statistics():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_sync_batchnorm_everywhere_keeps_keys_and_the_ema_pairs():
+    """MoCo v3 converts the whole model; the converted modules must keep the parameters the EMA updates."""
+    model = tiny(fused_views=True)
+    keys = list(model.state_dict())
+    model.convert_sync_batchnorm()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) and m.views == 2 for m in norms)
+    assert list(model.state_dict()) == keys
+    before = model.momentum_projector[1].weight.clone()
+    model.update_momentum(0.5)
+    torch.testing.assert_close(model.momentum_projector[1].weight, (before + model.projector[1].weight) / 2)
+
+
 def test_views_of_different_shapes_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         tiny()(views()[0], views(n=2)[1], m=0.9)
@@ -183,6 +196,12 @@ def test_checkpoint_layout_is_w2ssl_s_and_the_trunk_extracts():
 
 
 # --- two processes (gloo) against one --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def gn_model() -> MoCoV3:
