@@ -17,7 +17,9 @@ from tests.helpers import group_norm
 from w2ssl.augment import MEAN, STD
 from w2ssl.augment_twocrop import two_crop
 from w2ssl.checkpoint import check_trunk, extract_trunk
+from w2ssl.export import TARGETS, export
 from w2ssl.mocov3 import MoCoV3, infonce
+from w2ssl.probe_model import build_model
 from w2ssl.viewnorm import normalise_per_view
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 32, 0.7
@@ -193,6 +195,17 @@ def test_checkpoint_layout_is_w2ssl_s_and_the_trunk_extracts():
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(extract_trunk({"state_dict": state}), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
+    model = tiny().float()
+    ckpt = tmp_path / "checkpoint_0000.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict()}, ckpt)
+    probe, _ = build_model("resnet18", 5, pretrained=ckpt)
+    assert torch.equal(probe.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
+    for target in TARGETS:
+        weights = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
+        assert torch.equal(weights["conv1.weight"], model.base_encoder.conv1.weight)
 
 
 # --- two processes (gloo) against one --------------------------------------------------------------------
