@@ -22,7 +22,7 @@ from w2ssl.mocov3 import MoCoV3, infonce
 from w2ssl.probe_model import build_model
 from w2ssl.viewnorm import normalise_per_view
 
-DIM, MLP, N, SIZE, T = 8, 16, 4, 32, 0.7
+DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 
 
 def tiny(**kw) -> MoCoV3:
@@ -32,7 +32,7 @@ def tiny(**kw) -> MoCoV3:
     model = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
-            p.add_(torch.randn_like(p) * 0.1)
+            p.mul_(1.25).add_(0.01)
     return model
 
 
