@@ -172,6 +172,14 @@ def test_timm_export_loads_and_computes_the_same_tokens(arch):
         torch.testing.assert_close(model.eval().forward_features(x), trunk.forward_tokens(x))
 
 
+def test_timm_export_refuses_other_state_dicts():
+    state = tiny().state_dict()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        to_timm_state_dict(state, img_size=200)
+    with pytest.raises(ValueError, match="w2ssl ViT trunk state dict"):
+        to_timm_state_dict({f"base_encoder.{k}": v for k, v in state.items()})
+
+
 def test_bf16_autocast_forward():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fmap = tiny()(torch.randn(2, 3, 64, 64))
