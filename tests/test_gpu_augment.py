@@ -570,7 +570,7 @@ def test_cuda_path_matches_cpu():
     on_host = crop(host, keys(3))  # the parameters are drawn on the host: the same tiles as on the CPU
     for a, b, c in zip(first[0] + first[1], again[0] + again[1], on_host[0] + on_host[1]):
         assert a.device.type == "cuda" and a.shape == (3, 3, 16, 16) and torch.equal(a, b)
-        assert (a.cpu() - c).abs().mean() < 2e-3
+        assert (a.cpu() - c).abs().mean() < 5e-3  # cuDNN may blur in TF32
 
 
 # ---- the data benchmark -------------------------------------------------------------------------

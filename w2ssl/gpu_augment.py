@@ -106,7 +106,8 @@ class GpuFourCrop(nn.Module):
         if len(keys) != len(images):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
         device, b, t = images[0].device, len(images), self.tile_size
-        region = torch.tensor([[*r, h] for h, w in sizes for r in regions(w) * 2], dtype=torch.int64)  # [4b, 3]
+        # per tile (v1 left, v1 right, v2 left, v2 right): region start, width and height  [4b, 3]
+        region = torch.tensor([[*r, h] for h, w in sizes for r in regions(w) * 2], dtype=torch.int64)
         host, counts = tile_params(keys, region[:, 1], region[:, 2], self.crop_min)
         host["boxes"][:, 1] += region[:, 0]  # region coordinates -> image coordinates
         groups = pad_groups(sizes, self.pad_slack)
