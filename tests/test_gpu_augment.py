@@ -573,6 +573,20 @@ def test_cuda_path_matches_cpu():
         assert (a.cpu() - c).abs().mean() < 5e-3  # cuDNN may blur in TF32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_four_crop_never_waits_for_the_gpu():
+    # every parameter is drawn on the host and copied without a sync: the host can run ahead
+    batch = [im.cuda() for im in images([(40, 52), (33, 20), (40, 52)])]
+    crop = GpuFourCrop(tile_size=16, pad_slack=1.0)  # two size groups: the regrouping path too
+    crop(batch, keys(3))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        crop(batch, keys(3))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ---- the data benchmark -------------------------------------------------------------------------
 
 def test_bench_data_runs_both_pipelines_on_cpu(tmp_path, capsys):
