@@ -20,8 +20,9 @@ has its distribution (RandomResizedCrop with the 10-attempt fallback, ColorJitte
   edges), in float; PIL rounds after each pass, which is visible for σ < 0.3 (PIL leaves most
   pixels unchanged there);
 * solarize inverts float values ``>= 128/255`` (PIL: uint8 values ``>= 128``);
-* JPEG decoding by nvjpeg may differ from libjpeg by a few levels; the draws differ from PIL's
-  (SplitMix64 per sample instead of the global Python and torch generators), their distributions do not.
+* nvjpeg's decoding differs from libjpeg's by under 2 levels on average, more at hard colour edges
+  (another chroma upsampling); the draws differ from PIL's (SplitMix64 per sample instead of the
+  global Python and torch generators), their distributions do not.
 """
 from __future__ import annotations
 
