@@ -37,7 +37,9 @@ from bench.common import device_name, json_line, markdown_table, median, resolve
 from w2ssl.augment import FourCrop  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.gpu_augment import EncodedImageFolder, GpuFourCrop, collate_encoded, decode_batch  # noqa: E402
+from w2ssl.gpu_augment import GpuFourCrop  # noqa: E402
+from w2ssl.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch  # noqa: E402
+from w2ssl.gpu_params import sample_keys  # noqa: E402
 
 WIDTH, HEIGHT = 460, 365
 NOISE = 17.0  # pixel noise std: with quality 90 the files are about 80 KB
@@ -123,18 +125,21 @@ def gpu_pipeline(root: Path, args: argparse.Namespace, device: torch.device) -> 
     """Images/s of the whole GPU pipeline, and of its decode and four-crop stages on one fixed batch."""
     dataset = EncodedImageFolder(str(root))
     crop = GpuFourCrop(args.tile_size, args.crop_min)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    samples = range(args.batch_size)
+
+    def augment(images: list[torch.Tensor]) -> None:
+        crop(images, sample_keys(args.seed, [0] * len(samples), samples))  # the keys' host cost included
 
     def consume(batch) -> None:
         data, _ = batch
-        crop(decode_batch(data, device), generator)
+        augment(decode_batch(data, device))
 
     out = {"gpu_pipeline_img_s": throughput(consume, loader(dataset, args, device, collate_fn=collate_encoded),
                                             args.batch_size, args.warmup, args.iters, device)}
     data, _ = collate_encoded([dataset[i] for i in range(args.batch_size)])
     images = decode_batch(data, device)
     stages = {"gpu_decode_img_s": lambda: decode_batch(data, device),
-              "gpu_augment_img_s": lambda: crop(images, generator)}
+              "gpu_augment_img_s": lambda: augment(images)}
     for key, stage in stages.items():
         out[key] = args.batch_size / median(time_iterations(stage, args.iters, max(args.warmup, 1), device))
     return out

@@ -64,6 +64,8 @@ def load_rgb(path: str) -> Image.Image:
 class PretrainDataset(Dataset):
     """Images of an ``ImageFolder`` through ``transform``; items are requested as ``(index, epoch)``.
 
+    Without ``transform`` an item is ``((loaded, index, epoch), bad)``, for augmentation in the main process.
+
     An unreadable file is replaced by the next readable one and reported in the item's ``bad``
     field (the main process counts them and, with ``strict``, stops).
     """
@@ -99,8 +101,8 @@ class PretrainDataset(Dataset):
                 bad.append(path)
         else:
             raise RuntimeError("no readable image left in the dataset")
-        if self.transform is None:
-            return img, "\n".join(bad)
+        if self.transform is None:  # --gpu-aug: augmented on the device, keyed by (index, epoch)
+            return (img, index, epoch), "\n".join(bad)
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         torch.manual_seed(s)

@@ -1,15 +1,12 @@
-"""Batched tensor versions of the SPEC §1 augmentations: parameter sampling and the ops themselves.
+"""Batched tensor versions of the SPEC §1 augmentation ops (their parameters: ``w2ssl.gpu_params``).
 
 Every function works on a batch of ``n`` tiles with per-tile parameters, on any device, without
 host synchronisation; images are float ``[n, 3, H, W]`` in ``[0, 1]`` unless stated otherwise.
-Parameters follow torchvision's distributions (``RandomResizedCrop.get_params``, ``ColorJitter``,
-``RandomGrayscale``, ``RandomHorizontalFlip``); the colour ops, solarize and flip follow
-``torchvision.transforms.v2.functional`` on float tensors; the resize and the blur follow PIL's
-filters (antialiased bilinear; three extended-box passes). See ``gpu_augment`` for what still differs.
+The colour ops, solarize and flip follow ``torchvision.transforms.v2.functional`` on float tensors;
+the resize and the blur follow PIL's filters (antialiased bilinear; three extended-box passes). See
+``gpu_augment`` for what still differs.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,46 +17,6 @@ BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs
 BOX_REACH = 2  # taps each side of a box kernel: floor(r) + 1 <= 2 for σ <= 2
 JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale (PIL uses 0.299)
-
-
-def uniform(shape: tuple[int, ...], low: float, high: float, device: torch.device,
-            generator: torch.Generator | None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``U(low, high)`` samples of ``shape`` drawn from ``generator`` (the device's default if None)."""
-    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    return low + (high - low) * u
-
-
-def sample_crop_boxes(width: Tensor, height: Tensor, scale: tuple[float, float] = (0.2, 1.0),
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
-                      attempts: int = 10) -> Tensor:
-    """RandomResizedCrop boxes ``[n, 4]`` int64 ``(top, left, h, w)`` for regions ``width, height [n]``.
-
-    As ``torchvision.transforms.RandomResizedCrop.get_params``: up to ``attempts`` draws of area
-    fraction ``U(scale)`` and log aspect ratio ``U(log ratio)``, rounded half to even; the first draw
-    that fits is placed uniformly; if none fits, the central crop with the aspect ratio clamped to
-    ``ratio``. All attempts are drawn at once and the first fitting one is selected.
-    """
-    n, dev = width.shape[0], width.device
-    width, height = width.double(), height.double()
-    area = (width * height)[:, None]
-    target = area * uniform((n, attempts), scale[0], scale[1], dev, generator, torch.float64)
-    aspect = torch.exp(uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), dev, generator, torch.float64))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
-    first = (fits.cumsum(dim=1) == 0).sum(dim=1, keepdim=True).clamp(max=attempts - 1)  # first fitting attempt
-    found = fits.any(dim=1)
-    in_ratio = width / height
-    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
-    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
-    u = torch.rand((n, 2), generator=generator, device=dev, dtype=torch.float64)
-    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)).clamp(max=height - h),
-                      torch.floor((height - h) / 2))
-    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)).clamp(max=width - w),
-                       torch.floor((width - w) / 2))
-    return torch.stack([top, left, h, w], dim=1).long()
 
 
 def resample_weights(start: Tensor, length: Tensor, out_size: int, in_size: int) -> Tensor:
@@ -96,22 +53,6 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     narrow = torch.bmm(images.reshape(b, c * hgt, wid), cols.transpose(1, 2))  # [B, C·H, K·size]
     narrow = narrow.view(b, c, hgt, k, size)
     return torch.einsum("bkyh,bchkx->bkcyx", rows, narrow)
-
-
-def sample_jitter(n: int, device: torch.device, generator: torch.Generator | None = None,
-                  p: float = 0.8) -> tuple[Tensor, Tensor, Tensor]:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability ``p``, for ``n`` tiles.
-
-    Returns ``applied [n]`` bool, ``factors [n, 4]`` (brightness and contrast in ``[0.6, 1.4]``,
-    saturation in ``[0.8, 1.2]``, hue in ``[-0.1, 0.1]``) and ``order [n, 4]``: a uniform random
-    permutation of the four ops (0 brightness, 1 contrast, 2 saturation, 3 hue) per tile.
-    """
-    applied = torch.rand(n, generator=generator, device=device) < p
-    b, c, s, h = JITTER
-    ranges = ((1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h))
-    factors = torch.stack([uniform((n,), low, high, device, generator) for low, high in ranges], dim=1)
-    order = torch.rand((n, 4), generator=generator, device=device).argsort(dim=1)
-    return applied, factors, order
 
 
 def _per_tile(values: Tensor) -> Tensor:
@@ -163,14 +104,19 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
 COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def color_jitter(x: Tensor, applied: Tensor, factors: Tensor, order: Tensor) -> Tensor:
-    """Apply the jitter of :func:`sample_jitter` to ``x [n, 3, H, W]``: step ``s`` runs op ``order[:, s]``."""
-    for step in range(4):
-        out = x
-        for op_id, op in enumerate(COLOR_OPS):
-            chosen = applied & (order[:, step] == op_id)
-            out = torch.where(_per_tile(chosen), op(x, factors[:, op_id]), out)
-        x = out
+def color_jitter(x: Tensor, factors: Tensor, index: Tensor, counts: list[list[int]]) -> Tensor:
+    """ColorJitter of ``x [n, 3, H, W]`` in each tile's own op order; each op runs once per jittered tile.
+
+    ``index [4, m]`` and ``counts`` (4 x 4 ints, known on the host) are :func:`gpu_params.jitter_plan`'s:
+    at step ``s`` op ``k`` takes the ``counts[s][k]`` tiles of its block of ``index[s]``, with its factor
+    ``factors[:, k]`` (``[n, 4]``). The blocks of a step are disjoint, so each op reads the tiles as the
+    previous step left them. Tiles that ``index`` does not list are unchanged.
+    """
+    x = x.clone()
+    for row, row_counts in zip(index, counts):
+        for op, factor, tiles in zip(COLOR_OPS, factors.unbind(1), row.split(row_counts)):
+            if tiles.numel():
+                x.index_copy_(0, tiles, op(x.index_select(0, tiles), factor.index_select(0, tiles)))
     return x
 
 

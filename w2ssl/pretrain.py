@@ -18,7 +18,7 @@ from . import distributed as D
 from .augment import MEAN, STD, FourCrop
 from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
 from .errors import TrainingStopped, UserError
-from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded_with_path
+from .gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
 from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from .model import W2SSL
@@ -46,7 +46,6 @@ class Pretrainer:
             # Workers only read bytes; decoding and the four crops run batched on the device.
             self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
             self.gpu_crop: GpuFourCrop | None = GpuFourCrop(args.tile_size, args.crop_min)
-            self.crop_gen = torch.Generator(self.device)
         else:
             self.dataset = PretrainDataset(train_dir, FourCrop(args.tile_size, args.crop_min), self.seed)
             self.gpu_crop = None
@@ -225,11 +224,7 @@ class Pretrainer:
         """The four ``[b, 3, t, t]`` tile batches on the device, and files that failed to decode."""
         if self.gpu_crop is None:
             return [t.to(self.device, non_blocking=True) for t in batch], []
-        data, paths = batch
-        images, bad = decode_tolerant(data, paths, self.device)
-        self.crop_gen.manual_seed(sample_seed(self.seed, self.epoch, -(2**40) - self.iteration))
-        view1, view2 = self.gpu_crop(images, self.crop_gen)
-        return [*view1, *view2], bad
+        return augment_batch(batch, self.gpu_crop, self.seed, self.device)
 
     def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
         set_lr(self.optimizer, lr)
