@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from .errors import TrainingStopped, UserError
+from .errors import StoppedByPeer, TrainingStopped, UserError
 
 
 def is_dist() -> bool:
@@ -140,13 +140,27 @@ def _spawned(gpu: int, worker: Callable[[Context, Namespace], None], args: Names
     _run_worker(worker, Context(device, rank_, world, gpu, ngpus), args)
 
 
+def _first_to_report() -> bool:
+    """True in the first process of the run to ask (all ask when they fail), so that an error that several
+    processes meet is printed once. The process group's key-value store counts, without a collective."""
+    if not is_dist():
+        return True
+    try:
+        return dist.distributed_c10d._get_default_store().add("w2ssl/reported", 1) == 1
+    except Exception:  # noqa: BLE001 - the store's host may be gone: better twice than never
+        return True
+
+
 def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args: Namespace) -> None:
     try:
         worker(ctx, args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if _first_to_report():
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except TrainingStopped as e:
+    except StoppedByPeer as e:  # the process that met the error prints it
+        sys.exit(e.code)
+    except TrainingStopped as e:  # every process stops at the same step: rank 0 speaks for all
         if ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)
