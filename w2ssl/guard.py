@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -84,6 +85,12 @@ class Guard:
         if self._pending is not None:
             record, self._pending = self._pending, None
             self._check(record)
+
+    def stopped(self, saved: Path, epoch: int, iteration: int) -> TrainingStopped:
+        """The one line every process exits with (rank 0 prints it) after agreeing on :attr:`signal`."""
+        return TrainingStopped(
+            f"{signal.Signals(self.signal).name} received: saved {saved} at epoch {epoch} iteration {iteration}; "
+            f"continue with the same command and --resume auto", code=128 + self.signal)
 
     def check_now(self, device: torch.device) -> None:
         """Flush, then agree at once on signals and errors received since (at a safe point, e.g. after

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
 from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
-from .errors import TrainingStopped, UserError
+from .errors import UserError
 from .gpu_augment import GpuFourCrop, collate_pretrain, decode_tolerant, encoded_with_path
 from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars
@@ -286,10 +286,7 @@ class Pretrainer:
         """Every process agreed on a stop signal: save ``checkpoint_last`` (unless just done) and exit 128+signal."""
         if not saved:
             self.save(epoch_end=False)
-        name = signal.Signals(self.guard.signal).name
-        raise TrainingStopped(
-            f"{name} received: saved {Path(self.args.save_dir) / ckpt_io.LAST} at epoch {self.epoch} iteration "
-            f"{self.iteration}; continue with the same command and --resume auto", code=128 + self.guard.signal)
+        raise self.guard.stopped(Path(self.args.save_dir) / ckpt_io.LAST, self.epoch, self.iteration)
 
 
 def train(ctx: D.Context, args: Namespace) -> None:
