@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from argparse import Namespace
 from collections.abc import Callable
@@ -147,20 +148,33 @@ def _first_to_report() -> bool:
         return True
     try:
         return dist.distributed_c10d._get_default_store().add("w2ssl/reported", 1) == 1
-    except Exception:  # noqa: BLE001 - the store's host may be gone: better twice than never
+    except Exception:  # the store's host may be gone: better twice than never
         return True
+
+
+def _exiting() -> None:
+    """From here on this process only reports and exits: a launcher's SIGTERM to the processes still running
+    (torchrun sends one as soon as the first exits) must not cut its message short or change its exit code."""
+    from .guard import STOP_SIGNALS  # guard builds on this module
+
+    if is_dist():  # then this is a launched process of its own, about to exit
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args: Namespace) -> None:
     try:
         worker(ctx, args)
     except UserError as e:
+        _exiting()
         if _first_to_report():
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except StoppedByPeer as e:  # the process that met the error prints it
+        _exiting()
         sys.exit(e.code)
     except TrainingStopped as e:  # every process stops at the same step: rank 0 speaks for all
+        _exiting()
         if ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)
