@@ -2,6 +2,7 @@
 torchrun on 2 CPU processes, the linear probe, and an error that only one rank meets."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,7 +106,7 @@ def test_probe_group_sigterm_saves_and_resumes(image_root, uninterrupted, tmp_pa
     args = [image_root, "-a", "resnet18", "--input-size", "32", "-b", "4", "--workers", "2", "--epochs", "3",
             "--seed", "0", "--print-freq", "1", "--pretrained", uninterrupted / "checkpoint_0000.pth.tar",
             "--save-dir", tmp_path]
-    code, _, err = signal_group_after("main_lincls.py", args, tmp_path / "log.txt", "Epoch: [0][ 2/6]",
+    code, _, err = signal_group_after("main_lincls.py", args, tmp_path / "log.txt", "Epoch: [0][2/6]",
                                       signal.SIGTERM)
     assert_stopped_once(code, err, signal.SIGTERM)
     saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
@@ -147,3 +148,40 @@ def test_a_user_error_under_torchrun_is_printed_once(image_root, tmp_path, batch
                      env=ENV, launcher=TORCHRUN, timeout=300)
     assert res.returncode != 0
     assert res.stderr.count("error: ") == 1 and message in res.stderr, res.stderr
+
+
+STUCK_RANK0 = """
+import sys, time
+from argparse import Namespace
+from w2ssl.distributed import launch
+from w2ssl.errors import UserError
+
+def worker(ctx, args):
+    if ctx.rank == 1:
+        raise UserError("only rank 1 fails, outside any step")
+    time.sleep(300)  # as a collective waits for the failed process (NCCL: until its timeout)
+
+launch(worker, Namespace(dist_backend="gloo", multiprocessing_distributed=False, world_size=-1, gpu=None))
+"""
+
+
+def test_a_failure_outside_a_step_ends_a_waiting_rank_within_seconds(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        _, err1 = procs[1].communicate(timeout=120)
+        failed_at = time.time()
+        _, err0 = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 2 and err1.count("error: only rank 1 fails") == 1, err1
+    assert procs[0].returncode == 2 and "error" not in err0.lower(), err0
+    assert time.time() - failed_at < 20

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from argparse import Namespace
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from . import failfast
 from .errors import StoppedByPeer, TrainingStopped, UserError
 
 
@@ -141,43 +141,30 @@ def _spawned(gpu: int, worker: Callable[[Context, Namespace], None], args: Names
     _run_worker(worker, Context(device, rank_, world, gpu, ngpus), args)
 
 
-def _first_to_report() -> bool:
-    """True in the first process of the run to ask (all ask when they fail), so that an error that several
-    processes meet is printed once. The process group's key-value store counts, without a collective."""
-    if not is_dist():
-        return True
-    try:
-        return dist.distributed_c10d._get_default_store().add("w2ssl/reported", 1) == 1
-    except Exception:  # the store's host may be gone: better twice than never
-        return True
-
-
-def _exiting() -> None:
-    """From here on this process only reports and exits: a launcher's SIGTERM to the processes still running
-    (torchrun sends one as soon as the first exits) must not cut its message short or change its exit code."""
-    from .guard import STOP_SIGNALS  # guard builds on this module
-
-    if is_dist():  # then this is a launched process of its own, about to exit
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args: Namespace) -> None:
     try:
-        worker(ctx, args)
+        with failfast.Watcher():
+            worker(ctx, args)
     except UserError as e:
-        _exiting()
-        if _first_to_report():
+        failfast.ignore_stop_signals()
+        if failfast.mark_failed(2):  # the first process to fail speaks for all
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except StoppedByPeer as e:  # the process that met the error prints it
-        _exiting()
+        failfast.ignore_stop_signals()
         sys.exit(e.code)
     except TrainingStopped as e:  # every process stops at the same step: rank 0 speaks for all
-        _exiting()
+        failfast.ignore_stop_signals()
         if ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)
+    except Exception:
+        failfast.ignore_stop_signals()
+        code = failfast.failed_before()
+        if code is not None:  # this failure follows from another process's, which said why
+            sys.exit(code)
+        failfast.mark_failed(1)
+        raise
     finally:
         if is_dist():
             dist.destroy_process_group()
