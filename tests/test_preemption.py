@@ -76,7 +76,7 @@ def uninterrupted(image_root, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_group_signal_saves_the_step_and_resume_equals_uninterrupted(image_root, uninterrupted, tmp_path, sig):
     code, _, err = signal_group_after("main_moco.py", pretrain_args(image_root, tmp_path), tmp_path / "log.txt",
                                       "Epoch: [0][2/6]", sig)
