@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,25 +27,39 @@ def pretrain_args(data, out, batch=4, epochs=2):
     return [data, *TINY, "-b", batch, "--workers", "2", "--epochs", epochs, "--save-dir", out]
 
 
+def killpg(group, sig):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def children(pid):
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def signal_group_after(script, args, log, text, sig, launcher=None):
-    """Start ``script`` in a new session (``setsid``), wait for ``text`` in ``log``, signal the whole group;
-    return ``(returncode, stdout, stderr)``."""
+    """Start ``script`` in a new session (``setsid``), wait for ``text`` in ``log``, then signal its process
+    group and, as SLURM does for every process of a job step, the groups of its children (torchrun starts
+    each of its processes in a session of its own); return ``(returncode, stdout, stderr)``."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ENV}, start_new_session=True)
+    groups = [proc.pid]
     try:
         deadline = time.time() + 300
         while not (log.is_file() and text in log.read_text()):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.1)
-        os.killpg(proc.pid, sig)
+        if launcher:
+            groups += children(proc.pid)
+        for group in groups:
+            killpg(group, sig)
         out, err = proc.communicate(timeout=300)
         return proc.returncode, out, err
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive the test
-        except ProcessLookupError:
-            pass
+        for group in groups:  # nothing may outlive the test
+            killpg(group, signal.SIGKILL)
 
 
 def run(script, *args, launcher=None):
