@@ -101,11 +101,15 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
 
 
 def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a :class:`UserError` becomes ``error: …`` on stderr and exit code 2."""
+    """Call ``main``; a :class:`UserError` becomes ``error: …`` on stderr and exit code 2.
+
+    Under torchrun every process checks the same arguments: only the first of each node prints.
+    """
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 

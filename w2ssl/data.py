@@ -8,6 +8,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -152,12 +153,24 @@ class ResumableSampler(Sampler):
         return ((self.until - self.epoch) * self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGTERM, SIGINT and SIGUSR1.
+
+    SLURM and a terminal's Ctrl-C signal the whole process group; a worker killed by them would make
+    the main process's next batch fail before it could save. The main process decides when to stop
+    and then shuts its workers down (they also exit on their own once it is gone).
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,
                 collate_fn: Callable | None = None) -> DataLoader:
     """Batches of ``sampler.batch_size``; workers persist across iterators and prefetch 4 batches each."""
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
+                      worker_init_fn=leave_stop_signals_to_main)
 
 
 def eval_transform(size: int = 224) -> transforms.Compose:
@@ -179,5 +192,5 @@ def labelled_loader(root: str | Path, transform: Callable, batch_size: int, work
     sampler = DistributedSampler(dataset, shuffle=shuffle) if D.is_dist() else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main)
     return loader, len(dataset.classes)

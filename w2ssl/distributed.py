@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from .errors import TrainingStopped, UserError
+from . import failfast
+from .errors import StoppedByPeer, TrainingStopped, UserError
 
 
 def is_dist() -> bool:
@@ -142,14 +143,28 @@ def _spawned(gpu: int, worker: Callable[[Context, Namespace], None], args: Names
 
 def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args: Namespace) -> None:
     try:
-        worker(ctx, args)
+        with failfast.Watcher():
+            worker(ctx, args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        failfast.ignore_stop_signals()
+        if failfast.mark_failed(2):  # the first process to fail speaks for all
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except TrainingStopped as e:
+    except StoppedByPeer as e:  # the process that met the error prints it
+        failfast.ignore_stop_signals()
+        sys.exit(e.code)
+    except TrainingStopped as e:  # every process stops at the same step: rank 0 speaks for all
+        failfast.ignore_stop_signals()
         if ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)
+    except Exception:
+        failfast.ignore_stop_signals()
+        code = failfast.failed_before()
+        if code is not None:  # this failure follows from another process's, which said why
+            sys.exit(code)
+        failfast.mark_failed(1)
+        raise
     finally:
         if is_dist():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The one exception type that the entry scripts turn into a one-line message and exit code 2."""
+"""The exception types that the entry scripts turn into a one-line message and an exit code."""
 
 
 class UserError(ValueError):
@@ -11,3 +11,7 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+class StoppedByPeer(TrainingStopped):
+    """Another process stopped with an error and printed it: exit with ``code``, print nothing."""

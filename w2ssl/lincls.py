@@ -11,6 +11,7 @@ import math
 import time
 from argparse import Namespace
 from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .data import eval_transform, labelled_loader, seed_everything, train_transform
 from .errors import UserError
+from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
 from .metrics import stats_text, topk_hits, unpadded_rows
 from .monitor import ETA, AverageMeter, Logger, format_duration
@@ -61,6 +63,8 @@ class LinearProbe:
         self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
                                          weight_decay=args.weight_decay)
         self.epoch, self.best_acc1 = args.start_epoch, 0.0
+        self.iteration = 0  # batches of epoch ``self.epoch`` done (a run stopped by a signal saves mid-epoch)
+        self.guard = Guard(max_nonfinite=0)
         self.train_loader = None
         self.cache: FeatureCache | None = None
 
@@ -100,12 +104,16 @@ class LinearProbe:
                             f"{classes[:3]}… ({len(classes)}): both need the same class sub-folders")
 
     def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+        """The rest of this epoch's batches (after the ``self.iteration`` done) and the epoch's length."""
         if self.cache is not None:
-            return self.cache.train_batches(self.local_batch, self.seed, self.epoch, self.ctx.rank)
+            batches, n = self.cache.train_batches(self.local_batch, self.seed, self.epoch, self.ctx.rank)
+            return islice(batches, self.iteration, None), n  # the same order: skip those done
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        return self.train_loader, len(self.train_loader)
+        n = len(self.train_loader)
+        # Skipping would decode the images done once more: a resumed epoch draws as many as were left.
+        return islice(self.train_loader, n - self.iteration), n
 
     def _val_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
         if self.cache is not None:
@@ -114,10 +122,11 @@ class LinearProbe:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, is_best: bool) -> None:
+        self.guard.flush()  # never write a checkpoint from a non-finite state
         if self.ctx.is_main:
-            state = {"epoch": self.epoch, "arch": self.args.arch, "state_dict": self.model.state_dict(),
-                     "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
-                     "args": plain_args(self.args)}
+            state = {"epoch": self.epoch, "iteration": self.iteration, "arch": self.args.arch,
+                     "state_dict": self.model.state_dict(), "best_acc1": self.best_acc1,
+                     "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args)}
             save_dir = Path(self.args.save_dir)
             ckpt_io.save_all(state, [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
         D.barrier()
@@ -134,7 +143,9 @@ class LinearProbe:
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
-            self.logger.info(f"=> resumed from {path} at epoch {self.epoch} (best Acc@1 {self.best_acc1:.3f})")
+            self.iteration = int(state.get("iteration", 0))
+            self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
+                             f"(best Acc@1 {self.best_acc1:.3f})")
         if self.reference is None:
             if path is None:
                 raise UserError(f"--resume auto found no {CHECKPOINT} in {self.args.save_dir} and no --pretrained "
@@ -178,7 +189,7 @@ class LinearProbe:
             while self.epoch < args.epochs:
                 self._train_epoch()
                 acc1, acc5 = self.validate()
-                self.epoch += 1
+                self.epoch, self.iteration = self.epoch + 1, 0
                 is_best = acc1 > self.best_acc1
                 self.best_acc1 = max(acc1, self.best_acc1)
                 self.save(is_best)
@@ -188,6 +199,10 @@ class LinearProbe:
                                  f"{self.best_acc1:.3f}; saved {CHECKPOINT}; ETA {self.eta.step(self.epoch - first)}")
                 if self.epoch - 1 == first and self.epoch < args.epochs:  # MoCo v3's check after the first epoch
                     self.sanity_check()
+                if self.epoch < args.epochs:
+                    self.guard.check_now(self.device)  # a signal during validation stops here, all saved
+                    if self.guard.stop:
+                        raise self.guard.stopped(Path(args.save_dir) / CHECKPOINT, self.epoch, 0)
             self.sanity_check()
             self.logger.info(f"=> best Acc@1 {self.best_acc1:.3f}")
         finally:
@@ -198,10 +213,11 @@ class LinearProbe:
         lr = lr_at(self.epoch, self.lr, 0, args.epochs)
         set_lr(self.optimizer, lr)
         batches, n = self._train_batches()
+        start = self.iteration
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         total = torch.zeros(4, device=device)
         end = time.perf_counter()
-        for i, (x, target) in enumerate(batches):
+        for i, (x, target) in enumerate(batches, start=start):
             data_time.update(time.perf_counter() - end)
             target = target.to(device, non_blocking=True)
             logits = self.fc(self._features(x))
@@ -209,6 +225,8 @@ class LinearProbe:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.iteration = i + 1
+            self.guard.push(self.epoch, i, self.epoch * n + i, {"loss": loss.detach()})
             rows = torch.tensor(float(len(target)), device=device)
             last = torch.cat([(loss.detach() * rows)[None], topk_hits(logits.detach(), target).float(), rows[None]])
             total += last
@@ -220,6 +238,12 @@ class LinearProbe:
                 self.logger.scalars(self.epoch * n + i, {"loss": last_l[0] / last_l[3],
                                                          "acc1": 100 * last_l[1] / last_l[3]})
             end = time.perf_counter()
+            if self.guard.stop:
+                break
+        self.guard.flush()
+        if self.guard.stop and self.iteration < n:  # stopped mid-epoch: save what this epoch did so far
+            self.save(is_best=False)
+            raise self.guard.stopped(Path(args.save_dir) / CHECKPOINT, self.epoch, self.iteration)
         self.logger.scalars(self.epoch, {"lr": lr})
 
     @torch.no_grad()
@@ -274,6 +298,8 @@ def worker(ctx: D.Context, args: Namespace) -> None:
     """What :func:`w2ssl.distributed.launch` runs in every process of ``main_lincls.py``."""
     torch.backends.cudnn.benchmark = True
     if args.knn:
-        knn_probe(ctx, args)
+        knn_probe(ctx, args)  # nothing to save: a signal ends it at once
     else:
-        LinearProbe(ctx, args).run()
+        probe = LinearProbe(ctx, args)
+        with probe.guard:  # stop signals are caught while it trains, and handed back after
+            probe.run()

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
 from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
-from .errors import TrainingStopped, UserError
+from .errors import UserError
 from .gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
 from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars
@@ -157,6 +157,8 @@ class Pretrainer:
                 self.save(epoch_end=True)
                 self.logger.info(f"=> epoch {self.epoch - 1} done; bad image files so far: {len(self.bad_files)}; "
                                  f"saved {ckpt_io.epoch_name(self.epoch - 1)}")
+                if self.guard.stop:  # signalled in the epoch's last step: its checkpoint is written
+                    self._stop_on_signal(saved=True)
                 if args.knn_every and self.epoch % args.knn_every == 0:
                     self._knn()
             if args.max_iters:
@@ -206,7 +208,7 @@ class Pretrainer:
                 progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
             if args.fault_kill_step is not None and self.step == args.fault_kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
-            if self.guard.stop:
+            if self.guard.stop and self.iteration < self.iters_per_epoch:
                 self._stop_on_signal()
             if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
                 self.save(epoch_end=False)
@@ -216,7 +218,7 @@ class Pretrainer:
                 break
             end = time.perf_counter()
         self.guard.flush()
-        if self.guard.stop:
+        if self.guard.stop and self.iteration < self.iters_per_epoch:
             self._stop_on_signal()
         self.logger.close_bar()
 
@@ -245,9 +247,10 @@ class Pretrainer:
         new = [p for joined in bad if joined for p in joined.split("\n")]
         if not new:
             return
-        if self.args.strict_data:
-            raise UserError(f"unreadable image file {new[0]}: remove or replace it (or drop --strict-data "
-                            f"to skip bad files)")
+        if self.args.strict_data:  # stop every process at the same step (the others may not see it)
+            self.guard.fail(UserError(f"unreadable image file {new[0]}: remove or replace it (or drop "
+                                      f"--strict-data to skip bad files)"))
+            return
         for path in new:
             if path not in self.bad_files:
                 self.bad_files.add(path)
@@ -274,12 +277,11 @@ class Pretrainer:
         self.logger.info(f"=> epoch {self.epoch - 1} {format_knn(result)}")
         self.logger.scalars(self.step, knn_scalars(result), prefix="eval/")
 
-    def _stop_on_signal(self) -> None:
-        self.save(epoch_end=False)
-        name = signal.Signals(self.guard.signal).name
-        raise TrainingStopped(
-            f"{name} received: saved {Path(self.args.save_dir) / ckpt_io.LAST} at epoch {self.epoch} iteration "
-            f"{self.iteration}; continue with the same command and --resume auto", code=128 + self.guard.signal)
+    def _stop_on_signal(self, saved: bool = False) -> None:
+        """Every process agreed on a stop signal: save ``checkpoint_last`` (unless just done) and exit 128+signal."""
+        if not saved:
+            self.save(epoch_end=False)
+        raise self.guard.stopped(Path(self.args.save_dir) / ckpt_io.LAST, self.epoch, self.iteration)
 
 
 def train(ctx: D.Context, args: Namespace) -> None:
@@ -287,6 +289,7 @@ def train(ctx: D.Context, args: Namespace) -> None:
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     trainer = Pretrainer(ctx, args)
-    trainer.run()
+    with trainer.guard:  # stop signals are caught while it trains, and handed back after
+        trainer.run()
     if ctx.is_main:
         print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)
