@@ -39,7 +39,7 @@ class Guard:
         self.stop = False  # every process agreed to stop after the checked step
         self._pending: StepRecord | None = None
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: SLURM --signal, submit.py
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
