@@ -57,9 +57,31 @@ def test_published_runs_sbatch_parameters(image_root, tmp_path, fake_slurm, caps
     assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in script and "srun" in script
     job = submitit.helpers.DelayedSubmission.load(out / "4242_submitted.pkl").function
     assert job.script == "main_moco"
-    # Each task gets 9 loader workers (10 CPUs); the requeued run continues where this one stopped.
-    assert job.argv[-2:] == ["--workers", str(gpus * 9)]
-    assert job.checkpoint().function.argv[-4:] == ["--workers", str(gpus * 9), "--resume", "auto"]
+    # Each task gets 9 loader workers (10 CPUs); a requeued run continues where this one stopped.
+    assert job.argv[-4:] == ["--resume", "auto", "--workers", str(gpus * 9)]
+
+
+@pytest.fixture
+def trunk_checkpoint(tmp_path):
+    """A pre-training checkpoint holding a random resnet18 trunk (what main_lincls.py --pretrained reads)."""
+    import torchvision
+
+    trunk = {f"base_encoder.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()
+             if not k.startswith("fc.")}
+    path = tmp_path / "pretrained.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": trunk}, path)
+    return path
+
+
+@pytest.mark.parametrize("flags,resume", [([], ["--resume", "auto"]), (["-e"], []),
+                                          (["--resume", "none"], [])])
+def test_probe_job_resumes_unless_told_otherwise(image_root, tmp_path, fake_slurm, trunk_checkpoint, flags, resume):
+    out = tmp_path / "probe"
+    main = ["-a", "resnet18", "--pretrained", str(trunk_checkpoint), *flags, "--save-dir", str(out), str(image_root)]
+    assert cli.run_main(submit.main, ["lincls", "--nodes", "1", "--ngpus-per-node", "8", "--", *main]) == 0
+    job = submitit.helpers.DelayedSubmission.load(out / "4242_submitted.pkl").function
+    assert job.script == "main_lincls" and job.argv == [*main, *resume, "--workers", "72"]
+    assert "job-name=w2ssl-lincls" in (out / "4242_submission.sh").read_text()
 
 
 def test_user_errors_submit_nothing(image_root, tmp_path, fake_slurm, capsys):
@@ -149,7 +171,7 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_local_job_writes_the_checkpoint_of_main_moco(image_root, tmp_path):
+def test_local_jobs_run_the_mains_code_path(image_root, tmp_path):
     job, plain = tmp_path / "job", tmp_path / "plain"
     res = run_local(*local_args(image_root, job, 1, 1, 4))
     assert res.returncode == 0, res.stderr
@@ -159,6 +181,12 @@ def test_local_job_writes_the_checkpoint_of_main_moco(image_root, tmp_path):
     assert_same_weights(job, plain)
     [log] = job.glob("*_0_log.out")  # submitit's logs next to ours; one run, not requeued
     assert (job / "log.txt").is_file() and log.read_text().count("Starting with JobEnvironment") == 1
+    probe = tmp_path / "probe"  # and the linear probe of that checkpoint, through the same launcher
+    res = run_local("-m", "w2ssl.submit", "lincls", "--local", "--nodes", "1", "--ngpus-per-node", "1", "--",
+                    image_root, "-a", "resnet18", "--pretrained", job / "checkpoint_last.pth.tar", "--input-size", "32",
+                    "--epochs", "1", "-b", "8", "--workers", "0", "--save-dir", probe)
+    assert res.returncode == 0, res.stderr
+    assert (probe / "model_best.pth.tar").is_file() and "Acc@1" in (probe / "log.txt").read_text()
 
 
 def descendants(pid):

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import cli
 from .errors import UserError
-from .requeue import SIGNAL_ENV, TIME_LIMIT_SIGNAL, MainJob
+from .requeue import SIGNAL_ENV, TIME_LIMIT_SIGNAL, MainJob, with_resume_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"pretrain": "main_moco", "lincls": "main_lincls"}
@@ -83,11 +83,15 @@ def main_argv(opts: argparse.Namespace, argv: list[str]) -> tuple[list[str], arg
     """The entry script's flags as the job runs them (checked here, before anything is queued)."""
     module = importlib.import_module(SCRIPTS[opts.kind])
     parser = module.build_parser()
-    parser.set_defaults(workers=None)  # None: neither the command line nor --config chose the workers
+    default_resume = parser.get_default("resume")
+    parser.set_defaults(workers=None, resume=None)  # None: neither the command line nor --config set them
     args = cli.parse(parser, argv)
     if getattr(args, "demo", False):
         raise UserError("--demo runs on this machine: python main_moco.py --demo")
+    resume_set, args.resume = args.resume is not None, default_resume if args.resume is None else args.resume
     module.check(args, opts.nodes * opts.ngpus_per_node)
+    if not (resume_set or getattr(args, "evaluate", False)):
+        argv = with_resume_auto(argv)  # a run that SLURM requeues itself (preemption, node failure) resumes too
     if args.workers is None and not opts.local:
         # main's default counts the CPUs of the submitting machine: give each task its own share instead.
         cpus = opts.cpus_per_task or DEFAULT_CPUS_PER_TASK
@@ -154,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         job.results()
+    except KeyboardInterrupt:
+        print(f"interrupted: job {job.job_id} was sent SIGINT (its processes save checkpoint_last and stop)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception:  # noqa: BLE001 - submitit raises its own error types for a failed job
         print(f"error: job {job.job_id} did not finish: {last_line(job.paths.stderr)} (see {job.paths.stderr})",
               file=sys.stderr, flush=True)
