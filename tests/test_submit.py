@@ -104,6 +104,9 @@ def test_without_submitit_says_how_to_install(image_root, tmp_path, monkeypatch,
     argv = ["pretrain", "--nodes", "1", "--ngpus-per-node", "4", "--", "--save-dir", str(tmp_path), str(image_root)]
     assert cli.run_main(submit.main, argv) == 2
     assert capsys.readouterr().err == f"error: submitit is not installed: {submit.INSTALL}\n"
+    with pytest.raises(SystemExit) as e:
+        submit.main(["--help"])
+    assert e.value.code == 0 and "--ngpus-per-node" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("exit_code,requeued", [(128 + signal.SIGUSR1, True), (128 + signal.SIGTERM, False),

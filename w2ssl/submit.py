@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit main_moco.py (pretrain) or main_lincls.py (lincls) to SLURM with submitit, one task "
                     "per GPU; the job saves checkpoint_last and requeues itself at the time limit.")
     parser.add_argument("kind", choices=tuple(SCRIPTS), help="pretrain: main_moco.py; lincls: main_lincls.py")
-    parser.add_argument("--nodes", type=int, default=1, metavar="N")
-    parser.add_argument("--ngpus-per-node", type=int, default=8, metavar="G", help="GPUs (= tasks) per node")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
+    parser.add_argument("--ngpus-per-node", type=int, default=8, metavar="G",
+                        help="GPUs (= tasks) per node (default 8)")
     parser.add_argument("--partition", metavar="P")
-    parser.add_argument("--timeout", type=int, default=2880, metavar="MIN", help="time limit of each run (minutes)")
+    parser.add_argument("--timeout", type=int, default=2880, metavar="MIN",
+                        help="time limit of each run in minutes (default 2880)")
     parser.add_argument("--account", metavar="A")
     parser.add_argument("--qos", metavar="Q")
     parser.add_argument("--comment", metavar="C")
@@ -47,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"--workers per task when it sets them)")
     parser.add_argument("--mem-gb", type=int, metavar="GB", help="memory per node (default: the partition's)")
     parser.add_argument("--signal-delay", type=int, default=120, metavar="S",
-                        help=f"send SIG{TIME_LIMIT_SIGNAL.name[3:]} S seconds before the time limit (save, requeue)")
+                        help=f"send SIG{TIME_LIMIT_SIGNAL.name[3:]} S seconds before the time limit: save, requeue "
+                             f"(default 120)")
     parser.add_argument("--max-timeouts", type=int, default=20, metavar="K",
-                        help="requeue at most K times at the time limit (preemptions do not count)")
+                        help="requeue at most K times at the time limit (default 20; preemptions do not count)")
     parser.add_argument("--job-dir", metavar="DIR",
                         help="submitit's files and logs (default: the main script's --save-dir, next to log.txt)")
     parser.add_argument("--local", action="store_true",
@@ -61,6 +64,8 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Our flags, and the entry script's flags after ``--``."""
     argv = list(argv)
     if "--" not in argv:
+        if {"-h", "--help"} & set(argv):
+            return argv, []
         raise UserError("put the main script's own flags after --, e.g. python -m w2ssl.submit pretrain "
                         "--nodes 1 --ngpus-per-node 8 -- --batch-size 2048 DATA")
     cut = argv.index("--")
