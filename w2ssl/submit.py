@@ -137,7 +137,8 @@ def make_executor(opts: argparse.Namespace, job_dir: Path, cpus: int) -> Any:
         name=f"w2ssl-{opts.kind}", nodes=opts.nodes, tasks_per_node=opts.ngpus_per_node, gpus_per_node=gpus,
         cpus_per_task=cpus, timeout_min=opts.timeout, mem_gb=opts.mem_gb,
         slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos, slurm_comment=opts.comment,
-        slurm_signal_delay_s=opts.signal_delay, slurm_setup=setup, local_setup=setup,
+        slurm_setup=setup, local_setup=setup,
+        # --requeue: scontrol requeue works also where the cluster's default is JobRequeue=0
         slurm_additional_parameters={"signal": f"{signal_name}@{opts.signal_delay}", "requeue": True})
     return executor
 
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         job.results()
     except KeyboardInterrupt:
-        print(f"interrupted: job {job.job_id} was sent SIGINT (its processes save checkpoint_last and stop)",
+        print(f"interrupted: job {job.job_id} stopped; the same command continues from its newest checkpoint",
               file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception:  # noqa: BLE001 - submitit raises its own error types for a failed job
