@@ -140,6 +140,8 @@ def make_executor(opts: argparse.Namespace, job_dir: Path, cpus: int) -> Any:
         slurm_setup=setup, local_setup=setup,
         # --requeue: scontrol requeue works also where the cluster's default is JobRequeue=0
         slurm_additional_parameters={"signal": f"{signal_name}@{opts.signal_delay}", "requeue": True})
+    if opts.local:  # AutoExecutor has no name for the local executor's signal delay
+        executor._executor.update_parameters(signal_delay_s=opts.signal_delay)
     return executor
 
 
