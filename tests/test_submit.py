@@ -61,6 +61,15 @@ def test_published_runs_sbatch_parameters(image_root, tmp_path, fake_slurm, caps
     assert job.argv[-4:] == ["--resume", "auto", "--workers", str(gpus * 9)]
 
 
+def test_local_executor_sends_the_trainers_signal(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    opts = submit.build_parser().parse_args(["pretrain", "--local", "--ngpus-per-node", "2", "--timeout", "5",
+                                             "--signal-delay", "40"])
+    params = submit.make_executor(opts, tmp_path, 1)._executor.parameters
+    assert (params["timeout_min"], params["signal_delay_s"], params["tasks_per_node"]) == (5, 40, 2)
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in params["setup"]  # what the local controller sends at timeout
+
+
 @pytest.fixture
 def trunk_checkpoint(tmp_path):
     """A pre-training checkpoint holding a random resnet18 trunk (what main_lincls.py --pretrained reads)."""
