@@ -77,24 +77,29 @@ class W2SSL(nn.Module):
             perm = D.broadcast(random_permutation(2 * n, tiles.device, generator))
         mine = montage_tiles(tiles, perm)  # [2b, 2 views, 3, t, t]
         montages = [arrange(mine[:, 0]), arrange(mine[:, 1])]
-        world = D.world_size()
-        # Global ids of the rows of split_grid(local grid), of this process and of the gathered rows.
-        ids = [local_indices(perm, r, world).to(tiles.device, non_blocking=True) for r in range(world)]
-
-        q1, q2 = [split_grid(g) for g in self._per_view(self.base_encoder, montages)]  # [2b, C] each
-        source, where = tile_labels(ids[D.rank()], n)
-        where_logits = self.where_head(q1)
-        loss_where = F.cross_entropy(_at_least_float32(where_logits), where)  # the local mean = global share x W
-        where_acc = (where_logits.argmax(dim=1) == where).float().mean()
-        p1, p2 = self._per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
-
+        q1, q2 = [split_grid(g) for g in self._per_view(self.base_encoder, montages)]
         with torch.no_grad():
             self.update_momentum(m)
-            grids = self._per_view(self.momentum_encoder, montages)
-            k1, k2 = self._per_view(self.momentum_projector, [split_grid(g) for g in grids])
+            f1, f2 = [split_grid(g) for g in self._per_view(self.momentum_encoder, montages)]
+        return self.heads(q1, q2, f1, f2, perm, n)
 
-        all_source, _ = tile_labels(torch.cat(ids), n)
-        loss_what = self._what(p1, p2, k1, k2, torch.cat([all_source, all_source])) * world
+    def heads(self, q1: Tensor, q2: Tensor, f1: Tensor, f2: Tensor, perm: Tensor, n: int) -> dict[str, Tensor]:
+        """Heads and losses on this process's tiles: base features ``q1, q2`` and momentum features
+        ``f1, f2`` (no gradient) of views 1 and 2, each ``[2b, C]`` in ``split_grid`` order of the local
+        montages; ``perm [2N]`` the step's permutation, ``n`` = N. Returns :meth:`forward`'s dict."""
+        world = D.world_size()
+        # Global tile ids of the rows of every process (local_indices is split_grid's order).
+        ids = [local_indices(perm, r, world).to(q1.device, non_blocking=True) for r in range(world)]
+        _, where = tile_labels(ids[D.rank()], n)
+        where_logits = self.where_head(q1)
+        loss_where = F.cross_entropy(_at_least_float32(where_logits), where)  # local mean = global share x W
+        where_acc = (where_logits.argmax(dim=1) == where).float().mean()
+        p1, p2 = self._per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
+        with torch.no_grad():
+            k1, k2 = self._per_view(self.momentum_projector, [f1, f2])
+
+        source, _ = tile_labels(torch.cat(ids), n)
+        loss_what = self._what(p1, p2, k1, k2, torch.cat([source, source])) * world
         loss = self.loss_where_weight * loss_where + self.loss_what_weight * loss_what
         logged = D.all_reduce_mean(torch.stack([loss, loss_what, loss_where, where_acc]).detach())
         # The local loss's gradient with the global loss's value: logs, the fp16 scaler and the
