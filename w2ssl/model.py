@@ -88,9 +88,9 @@ class W2SSL(nn.Module):
         ``f1, f2`` (no gradient) of views 1 and 2, each ``[2b, C]`` in ``split_grid`` order of the local
         montages; ``perm [2N]`` the step's permutation, ``n`` = N. Returns :meth:`forward`'s dict."""
         world = D.world_size()
-        # Global tile ids of the rows of every process (local_indices is split_grid's order).
-        ids = [local_indices(perm, r, world).to(q1.device, non_blocking=True) for r in range(world)]
-        _, where = tile_labels(ids[D.rank()], n)
+        # Global tile ids of the rows of every process, in rank order (local_indices is split_grid's order).
+        ids = torch.cat([local_indices(perm, r, world) for r in range(world)]).to(q1.device, non_blocking=True)
+        _, where = tile_labels(ids.view(world, -1)[D.rank()], n)
         where_logits = self.where_head(q1)
         loss_where = F.cross_entropy(_at_least_float32(where_logits), where)  # local mean = global share x W
         where_acc = (where_logits.argmax(dim=1) == where).float().mean()
@@ -98,7 +98,7 @@ class W2SSL(nn.Module):
         with torch.no_grad():
             k1, k2 = self._per_view(self.momentum_projector, [f1, f2])
 
-        source, _ = tile_labels(torch.cat(ids), n)
+        source, _ = tile_labels(ids, n)
         loss_what = self._what(p1, p2, k1, k2, torch.cat([source, source])) * world
         loss = self.loss_where_weight * loss_where + self.loss_what_weight * loss_what
         logged = D.all_reduce_mean(torch.stack([loss, loss_what, loss_where, where_acc]).detach())
