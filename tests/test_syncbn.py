@@ -139,3 +139,32 @@ def test_without_a_process_group_it_is_plain_batchnorm():
         torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
     assert torch.equal(synced.running_var, plain.running_var)
     assert synced.num_batches_tracked.item() == 2
+
+
+def compile_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), normalise_per_view(nn.BatchNorm2d(4), 2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=None))
+    convert(eager)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, backend="aot_eager")  # in place: still indexable
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
+    outs = []
+    for module in (eager, compiled):
+        y = module(x)
+        y.square().sum().backward()
+        outs.append({"y": y.detach(), "grad": module[0].weight.grad, "var": module[5].running_var})
+    torch.save(outs, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiles_into_one_graph_with_the_same_result(tmp_path):
+    """``fullgraph=True``: a graph break (PyTorch's SyncBatchNorm makes one per call) would be an error."""
+    mp.start_processes(compile_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    for r in range(WORLD):
+        eager, compiled = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
