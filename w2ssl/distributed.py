@@ -45,8 +45,9 @@ def gather(x: Tensor) -> Tensor:
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums the gradient of every process and keeps this process's slice.
 
-    Every process computes the same global loss from the gathered tensor, so the gradient of a local
-    slice is the sum over processes (DDP then averages it back to the one-process gradient).
+    Each process's loss is one term of a sum over processes (W2SSL: its anchors' share of the global loss,
+    times W), so the gradient of a local slice is the sum of every process's gradient for it (DDP then
+    averages it back to the one-process gradient).
     ``torch.distributed.nn.functional.all_gather`` (deprecated) returned wrong gradients on gloo with
     torch 2.14 in tests/test_distributed.py, hence this small function on plain collectives.
     """

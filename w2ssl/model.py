@@ -24,6 +24,8 @@ class W2SSL(nn.Module):
     ``forward(view1, view2, m)`` takes each view as ``[left, right]`` tile batches of this process,
     each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
     ``where_acc`` (detached) for logging, the global values on every process (see :meth:`forward`).
+    With several processes, call :meth:`convert_sync_batchnorm` first: each process's BatchNorms see
+    only its own montages and tiles.
 
     With ``fused_views`` each encoder and head runs once on both views, every BatchNorm still taking
     each view's statistics on their own (:mod:`w2ssl.viewnorm`): the same math in half the calls.
