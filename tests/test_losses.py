@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from w2ssl.losses import supcon_loss
+from w2ssl.losses import rows_with_positive, supcon_loss
 
 
 def reference(z: torch.Tensor, y: torch.Tensor, tau: float = 0.3, tau_b: float = 0.07) -> torch.Tensor:
@@ -74,3 +74,24 @@ def test_known_value_for_orthogonal_pairs():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="labels"):
         supcon_loss(torch.randn(4, 3), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pattern", LABELS)
+def test_anchor_shares_add_up_to_the_loss(pattern):
+    """Each part of a partition of the rows as anchors: the parts' losses add up to the reference, and
+    their gradients to the full loss's gradient (the per-process "what" loss)."""
+    g = torch.Generator().manual_seed(2)
+    z = F.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    y = LABELS[pattern]
+    parts = torch.randperm(12, generator=g).chunk(3)
+    shares = [supcon_loss(z, y, anchors=rows) for rows in parts]
+    torch.testing.assert_close(sum(shares), reference(z.detach(), y), rtol=1e-10, atol=1e-10)
+    (full_grad,) = torch.autograd.grad(supcon_loss(z, y), z)
+    (share_grad,) = torch.autograd.grad(sum(shares), z)
+    torch.testing.assert_close(share_grad, full_grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: supcon_loss(x, y, anchors=parts[0]), (z,))
+
+
+def test_rows_with_positive():
+    assert rows_with_positive(torch.tensor([3, 1, 3, 2, 1, 7, 3])).item() == 5
+    assert rows_with_positive(torch.tensor([0, 1, 2])).item() == 0

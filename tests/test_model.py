@@ -148,3 +148,17 @@ def test_cuda_training_step_makes_no_host_sync(fused):
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.heads import head_flops
+
+    torch.manual_seed(0)
+    model, n = tiny_model(), 8
+    q1, q2 = [torch.randn(2 * n, 512).requires_grad_() for _ in range(2)]
+    f1, f2 = [torch.randn(2 * n, 512) for _ in range(2)]
+    with FlopCounterMode(display=False) as counter:
+        model.heads(q1, q2, f1, f2, torch.randperm(2 * n), n)["loss"].backward()
+    assert counter.get_total_flops() == head_flops(n, 1, width=512, hidden=32, dim=16)

@@ -102,16 +102,15 @@ def test_per_view_calls_once_when_fused():
 
 
 def test_sync_batchnorm_conversion_keeps_per_view_statistics():
+    from w2ssl.syncbn import SyncNorm
+
     model = tiny_model(fused_views=True)
     keys = list(model.state_dict())
     model.convert_sync_batchnorm()
     assert list(model.state_dict()) == keys
-    trunk_norms = [m for m in model.base_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert trunk_norms and all(isinstance(m, nn.SyncBatchNorm) and isinstance(m, PerViewNorm) and m.views == 2
-                               for m in trunk_norms)
-    head_norms = [m for m in model.projector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert head_norms and all(isinstance(m, nn.BatchNorm1d) and not isinstance(m, nn.SyncBatchNorm)
-                              and m.views == 2 for m in head_norms)
+    for part in (model.base_encoder, model.projector, model.predictor, model.momentum_projector):
+        norms = [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, SyncNorm) and isinstance(m, PerViewNorm) and m.views == 2 for m in norms)
 
 
 def test_channels_last_stays_channels_last():

@@ -1,6 +1,7 @@
 """Launch modes and process-group helpers. With no process group every helper is the identity."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from argparse import Namespace
@@ -45,8 +46,9 @@ def gather(x: Tensor) -> Tensor:
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums the gradient of every process and keeps this process's slice.
 
-    Every process computes the same global loss from the gathered tensor, so the gradient of a local
-    slice is the sum over processes (DDP then averages it back to the one-process gradient).
+    Each process's loss is one term of a sum over processes (W2SSL: its anchors' share of the global loss,
+    times W), so the gradient of a local slice is the sum of every process's gradient for it (DDP then
+    averages it back to the one-process gradient).
     ``torch.distributed.nn.functional.all_gather`` (deprecated) returned wrong gradients on gloo with
     torch 2.14 in tests/test_distributed.py, hence this small function on plain collectives.
     """
@@ -206,3 +208,16 @@ def all_reduce_max(x: Tensor) -> Tensor:
     if is_dist():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
+
+def ddp(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP over the default group, without re-sending buffers before each forward.
+
+    Synchronised BatchNorm (:mod:`w2ssl.syncbn`) keeps the running statistics equal on every process,
+    and DDP's construction still sends rank 0's parameters and buffers to all. No ``device_ids``: inputs
+    are already on the device (and the host-side tile permutation must stay on the host).
+    ``forward_sync_buffers`` (torch 2.14) replaces the deprecated ``broadcast_buffers``.
+    """
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return torch.nn.parallel.DistributedDataParallel(module, **{flag: False})

@@ -63,7 +63,7 @@ class Pretrainer:
         self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
                            loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop,
                            fused_views=args.fused_views).to(self.device)
-        if ctx.world_size > 1 and self.device.type == "cuda":
+        if ctx.world_size > 1:  # each process's heads see only its own tiles: statistics over all of them
             self.model.convert_sync_batchnorm()
         self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
         prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
@@ -74,7 +74,7 @@ class Pretrainer:
         if ctx.world_size > 1:
             # No device_ids: the inputs are already on the device, and DDP would also move the host-side
             # permutation to the GPU, where the all-to-all plan would have to read it back.
-            self.net = nn.parallel.DistributedDataParallel(self.model)
+            self.net = D.ddp(self.model)
         self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
         self.epoch, self.iteration, self.step = args.start_epoch, 0, args.start_epoch * self.iters_per_epoch
         self.bad_files: set[str] = set()
