@@ -59,14 +59,16 @@ def test_loader_prefetches_the_next_epoch_while_this_one_trains():
     assert first.tolist() == sampler.epoch_indices(1)[:4]
 
 
-def test_sampler_shards_cover_the_epoch_once():
+def test_sampler_shards_are_slices_of_the_one_process_batches():
+    """Rank r takes the r-th slice of each global batch: the global batch, in order, does not depend on
+    the number of processes (10 images, global batch 6: one whole batch per epoch)."""
+    single = ResumableSampler(10, batch_size=6, seed=0)
     shards = [ResumableSampler(10, batch_size=2, num_replicas=3, rank=r, seed=0) for r in range(3)]
-    for s in shards:
-        s.set_epoch(0)
-    got = [i for s in shards for i in s.indices()]
-    # 10 indices padded to 12 (2 repeated), 4 per rank = 2 full batches each
-    assert all(len(s.indices()) == 4 for s in shards)
-    assert len(got) == 12 and set(got) == set(range(10))
+    for epoch in (0, 1):
+        whole = single.epoch_indices(epoch)
+        assert len(whole) == 6 and len(set(whole)) == 6
+        assert [i for s in shards for i in s.epoch_indices(epoch)] == whole
+    assert all(s.batches_per_epoch == 1 for s in shards)
 
 
 def test_sample_seed_mixes_all_inputs():

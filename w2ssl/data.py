@@ -114,7 +114,9 @@ class ResumableSampler(Sampler):
     """Distributed shuffling sampler over a span of epochs that can start part-way through one.
 
     Yields ``(index, epoch)`` for this rank: each epoch's permutation (seeded by ``seed + epoch``) is
-    padded to a multiple of ``num_replicas``, strided by rank and cut to whole batches; the first
+    cut into whole global batches of ``batch_size x num_replicas`` and rank ``r`` takes the ``r``-th
+    slice of each, so the global batch, in order, is the same whatever the number of processes (the
+    montages and hence the whole run are world-size invariant, METHOD §9); the first
     ``start_batch`` batches of the first epoch are skipped, and the epochs up to ``until`` follow one
     another in one stream. One loader iterator then spans the run, so its workers keep prefetching
     across epoch boundaries instead of starting each epoch's first batches from nothing.
@@ -124,11 +126,10 @@ class ResumableSampler(Sampler):
         self.size, self.batch_size = size, batch_size
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.epoch, self.start_batch, self.until = 0, 0, 1
-        self.per_rank = (size + num_replicas - 1) // num_replicas
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.per_rank // self.batch_size
+        return self.size // (self.batch_size * self.num_replicas)
 
     def set_epoch(self, epoch: int, start_batch: int = 0, until: int | None = None) -> None:
         """Start at batch ``start_batch`` of ``epoch``; end with epoch ``until - 1`` (default: ``epoch``)."""
@@ -137,9 +138,10 @@ class ResumableSampler(Sampler):
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's indices of a whole ``epoch``: whole batches, the same on every call."""
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        order += order[: self.per_rank * self.num_replicas - self.size]
-        return order[self.rank::self.num_replicas][: self.batches_per_epoch * self.batch_size]
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        b, world = self.batch_size, self.num_replicas
+        batches = order[: self.batches_per_epoch * b * world].view(-1, world, b)  # [batch, rank, b]
+        return batches[:, self.rank].reshape(-1).tolist()
 
     def indices(self) -> list[int]:
         """The first epoch's indices after its ``start_batch`` skipped batches."""
