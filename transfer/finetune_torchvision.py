@@ -29,10 +29,10 @@ from transfer import engine
 from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
-from w2ssl.checkpoint import load_trunk
+from w2ssl.checkpoint import read_trunk
 from w2ssl.distributed import is_dist, is_main, rank, world_size
 from w2ssl.encoder import ARCHS
-from w2ssl.errors import UserError
+from w2ssl.errors import TrainingStopped, UserError
 
 AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pre-training checkpoint: ours, the authors' W2SSL or MoCo v3 (also needed with --eval-only)")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints (can run code: only for files you trust)")
-    g.add_argument("--arch", default="resnet50", choices=ARCHS)
+    g.add_argument("--arch", default=None, choices=ARCHS,
+                   help="trunk architecture (default: the checkpoint's own, read from its weights)")
     g.add_argument("--model", default="faster", choices=sorted(MODELS), help="Faster R-CNN or Mask R-CNN")
     g.add_argument("--norm", default="sync", choices=sorted(NORMS),
                    help="backbone BN: fine-tuned and synchronised (sync), per process (bn) or frozen")
@@ -170,8 +171,12 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
             if it >= args.iters:
                 break
             engine.set_lr(optimizer, engine.lr_at(it, args.lr, args.steps, args.warmup_iters))
-            losses = engine.train_step(model, optimizer, [i.to(device, non_blocking=True) for i in images],
-                                       engine.to_device(targets, device), scaler, AMP[args.amp])
+            try:
+                losses = engine.train_step(model, optimizer, [i.to(device, non_blocking=True) for i in images],
+                                           engine.to_device(targets, device), scaler, AMP[args.amp])
+            except FloatingPointError as e:
+                raise TrainingStopped(f"iteration {it + 1}: {e}, then --resume (stopped without saving: the newest "
+                                      f"checkpoint in {out_dir} is unchanged)", code=3) from None
             it += 1
             if it % args.print_freq == 0 or it == args.iters:
                 pace = (time.perf_counter() - tic) / (it - last_log)
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if train_set is not None and val_set is not None and train_set.label_of != val_set.label_of:
         raise UserError("--train-json and --val-json list different category ids: use one label set")
     num_classes = (train_set if train_set is not None else val_set).num_classes
-    trunk = load_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
+    trunk, args.arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
     model = build_detector(trunk, num_classes, model=args.model, arch=args.arch, norm=args.norm,
                            trainable_layers=args.trainable_layers, min_size=tuple(args.min_size),
                            max_size=args.max_size, box_batch_size_per_image=args.roi_batch_size).to(device)
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # only the process that hit it stops here: each one says so
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     finally:
         if is_dist():
             dist.destroy_process_group()
