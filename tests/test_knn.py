@@ -13,8 +13,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.conftest import write_folder
+from w2ssl.data import BadImages
 from w2ssl.encoder import GridTrunk
-from w2ssl.knn import extract_features, format_knn, knn_accuracy, knn_predict, pooled_features
+from w2ssl.errors import UserError
+from w2ssl.knn import (
+    KnnResult,
+    extract_features,
+    folder_loaders,
+    format_knn,
+    knn_accuracy,
+    knn_eval,
+    knn_predict,
+    pooled_features,
+)
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
@@ -79,7 +91,8 @@ def test_knn_accuracy_is_100_on_separable_clusters():
     train_labels, test_labels = torch.arange(4).repeat(60), torch.arange(4).repeat(10)
     train = F.normalize(centres[train_labels] + 0.1 * torch.randn(240, 16, generator=g), dim=1)
     test = F.normalize(centres[test_labels] + 0.1 * torch.randn(40, 16, generator=g), dim=1)
-    assert knn_accuracy(train, train_labels, test, test_labels, 4) == {20: (100.0, 100.0), 200: (100.0, 100.0)}
+    # 4 classes: top-5 would always be 100 %, so it is not reported.
+    assert knn_accuracy(train, train_labels, test, test_labels, 4) == {20: (100.0, None), 200: (100.0, None)}
     # Swapping the test labels must give 0 top-1, proving the labels are actually compared.
     assert knn_accuracy(train, train_labels, test, (test_labels + 1) % 4, 4, ks=(20,))[20][0] == 0.0
 
@@ -95,7 +108,32 @@ def test_knn_rejects_bad_inputs():
 
 
 def test_format_knn():
-    assert format_knn({200: (1.0, 2.0), 20: (3.456, 4.0)}) == "kNN k=20 acc1 3.46 acc5 4.00 | k=200 acc1 1.00 acc5 2.00"
+    assert format_knn(KnnResult({200: (1.0, 2.0), 20: (3.456, 4.0)}, bank=5000, queries=100)) == \
+        "kNN k=20 acc1 3.46 acc5 4.00 | k=200 acc1 1.00 acc5 2.00 (5000 train, 100 val images)"
+    # k above the bank is clamped and says so; no top-5 below 5 classes; unreadable images are counted.
+    assert format_knn(KnnResult({20: (50.0, None), 200: (40.0, None)}, bank=24, queries=12, unreadable=2)) == \
+        ("kNN k=20 acc1 50.00 | k=200 (clamped to the 24 training images) acc1 40.00 "
+         "(24 train, 12 val images; 2 unreadable skipped)")
+
+
+def test_folder_loaders_skip_unreadable_images_and_check_classes(tmp_path):
+    root = tmp_path / "data"
+    write_folder(root / "train", classes=3, per_class=3, size=(20, 20))
+    write_folder(root / "val", classes=3, per_class=2, size=(20, 20), seed=1)
+    (root / "val" / "class1" / "0.jpg").write_bytes(b"not a jpeg")
+    said = []
+    train, val, classes = folder_loaders(root, 16, 4, 0, BadImages(warn=said.append))
+    result = knn_eval(resnet18(), train, val, "cpu", classes)
+    assert (result.bank, result.queries, result.unreadable) == (9, 5, 1)
+    assert result.accuracy[20][1] is None  # 3 classes: no top-5
+    knn_eval(resnet18(), train, val, "cpu", classes)
+    assert said == [f"unreadable image file {root / 'val' / 'class1' / '0.jpg'} skipped (1 so far)"]  # warned once
+    with pytest.raises(UserError, match="unreadable image file .*0.jpg: remove or replace it"):
+        knn_eval(resnet18(), *folder_loaders(root, 16, 4, 0, BadImages(strict=True))[:2], "cpu", classes)
+    (root / "val" / "class2").rename(root / "val" / "other")
+    with pytest.raises(UserError, match=r"same class sub-folders: only in train 'class2' \(3 classes\), only in "
+                                        r"val 'other' \(3 classes\)"):
+        folder_loaders(root, 16, 4, 0)
 
 
 def tiny_data(n=10, size=32, seed=0):

@@ -7,6 +7,7 @@ The authors' W2SSL checkpoints and MoCo v3's use ``module.base_encoder.<key>`` p
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 import tempfile
@@ -165,8 +166,10 @@ def load_into(module: torch.nn.Module, weights: dict[str, Tensor], path: str | P
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, cut to its first sentence when long (torch's are)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if len(line) > 120 else line
 
 
 def candidates(save_dir: str | Path) -> list[Path]:
@@ -191,6 +194,42 @@ def find_resumable(save_dir: str | Path, trust: bool = False,
         following = f"trying {files[i + 1].name}" if i + 1 < len(files) else "no older checkpoint left"
         warn(f"skipping {path}: {problem}; {following}")
     return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (names exactly which checkpoint a probe was trained on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume_path(resume: str) -> None:
+    """``--resume PATH`` must name a file (``auto``, ``none`` and ``''`` pass): one clear line otherwise."""
+    if resume in ("", "auto", "none"):
+        return
+    path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"--resume {resume} is a directory: pass a checkpoint file in it, or --resume auto with "
+                        f"--save-dir {resume}")
+    if not path.is_file():
+        raise UserError(f"--resume {resume} does not exist: pass a checkpoint file or 'auto'")
+
+
+def load_pretraining(path: str | Path, trust: bool = False) -> dict:
+    """The pre-training checkpoint ``--resume path`` (weights, optimizer, epoch), or a :class:`UserError`
+    saying what the file is instead (a probe checkpoint, an exported trunk, ...)."""
+    ckpt = load(path, trust)
+    found = kind(ckpt)
+    if found != "a pre-training checkpoint":
+        raise UserError(f"--resume {path} is {found}, not a pre-training checkpoint: pass one of main_moco.py's "
+                        f"checkpoint_*.pth.tar (or --resume auto)")
+    missing = [k for k in ("epoch", "optimizer") if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume {path} is a pre-training checkpoint without {' or '.join(missing)}, so training "
+                        f"cannot continue from it: pass it to the probe or the exporter, or start anew")
+    return ckpt
 
 
 def prune(save_dir: str | Path, keep: int) -> None:
