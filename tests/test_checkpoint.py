@@ -7,13 +7,18 @@ import pytest
 import torch
 import torchvision
 
+import main_moco
+from tests.helpers import TINY
+from w2ssl import cli
 from w2ssl.checkpoint import (
+    check_resume_path,
     check_trunk,
     extract_trunk,
     find_resumable,
     kind,
     load,
     load_into,
+    load_pretraining,
     load_trunk,
     prune,
     read_trunk,
@@ -205,3 +210,47 @@ def test_load_into_names_the_mismatch():
     assert len(str(e.value)) < 300 and "and 195 more" in str(e.value)
     load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
     assert torch.equal(model.weight, torch.ones(2, 3))
+
+
+def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
+    trunk, ckpts = layouts()
+    save_atomic(trunk, tmp_path / "export.pth")
+    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {},
+                 "state_dict": torchvision.models.resnet50().state_dict()}
+    save_atomic(big_probe, tmp_path / "probe.pth.tar")
+    save_atomic(ckpts["authors"], tmp_path / "authors.pth.tar")
+    with pytest.raises(UserError, match=r"--resume .*export.pth is an exported trunk .* not a pre-training checkpoint"):
+        load_pretraining(tmp_path / "export.pth")
+    with pytest.raises(UserError) as e:
+        load_pretraining(tmp_path / "probe.pth.tar")
+    assert "is a linear-probe checkpoint (main_lincls.py), not a pre-training" in str(e.value)
+    assert len(str(e.value)) < 300  # never the key list
+    with pytest.raises(UserError, match="without epoch or optimizer"):
+        load_pretraining(tmp_path / "authors.pth.tar")
+    save_atomic({**ckpts["ours"], "optimizer": {}}, tmp_path / "ours.pth.tar")
+    assert load_pretraining(tmp_path / "ours.pth.tar")["epoch"] == 3
+    check_resume_path("auto")
+    check_resume_path(str(tmp_path / "ours.pth.tar"))
+    with pytest.raises(UserError, match="is a directory: pass a checkpoint file in it, or --resume auto"):
+        check_resume_path(str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        check_resume_path(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("case", ["export", "probe", "directory"])
+def test_main_moco_resume_of_another_kind_of_file_is_one_line(image_root, tmp_path, capsys, case):
+    trunk, _ = layouts()
+    save_atomic(trunk, tmp_path / "export.pth")
+    probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": torchvision.models.resnet18().state_dict()}
+    save_atomic(probe, tmp_path / "probe.pth.tar")
+    resume, message = {"export": (tmp_path / "export.pth", "is an exported trunk"),
+                       "probe": (tmp_path / "probe.pth.tar", "is a linear-probe checkpoint"),
+                       "directory": (tmp_path, "is a directory")}[case]
+    argv = [str(image_root), *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", str(tmp_path / "out"),
+            "--resume", str(resume)]
+    try:
+        code = cli.run_main(main_moco.main, argv)
+    except SystemExit as e:  # errors found in the worker exit through _run_worker
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume ") and message in err, err
