@@ -284,9 +284,9 @@ def test_dataset_targets_labels_and_filtering(det_data):
     ann, images = det_data
     val = coco_data.CocoDetection(ann, images, train=False, masks=True)
     assert val.ids == [1, 2, 3, 4] and val.label_of == {RED: 1, BLUE: 2} and val.num_classes == 3
-    image, target = val[2]  # image 3: the crowd box is not a target
+    image, target, bad = val[2]  # image 3: the crowd box is not a target
     assert image.shape == (3, SIZE[1], SIZE[0]) and 0 <= image.min() and image.max() <= 1
-    assert target["image_id"] == 3 and target["labels"].tolist() == [2]
+    assert target["image_id"] == 3 and target["labels"].tolist() == [2] and bad == []
     assert target["boxes"].tolist() == [[4.0, 4.0, 44.0, 32.0]]
     mask = target["masks"][0]
     assert mask.shape == (SIZE[1], SIZE[0]) and mask[:, 45:].sum() == 0 and mask[33:].sum() == 0
@@ -407,7 +407,7 @@ SMALL = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_b
 
 
 def _batch(dataset, n: int):
-    return coco_data.collate([dataset[i] for i in range(n)])
+    return coco_data.collate([dataset[i] for i in range(n)])[:2]
 
 
 def test_faster_rcnn_losses_finite_and_decreasing_on_a_repeated_batch(det_data, r18):
@@ -495,6 +495,24 @@ def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, cap
     assert "bbox AP" in capsys.readouterr().out and (out / "metrics.json").is_file()
     assert finetune.main(_cli(det_data, r18_ckpt, out, "--eval-only", "--model", "mask")) == 2
     assert "does not fit this run" in capsys.readouterr().err
+
+
+def test_finetune_skips_an_unreadable_image(det_data, r18_ckpt, tmp_path, capsys):
+    ann, images = det_data
+    copy = tmp_path / "images"
+    copy.mkdir()
+    for f in images.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "002.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    argv = _cli((ann, copy), r18_ckpt, out, "--iters", "3")
+    assert finetune.main(argv) == 0
+    log = (out / "log.txt").read_text()
+    assert log.count(f"WARNING: unreadable image file {copy / '002.png'} skipped (1 so far)") == 1
+    assert "bbox AP over 3 of 4 images (1 unreadable skipped)" in log
+    assert finetune.main([*argv, "--strict-data", "--output-dir", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: unreadable image file {copy / '002.png'}"), err
 
 
 def test_finetune_non_finite_loss_is_one_line_exit_3(det_data, r18_ckpt, tmp_path, capsys, monkeypatch):
