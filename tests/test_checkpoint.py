@@ -125,6 +125,14 @@ def test_missing_truncated_and_garbage_files(tmp_path):
         (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
         with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
             load(tmp_path / "pickle.pth")
+        # Pickle protocol 4 is beyond torch's weights-only unpickler: a file to trust, not a corrupt one.
+        torch.save({"w": torch.ones(3)}, tmp_path / "zip4.pth", pickle_protocol=4)
+        torch.save({"w": torch.ones(3)}, tmp_path / "legacy4.pth", _use_new_zipfile_serialization=False,
+                   pickle_protocol=4)
+        for name in ("zip4.pth", "legacy4.pth"):
+            with pytest.raises(UserError, match=r"needs --trust-checkpoint \(only for files you trust"):
+                load(tmp_path / name)
+            assert torch.equal(load(tmp_path / name, trust=True)["w"], torch.ones(3))
         torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
         assert torch.equal(load(tmp_path / "legacy.pth")["w"], torch.ones(3))
         (tmp_path / "legacy.pth").write_bytes((tmp_path / "legacy.pth").read_bytes()[:40])

@@ -396,6 +396,7 @@ def test_probe_folder_records_its_pretrained_file_and_refuses_another(image_root
     assert code == 0, err
     sha = hashlib.sha256(synthetic.read_bytes()).hexdigest()
     assert f"=> probing {synthetic.resolve()} (sha256 {sha})" in (out / "log.txt").read_text()
+    assert sha.encode() in b"".join(p.read_bytes() for p in (out / "tb").glob("events.out.tfevents.*"))
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["pretrained"] == {"path": str(synthetic.resolve()), "sha256": sha} and ckpt["arch"] == "resnet18"
     # Run again: --resume auto continues the probe.

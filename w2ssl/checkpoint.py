@@ -65,7 +65,7 @@ def save_all(obj: Any, paths: list[Path], dump: Callable[[Any, BinaryIO], None] 
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # its legacy format
+LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # its legacy format's first pickle
 
 
 def load(path: str | Path, trust: bool = False) -> dict:
@@ -79,20 +79,19 @@ def load(path: str | Path, trust: bool = False) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path")
     with open(path, "rb") as f:
-        head = f.read(len(LEGACY_MAGIC))
+        head = f.read(32)
     if not head:
         raise UserError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save; use another file")
-    if not (head.startswith(ZIP_MAGIC) or head == LEGACY_MAGIC):
+    if not (head.startswith(ZIP_MAGIC) or (head.startswith(b"\x80") and LEGACY_MAGIC in head)):
         raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or its legacy "
                         f"format; this file is neither): check the path")
     try:
         obj = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
-        if blocked is None:
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(e)})") from None
+        # A well-formed file beyond the weights-only subset: Python objects, or pickle opcodes it lacks.
         if not trust:
-            raise UserError(f"checkpoint {path} holds Python objects beyond tensors ({blocked}) and needs "
+            blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None) or _reason(e)
+            raise UserError(f"checkpoint {path} holds more than plain tensors ({blocked}) and needs "
                             f"--trust-checkpoint (only for files you trust: unpickling can run code)") from None
         try:
             obj = _torch_load(path, weights_only=False)
