@@ -220,3 +220,28 @@ def test_extract_features_merges_distributed_shards(tmp_path):
             feats, got_labels = torch.load(tmp_path / f"rank{rank}_{drop_last}.pt")
             torch.testing.assert_close(feats, expected[kept], atol=1e-5, rtol=0)
             assert torch.equal(got_labels, labels[kept])
+
+
+def _labelled_worker(rank, world, tmp, root):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/labelled_store", rank=rank, world_size=world)
+    try:
+        _, val, _ = folder_loaders(root, 16, 2, 0, BadImages(warn=lambda _: None))
+        torch.save(extract_features(resnet18(), val, "cpu"), f"{tmp}/labelled{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_extract_features_merges_labelled_shards_without_unreadable_images(tmp_path):
+    root = tmp_path / "data"
+    write_folder(root / "train", classes=3, per_class=2, size=(20, 20))
+    write_folder(root / "val", classes=3, per_class=3, size=(20, 20), seed=1)
+    (root / "val" / "class1" / "0.jpg").write_bytes(b"")
+    mp.start_processes(_labelled_worker, args=(2, str(tmp_path), str(root)), nprocs=2, start_method="spawn")
+    _, val, _ = folder_loaders(root, 16, 2, 0, BadImages(warn=lambda _: None))
+    expected, labels = extract_features(resnet18(), val, "cpu")
+    assert len(expected) == 8 and labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    for rank in range(2):  # 9 images on 2 unpadded shards, one unreadable: every process has the 8 others in order
+        feats, got_labels = torch.load(tmp_path / f"labelled{rank}.pt")
+        torch.testing.assert_close(feats, expected, atol=1e-5, rtol=0)
+        assert torch.equal(got_labels, labels)
