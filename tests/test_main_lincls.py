@@ -18,7 +18,7 @@ from w2ssl import cli
 from w2ssl.checkpoint import load_trunk, save_atomic
 from w2ssl.distributed import Context
 from w2ssl.lincls import LinearProbe
-from w2ssl.metrics import stats_text, topk_hits, unpadded_rows
+from w2ssl.metrics import stats_text, topk_hits
 from w2ssl.probe_model import build_model, changed_weights
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
@@ -111,15 +111,6 @@ def test_topk_hits_by_hand():
     assert topk_hits(logits, target).tolist() == [1, 2]
     # Three classes: "top-5" is top-3.
     assert topk_hits(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2])).tolist() == [0, 1]
-
-
-def test_unpadded_rows_drop_distributed_sampler_padding():
-    # 9 samples on 2 ranks: rank 0 reads 0,2,4,6,8; rank 1 reads 1,3,5,7 and then 0 again (padding).
-    cpu = torch.device("cpu")
-    assert unpadded_rows(0, 5, 0, 2, 9, cpu).tolist() == [True] * 5
-    assert unpadded_rows(0, 3, 1, 2, 9, cpu).tolist() == [True] * 3
-    assert unpadded_rows(3, 2, 1, 2, 9, cpu).tolist() == [True, False]
-    assert unpadded_rows(0, 4, 0, 1, 4, cpu).all()
 
 
 def test_stats_text():

@@ -327,7 +327,7 @@ def _outputs_from_targets(dataset, keep) -> tuple[list, list]:
     """Detections equal to the ground truth (score 1, masks as probabilities) for objects ``keep`` picks."""
     bbox, segm = [], []
     for i in range(len(dataset)):
-        _, t = dataset[i]
+        _, t, _ = dataset[i]
         sel = torch.tensor([keep(t["image_id"], k) for k in range(len(t["labels"]))], dtype=torch.bool)
         out = {"boxes": t["boxes"][sel], "labels": t["labels"][sel], "scores": torch.ones(int(sel.sum())),
                "masks": t["masks"][sel, None].float()}

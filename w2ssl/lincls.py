@@ -139,7 +139,7 @@ class LinearProbe:
         D.barrier()
 
     def resume(self) -> None:
-        path = self._resume_path()
+        path = resume_path(self.args)
         if path is not None:
             state = load_probe(path, self.args.trust_checkpoint)
             if state.get("arch", self.args.arch) != self.args.arch:
@@ -159,9 +159,6 @@ class LinearProbe:
         elif path is not None and changed_weights(self.model.state_dict(), self.reference):
             raise UserError(f"--resume {path} holds another trunk than --pretrained {self.args.pretrained}: "
                             f"pass the pair from the same run (or drop --pretrained)")
-
-    def _resume_path(self) -> Path | None:
-        return resume_path(self.args)
 
     def sanity_check(self) -> None:
         """Fail loudly if any trunk parameter or BatchNorm statistic moved (a bug, not bad input)."""
