@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from tests.conftest import write_folder
+from tests.helpers import TINY, run_script
 from w2ssl.data import BadImages
 from w2ssl.encoder import GridTrunk
 from w2ssl.errors import UserError
@@ -245,3 +246,19 @@ def test_extract_features_merges_labelled_shards_without_unreadable_images(tmp_p
         feats, got_labels = torch.load(tmp_path / f"labelled{rank}.pt")
         torch.testing.assert_close(feats, expected, atol=1e-5, rtol=0)
         assert torch.equal(got_labels, labels)
+
+
+@pytest.mark.slow
+def test_pretraining_knn_every_skips_an_unreadable_image(image_root, tmp_path):
+    knn = tmp_path / "knn"
+    write_folder(knn / "train", classes=3, per_class=2, size=(20, 20))
+    write_folder(knn / "val", classes=3, per_class=2, size=(20, 20), seed=1)
+    (knn / "val" / "class1" / "0.jpg").write_bytes(b"junk")
+    common = [image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--knn-every", "1", "--knn-data", knn,
+              "--knn-size", "16"]
+    res = run_script("main_moco.py", *common, "--save-dir", tmp_path / "out", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "k=200 (clamped to the 6 training images) acc1" in res.stdout
+    assert "(6 train, 5 val images; 1 unreadable skipped)" in res.stdout
+    strict = run_script("main_moco.py", *common, "--strict-data", "--save-dir", tmp_path / "strict", timeout=300)
+    assert strict.returncode == 2 and strict.stderr.startswith("error: unreadable image file "), strict.stderr
