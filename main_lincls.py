@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from w2ssl import cli
+from w2ssl.checkpoint import DEFAULT_ARCH, check_resume_path, file_sha256
 from w2ssl.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.lincls import worker
+from w2ssl.probe_folder import check_probe_folder, load_probe, no_weights_message, resume_path
 from w2ssl.probe_model import load_pretrained
 
 JOINED_FLAG = "--multiprocessing-distributed"
@@ -21,7 +23,8 @@ JOINED_FLAG = "--multiprocessing-distributed"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Linear classification on frozen W2SSL / MoCo v3 features")
-    cli.add_common(parser, batch_size=256, lr=0.1, wd=0.0, epochs=100, print_freq=10, save_dir="outputs/lincls")
+    cli.add_common(parser, batch_size=256, lr=0.1, wd=0.0, epochs=100, print_freq=10, save_dir="outputs/lincls",
+                   arch=None, resume="auto")
     probe = parser.add_argument_group("linear probe")
     probe.add_argument("--pretrained", default="", metavar="CKPT",
                        help="pre-training checkpoint (ours, the authors' W2SSL or MoCo v3's) whose trunk is probed")
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extract frozen features once, then train fc on them (fast; no per-epoch augmentation)")
     mode.add_argument("--knn", action="store_true",
                       help="weighted kNN accuracy (k=20 and 200, T=0.07) of the --pretrained trunk instead of a probe")
+    probe.add_argument("--strict-data", action="store_true",
+                       help="stop at the first unreadable image instead of skipping it (and counting it)")
     probe.add_argument("--cached-aug", default=0, type=int, metavar="K",
                        help="with --cached: also cache K augmented passes over DATA/train, one drawn per image "
                             "and epoch")
@@ -75,14 +80,17 @@ def check(args: argparse.Namespace, world_size: int) -> None:
         raise UserError("-e/--evaluate evaluates the full model: drop --cached/--knn")
     if args.knn and not args.pretrained:
         raise UserError("--knn needs --pretrained CKPT (the trunk to evaluate)")
-    resuming = args.resume not in ("", "none")
-    if not (args.pretrained or resuming):
-        raise UserError("no weights given: pass --pretrained CKPT (a pre-training checkpoint) or --resume a "
-                        "linear-probe checkpoint")
-    if resuming and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume} does not exist: pass a checkpoint file or 'auto'")
-    if args.pretrained:
-        load_pretrained(args.pretrained, args.arch, args.trust_checkpoint)  # a clear error before any process starts
+    check_resume_path(args.resume)
+    resume = None if args.knn else resume_path(args)
+    if args.pretrained:  # a clear error before any process starts, and the checkpoint's own --arch
+        _, args.arch = load_pretrained(args.pretrained, args.arch, args.trust_checkpoint)
+        args.pretrained_sha256 = file_sha256(args.pretrained)
+        if not (args.knn or args.evaluate):
+            check_probe_folder(args)
+    elif resume is None:
+        raise UserError(no_weights_message(args))
+    else:
+        args.arch = args.arch or load_probe(resume, args.trust_checkpoint).get("arch") or DEFAULT_ARCH
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from w2ssl import cli, demo
+from w2ssl.checkpoint import check_resume_path
 from w2ssl.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.pretrain import train
@@ -76,8 +77,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
                         "one: drop --max-iters (or run bench/e2e.py for throughput)")
     if args.knn_every and not (args.knn_data and (Path(args.knn_data) / "val").is_dir()):
         raise UserError("--knn-every needs --knn-data DIR with DIR/train and DIR/val labelled image folders")
-    if args.resume not in ("", "auto", "none") and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume} does not exist: pass a checkpoint file or 'auto'")
+    check_resume_path(args.resume)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,20 +1,31 @@
+import argparse
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
 import torchvision
 
+import main_moco
+from tests.helpers import TINY
+from w2ssl import cli
 from w2ssl.checkpoint import (
+    check_resume_path,
     check_trunk,
     extract_trunk,
     find_resumable,
+    kind,
     load,
     load_into,
+    load_pretraining,
     load_trunk,
     prune,
+    read_trunk,
     save_all,
     save_atomic,
+    stored_arch,
+    trunk_arch,
 )
 from w2ssl.errors import UserError
 
@@ -58,8 +69,24 @@ def test_linear_probe_and_wrong_arch_are_refused():
     probe = {"state_dict": {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}
     with pytest.raises(UserError, match="linear-probe"):
         extract_trunk(probe)
-    with pytest.raises(UserError, match="--arch resnet50"):
+    with pytest.raises(UserError, match="trunk is a resnet18 but --arch resnet50 was given"):
         check_trunk(trunk, "resnet50")
+    with pytest.raises(UserError, match=r"does not match --arch resnet18 \(missing 'layer1.0.conv1.weight'"):
+        check_trunk({k: v for k, v in trunk.items() if not k.startswith("layer1.0.conv1")}, "resnet18")
+
+
+@pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
+def test_arch_is_the_checkpoints_own(layout, tmp_path):
+    """The weights' shapes decide; the arch field or the saved arguments only when they cannot."""
+    trunk, ckpts = layouts()
+    save_atomic({**ckpts[layout], "arch": "resnet50"}, tmp_path / "c.pth.tar")  # a wrong field is overruled
+    assert read_trunk(tmp_path / "c.pth.tar")[1] == "resnet18"
+    assert stored_arch({"arch": "resnet34"}) == "resnet34"
+    assert stored_arch({"args": {"arch": "resnet101"}}) == "resnet101"
+    assert stored_arch({"args": argparse.Namespace(arch="resnet152")}) == "resnet152"
+    assert stored_arch({"arch": "vit_base", "args": {}}) is None
+    odd = {**trunk, "extra.weight": torch.zeros(1)}  # no torchvision trunk: fall back to what the file says
+    assert trunk_arch(odd, {"args": {"arch": "resnet34"}}) == "resnet34" and trunk_arch(odd, {}) is None
 
 
 def test_unsafe_pickle_is_refused_unless_trusted(tmp_path):
@@ -67,9 +94,13 @@ def test_unsafe_pickle_is_refused_unless_trusted(tmp_path):
     torch.save({"state_dict": {}, "payload": Exploit()}, path)
     if os.path.exists("/tmp/w2ssl_pwned"):
         os.remove("/tmp/w2ssl_pwned")
-    with pytest.raises(UserError, match="--trust-checkpoint"):
+    with pytest.raises(UserError, match=r"needs --trust-checkpoint \(only for files you trust"):
         load(path)
     assert not os.path.exists("/tmp/w2ssl_pwned")
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pth.tar")
+    with pytest.raises(UserError, match="needs --trust-checkpoint"):
+        load(tmp_path / "args.pth.tar")
+    assert load(tmp_path / "args.pth.tar", trust=True)["args"].lr == 0.1
 
 
 def test_missing_truncated_and_garbage_files(tmp_path):
@@ -83,14 +114,49 @@ def test_missing_truncated_and_garbage_files(tmp_path):
         load(truncated)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"hello, not a checkpoint")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
         load(garbage)
-    (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(UserError, match="corrupt"):
-        load(tmp_path / "pickle.pth")
+    garbage.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                        .numpy().tobytes())
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        load(garbage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol 4" must not leak
+        (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+        with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+            load(tmp_path / "pickle.pth")
+        # Pickle protocol 4 is beyond torch's weights-only unpickler: a file to trust, not a corrupt one.
+        torch.save({"w": torch.ones(3)}, tmp_path / "zip4.pth", pickle_protocol=4)
+        torch.save({"w": torch.ones(3)}, tmp_path / "legacy4.pth", _use_new_zipfile_serialization=False,
+                   pickle_protocol=4)
+        for name in ("zip4.pth", "legacy4.pth"):
+            with pytest.raises(UserError, match=r"needs --trust-checkpoint \(only for files you trust"):
+                load(tmp_path / name)
+            assert torch.equal(load(tmp_path / name, trust=True)["w"], torch.ones(3))
+        torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+        assert torch.equal(load(tmp_path / "legacy.pth")["w"], torch.ones(3))
+        (tmp_path / "legacy.pth").write_bytes((tmp_path / "legacy.pth").read_bytes()[:40])
+        with pytest.raises(UserError, match="truncated or corrupt"):
+            load(tmp_path / "legacy.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(UserError, match="is empty"):
+        load(tmp_path / "empty.pth")
+    with pytest.raises(UserError, match="is a directory: pass a checkpoint file in it"):
+        load(tmp_path)
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(UserError, match="not a dict"):
         load(tmp_path / "list.pth")
+
+
+def test_kind_names_what_a_file_is():
+    trunk, ckpts = layouts()
+    assert kind(ckpts["ours"]) == kind(ckpts["authors"]) == "a pre-training checkpoint"
+    assert kind({"epoch": 9, "best_acc1": 50.0, "state_dict": {"conv1.weight": 0, "fc.weight": 0}}).startswith(
+        "a linear-probe checkpoint")
+    assert kind({"state_dict": {"module.conv1.weight": 0, "module.fc.weight": 0}}).startswith("a linear-probe")
+    assert kind(trunk).startswith("an exported trunk")
+    assert kind({"model": {}, "iter": 3}).startswith("a detector checkpoint")
+    assert kind({f"k{i}": i for i in range(50)}) == "a dict with keys 'k0', 'k1', 'k10' and 47 more"
 
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -114,11 +180,15 @@ def test_find_resumable_skips_corrupt_newest(tmp_path):
     newest = tmp_path / "checkpoint_last.pth.tar"
     newest.write_bytes(b"PK\x03\x04 truncated")
     os.utime(newest, (2e9, 2e9))
-    warnings = []
-    path, ckpt = find_resumable(tmp_path, warn=warnings.append)
+    said = []
+    path, ckpt = find_resumable(tmp_path, warn=said.append)
     assert path.name == "checkpoint_0000.pth.tar" and ckpt["epoch"] == 1
-    assert len(warnings) == 1 and "checkpoint_last" in warnings[0]
+    assert len(said) == 1 and "checkpoint_last" in said[0] and said[0].endswith("trying checkpoint_0000.pth.tar")
     assert find_resumable(tmp_path / "empty") is None
+    (tmp_path / "checkpoint_0000.pth.tar").unlink()
+    said = []
+    assert find_resumable(tmp_path, warn=said.append) is None
+    assert len(said) == 1 and said[0].endswith("no older checkpoint left")
 
 
 def test_prune_keeps_newest_epochs(tmp_path):
@@ -138,7 +208,57 @@ def test_save_all_explains_a_failed_write(tmp_path):
 
 def test_load_into_names_the_mismatch():
     model = torch.nn.Linear(3, 2)
-    with pytest.raises(UserError, match=r"checkpoint c.pth does not fit --arch x: .*size mismatch"):
+    with pytest.raises(UserError, match=r"checkpoint c.pth does not fit --arch x: shape of weight is \(4, 3\), "
+                                        r"expected \(2, 3\)"):
         load_into(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, "c.pth", "--arch x")
+    # A wholly different model: a few key names, never the whole list.
+    big = torchvision.models.resnet50()
+    with pytest.raises(UserError) as e:
+        load_into(big, torchvision.models.resnet18().state_dict(), "c.pth", "resnet50")
+    assert len(str(e.value)) < 300 and "and 195 more" in str(e.value)
     load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
     assert torch.equal(model.weight, torch.ones(2, 3))
+
+
+def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
+    trunk, ckpts = layouts()
+    save_atomic(trunk, tmp_path / "export.pth")
+    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {},
+                 "state_dict": torchvision.models.resnet50().state_dict()}
+    save_atomic(big_probe, tmp_path / "probe.pth.tar")
+    save_atomic(ckpts["authors"], tmp_path / "authors.pth.tar")
+    with pytest.raises(UserError, match=r"--resume .*export.pth is an exported trunk .* not a pre-training checkpoint"):
+        load_pretraining(tmp_path / "export.pth")
+    with pytest.raises(UserError) as e:
+        load_pretraining(tmp_path / "probe.pth.tar")
+    assert "is a linear-probe checkpoint (main_lincls.py), not a pre-training" in str(e.value)
+    assert len(str(e.value)) < 300  # never the key list
+    with pytest.raises(UserError, match="without epoch or optimizer"):
+        load_pretraining(tmp_path / "authors.pth.tar")
+    save_atomic({**ckpts["ours"], "optimizer": {}}, tmp_path / "ours.pth.tar")
+    assert load_pretraining(tmp_path / "ours.pth.tar")["epoch"] == 3
+    check_resume_path("auto")
+    check_resume_path(str(tmp_path / "ours.pth.tar"))
+    with pytest.raises(UserError, match="is a directory: pass a checkpoint file in it, or --resume auto"):
+        check_resume_path(str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        check_resume_path(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("case", ["export", "probe", "directory"])
+def test_main_moco_resume_of_another_kind_of_file_is_one_line(image_root, tmp_path, capsys, case):
+    trunk, _ = layouts()
+    save_atomic(trunk, tmp_path / "export.pth")
+    probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": torchvision.models.resnet18().state_dict()}
+    save_atomic(probe, tmp_path / "probe.pth.tar")
+    resume, message = {"export": (tmp_path / "export.pth", "is an exported trunk"),
+                       "probe": (tmp_path / "probe.pth.tar", "is a linear-probe checkpoint"),
+                       "directory": (tmp_path, "is a directory")}[case]
+    argv = [str(image_root), *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", str(tmp_path / "out"),
+            "--resume", str(resume)]
+    try:
+        code = cli.run_main(main_moco.main, argv)
+    except SystemExit as e:  # errors found in the worker exit through _run_worker
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume ") and message in err, err

@@ -5,7 +5,17 @@ import torch
 from PIL import Image
 
 from w2ssl.augment import FourCrop
-from w2ssl.data import PretrainDataset, ResumableSampler, image_folder, make_loader, sample_seed
+from w2ssl.data import (
+    BadImages,
+    LabelledFolder,
+    PretrainDataset,
+    ResumableSampler,
+    collate_readable,
+    image_folder,
+    labelled_loader,
+    make_loader,
+    sample_seed,
+)
 from w2ssl.errors import UserError
 
 
@@ -116,10 +126,68 @@ def test_dataset_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         image_folder(tmp_path / "missing")
     (tmp_path / "empty" / "c").mkdir(parents=True)
-    with pytest.raises(UserError, match="no images"):
+    with pytest.raises(UserError, match="has no images in its 1 class sub-folders"):
         image_folder(tmp_path / "empty")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="has no class sub-folders"):
+        image_folder(tmp_path / "flat")
     d = tmp_path / "junk" / "c"
     d.mkdir(parents=True)
     (d / "x.jpg").write_bytes(b"junk")
     with pytest.raises(UserError, match="none of the 1 image files"):
         PretrainDataset(tmp_path / "junk", None, seed=0).check_readable()
+
+
+def test_empty_class_folder_is_a_warning_not_an_error(tmp_path, capsys):
+    for name in ("a", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "train" / name / "x.jpg")
+    (tmp_path / "train" / "b").mkdir()
+    said = []
+    folder = image_folder(tmp_path / "train", warn=said.append)
+    assert len(folder.samples) == 2 and folder.classes == ["a", "b", "c"]  # labels keep their indices
+    assert said == [f"training folder {tmp_path / 'train'}: class folder(s) 'b' hold no images; going on with the "
+                    f"2 images of the other 2"]
+    assert len(PretrainDataset(tmp_path / "train", None, seed=0)) == 2  # pre-training needs no labels
+    assert "WARNING: training folder" in capsys.readouterr().err
+
+
+def _bad_folder(tmp_path):
+    d = tmp_path / "val"
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (d / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(d / name / "0.png")
+        Image.new("RGB", (8, 8), colour).save(d / name / "2.png")
+    (d / "a" / "1.png").write_bytes(b"junk")
+    return d
+
+
+def test_labelled_folder_drops_or_replaces_unreadable_images(tmp_path):
+    d = _bad_folder(tmp_path)
+    colour = lambda img: img.getpixel((0, 0))  # noqa: E731
+    dropped = LabelledFolder(d, colour, "validation", substitute=False)
+    assert dropped[1] == (None, 0, 1, str(d / "a" / "1.png"))
+    replaced = LabelledFolder(d, colour, "training", substitute=True)
+    assert replaced[1] == ((255, 0, 0), 0, 1, str(d / "a" / "1.png"))  # the next readable image, with its label
+    images, targets, indices, bad = collate_readable([(torch.zeros(1), 0, 0, ""), dropped[1],
+                                                      (torch.ones(1), 1, 3, "")])
+    assert images.tolist() == [[0.0], [1.0]] and targets.tolist() == [0, 1] and indices.tolist() == [0, 3]
+    assert bad == [str(d / "a" / "1.png")]
+    assert collate_readable([dropped[1]])[0] is None
+
+
+def test_labelled_loader_counts_each_unreadable_file_once(tmp_path):
+    d = _bad_folder(tmp_path)
+    said = []
+    bad = BadImages(warn=said.append)
+    loader, classes = labelled_loader(d, lambda img: torch.zeros(3, 2, 2), 2, 0, False, "validation", bad=bad)
+    for _ in range(2):
+        batches = list(loader)
+        assert [b[2].tolist() for b in batches] == [[0], [2, 3], [4]] and classes == 2
+    assert said == [f"unreadable image file {d / 'a' / '1.png'} skipped (1 so far)"] and len(bad.paths) == 1
+    strict, _ = labelled_loader(d, lambda img: torch.zeros(3, 2, 2), 2, 0, False, "validation",
+                                bad=BadImages(strict=True))
+    with pytest.raises(UserError, match=r"unreadable image file .*1.png: remove or replace it"):
+        list(strict)
+    train, _ = labelled_loader(d, lambda img: torch.zeros(3, 2, 2), 2, 0, False, "training", training=True)
+    assert [len(b[1]) for b in train] == [2, 2, 1]  # training keeps its batch sizes

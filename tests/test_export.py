@@ -94,13 +94,24 @@ def run_error(argv, capsys) -> str:
     return err
 
 
+@pytest.mark.parametrize("layout", [ours, authors, mocov3])
+def test_arch_defaults_to_the_checkpoints_own(tmp_path, layout, capsys):
+    """authors()/mocov3() say arch resnet50 although they hold a resnet18: the weights decide."""
+    trunk = trunk_state("resnet18")
+    torch.save(layout(trunk), tmp_path / "ckpt.pth.tar")
+    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", "torchvision"]) == 0
+    assert "(resnet18 trunk, torchvision keys)" in capsys.readouterr().out
+    check_loads(tmp_path / "out.pth", trunk, "torchvision", "resnet18")
+
+
 def test_bad_file_exits_2(tmp_path, capsys):
     torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
     whole = (tmp_path / "ckpt.pth.tar").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
     assert "truncated" in run_error([tmp_path / "cut.pth", tmp_path / "out.pth", "--to", "torchvision"], capsys)
     (tmp_path / "text.pth").write_bytes(b"not a checkpoint")
-    run_error([tmp_path / "text.pth", tmp_path / "out.pth", "--to", "timm"], capsys)
+    assert "not a PyTorch checkpoint" in run_error([tmp_path / "text.pth", tmp_path / "out.pth", "--to", "timm"],
+                                                   capsys)
     assert "does not exist" in run_error([tmp_path / "nope.pth", tmp_path / "out.pth", "--to", "timm"], capsys)
     assert not (tmp_path / "out.pth").exists()
 
@@ -116,7 +127,8 @@ def test_linear_probe_checkpoint_exits_2(tmp_path, capsys):
 def test_wrong_arch_and_bad_output_exit_2(tmp_path, capsys):
     torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
     ckpt = tmp_path / "ckpt.pth.tar"
-    assert "--arch resnet50" in run_error([ckpt, tmp_path / "out.pth", "--to", "timm"], capsys)
+    err = run_error([ckpt, tmp_path / "out.pth", "--to", "timm", "--arch", "resnet50"], capsys)
+    assert "trunk is a resnet18 but --arch resnet50 was given" in err
     assert "does not exist" in run_error([ckpt, tmp_path / "no" / "out.pth", "--to", "timm", "--arch", "resnet18"],
                                          capsys)
     assert "is a directory" in run_error([ckpt, tmp_path, "--to", "timm", "--arch", "resnet18"], capsys)

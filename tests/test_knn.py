@@ -13,8 +13,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.conftest import write_folder
+from tests.helpers import TINY, run_script
+from w2ssl.data import BadImages
 from w2ssl.encoder import GridTrunk
-from w2ssl.knn import extract_features, format_knn, knn_accuracy, knn_predict, pooled_features
+from w2ssl.errors import UserError
+from w2ssl.knn import (
+    KnnResult,
+    extract_features,
+    folder_loaders,
+    format_knn,
+    knn_accuracy,
+    knn_eval,
+    knn_predict,
+    pooled_features,
+)
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
@@ -79,7 +92,8 @@ def test_knn_accuracy_is_100_on_separable_clusters():
     train_labels, test_labels = torch.arange(4).repeat(60), torch.arange(4).repeat(10)
     train = F.normalize(centres[train_labels] + 0.1 * torch.randn(240, 16, generator=g), dim=1)
     test = F.normalize(centres[test_labels] + 0.1 * torch.randn(40, 16, generator=g), dim=1)
-    assert knn_accuracy(train, train_labels, test, test_labels, 4) == {20: (100.0, 100.0), 200: (100.0, 100.0)}
+    # 4 classes: top-5 would always be 100 %, so it is not reported.
+    assert knn_accuracy(train, train_labels, test, test_labels, 4) == {20: (100.0, None), 200: (100.0, None)}
     # Swapping the test labels must give 0 top-1, proving the labels are actually compared.
     assert knn_accuracy(train, train_labels, test, (test_labels + 1) % 4, 4, ks=(20,))[20][0] == 0.0
 
@@ -95,7 +109,32 @@ def test_knn_rejects_bad_inputs():
 
 
 def test_format_knn():
-    assert format_knn({200: (1.0, 2.0), 20: (3.456, 4.0)}) == "kNN k=20 acc1 3.46 acc5 4.00 | k=200 acc1 1.00 acc5 2.00"
+    assert format_knn(KnnResult({200: (1.0, 2.0), 20: (3.456, 4.0)}, bank=5000, queries=100)) == \
+        "kNN k=20 acc1 3.46 acc5 4.00 | k=200 acc1 1.00 acc5 2.00 (5000 train, 100 val images)"
+    # k above the bank is clamped and says so; no top-5 below 5 classes; unreadable images are counted.
+    assert format_knn(KnnResult({20: (50.0, None), 200: (40.0, None)}, bank=24, queries=12, unreadable=2)) == \
+        ("kNN k=20 acc1 50.00 | k=200 (clamped to the 24 training images) acc1 40.00 "
+         "(24 train, 12 val images; 2 unreadable skipped)")
+
+
+def test_folder_loaders_skip_unreadable_images_and_check_classes(tmp_path):
+    root = tmp_path / "data"
+    write_folder(root / "train", classes=3, per_class=3, size=(20, 20))
+    write_folder(root / "val", classes=3, per_class=2, size=(20, 20), seed=1)
+    (root / "val" / "class1" / "0.jpg").write_bytes(b"not a jpeg")
+    said = []
+    train, val, classes = folder_loaders(root, 16, 4, 0, BadImages(warn=said.append))
+    result = knn_eval(resnet18(), train, val, "cpu", classes)
+    assert (result.bank, result.queries, result.unreadable) == (9, 5, 1)
+    assert result.accuracy[20][1] is None  # 3 classes: no top-5
+    knn_eval(resnet18(), train, val, "cpu", classes)
+    assert said == [f"unreadable image file {root / 'val' / 'class1' / '0.jpg'} skipped (1 so far)"]  # warned once
+    with pytest.raises(UserError, match="unreadable image file .*0.jpg: remove or replace it"):
+        knn_eval(resnet18(), *folder_loaders(root, 16, 4, 0, BadImages(strict=True))[:2], "cpu", classes)
+    (root / "val" / "class2").rename(root / "val" / "other")
+    with pytest.raises(UserError, match=r"same class sub-folders: only in train 'class2' \(3 classes\), only in "
+                                        r"val 'other' \(3 classes\)"):
+        folder_loaders(root, 16, 4, 0)
 
 
 def tiny_data(n=10, size=32, seed=0):
@@ -182,3 +221,44 @@ def test_extract_features_merges_distributed_shards(tmp_path):
             feats, got_labels = torch.load(tmp_path / f"rank{rank}_{drop_last}.pt")
             torch.testing.assert_close(feats, expected[kept], atol=1e-5, rtol=0)
             assert torch.equal(got_labels, labels[kept])
+
+
+def _labelled_worker(rank, world, tmp, root):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/labelled_store", rank=rank, world_size=world)
+    try:
+        _, val, _ = folder_loaders(root, 16, 2, 0, BadImages(warn=lambda _: None))
+        torch.save(extract_features(resnet18(), val, "cpu"), f"{tmp}/labelled{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_extract_features_merges_labelled_shards_without_unreadable_images(tmp_path):
+    root = tmp_path / "data"
+    write_folder(root / "train", classes=3, per_class=2, size=(20, 20))
+    write_folder(root / "val", classes=3, per_class=3, size=(20, 20), seed=1)
+    (root / "val" / "class1" / "0.jpg").write_bytes(b"")
+    mp.start_processes(_labelled_worker, args=(2, str(tmp_path), str(root)), nprocs=2, start_method="spawn")
+    _, val, _ = folder_loaders(root, 16, 2, 0, BadImages(warn=lambda _: None))
+    expected, labels = extract_features(resnet18(), val, "cpu")
+    assert len(expected) == 8 and labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    for rank in range(2):  # 9 images on 2 unpadded shards, one unreadable: every process has the 8 others in order
+        feats, got_labels = torch.load(tmp_path / f"labelled{rank}.pt")
+        torch.testing.assert_close(feats, expected, atol=1e-5, rtol=0)
+        assert torch.equal(got_labels, labels)
+
+
+@pytest.mark.slow
+def test_pretraining_knn_every_skips_an_unreadable_image(image_root, tmp_path):
+    knn = tmp_path / "knn"
+    write_folder(knn / "train", classes=3, per_class=2, size=(20, 20))
+    write_folder(knn / "val", classes=3, per_class=2, size=(20, 20), seed=1)
+    (knn / "val" / "class1" / "0.jpg").write_bytes(b"junk")
+    common = [image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--knn-every", "1", "--knn-data", knn,
+              "--knn-size", "16"]
+    res = run_script("main_moco.py", *common, "--save-dir", tmp_path / "out", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "k=200 (clamped to the 6 training images) acc1" in res.stdout
+    assert "(6 train, 5 val images; 1 unreadable skipped)" in res.stdout
+    strict = run_script("main_moco.py", *common, "--strict-data", "--save-dir", tmp_path / "strict", timeout=300)
+    assert strict.returncode == 2 and strict.stderr.startswith("error: unreadable image file "), strict.stderr

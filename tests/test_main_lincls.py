@@ -1,5 +1,6 @@
 """Linear probe (main_lincls.py): the published command line, checkpoint layouts, pure helpers, and
 end-to-end runs on a tiny JPEG folder (full, resumed, evaluate-only, cached, kNN, torchrun) on the CPU."""
+import hashlib
 import math
 import re
 import shlex
@@ -17,14 +18,14 @@ from w2ssl import cli
 from w2ssl.checkpoint import load_trunk, save_atomic
 from w2ssl.distributed import Context
 from w2ssl.lincls import LinearProbe
-from w2ssl.metrics import stats_text, topk_hits, unpadded_rows
+from w2ssl.metrics import stats_text, topk_hits
 from w2ssl.probe_model import build_model, changed_weights
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"
              "distributed --world-size 1 --rank 0 --print-freq 100 --pretrained checkpoint_0199.pth.tar DATA")
 PROBE = ["-a", "resnet18", "--input-size", "64", "-b", "8", "--workers", "0", "--seed", "0", "--print-freq", "1"]
-ACC = re.compile(r"^ \* Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+)$", re.M)
+ACC = re.compile(r"^ \* Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+) over \d+ val images$", re.M)
 
 
 def published_command() -> str:
@@ -79,7 +80,7 @@ def test_published_command_parses_unchanged():
     assert (args.pretrained, args.data) == ("checkpoint_0199.pth.tar", "DATA")
     # MoCo v3's defaults for the rest.
     assert (args.lr, args.momentum, args.weight_decay, args.start_epoch, args.resume, args.evaluate) == \
-        (0.1, 0.9, 0.0, 0, "", False)
+        (0.1, 0.9, 0.0, 0, "auto", False)
     assert (args.input_size, args.cached, args.knn, args.seed, args.gpu) == (224, False, False, None, None)
 
 
@@ -110,15 +111,6 @@ def test_topk_hits_by_hand():
     assert topk_hits(logits, target).tolist() == [1, 2]
     # Three classes: "top-5" is top-3.
     assert topk_hits(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2])).tolist() == [0, 1]
-
-
-def test_unpadded_rows_drop_distributed_sampler_padding():
-    # 9 samples on 2 ranks: rank 0 reads 0,2,4,6,8; rank 1 reads 1,3,5,7 and then 0 again (padding).
-    cpu = torch.device("cpu")
-    assert unpadded_rows(0, 5, 0, 2, 9, cpu).tolist() == [True] * 5
-    assert unpadded_rows(0, 3, 1, 2, 9, cpu).tolist() == [True] * 3
-    assert unpadded_rows(3, 2, 1, 2, 9, cpu).tolist() == [True, False]
-    assert unpadded_rows(0, 4, 0, 1, 4, cpu).all()
 
 
 def test_stats_text():
@@ -173,12 +165,12 @@ def bad_pretrained(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return ["--pretrained", tmp_path / "lin.pth.tar"], r"linear-probe .*module\.bn1"
     if case == "random file":
         (tmp_path / "random.pth.tar").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-        return ["--pretrained", tmp_path / "random.pth.tar"], "truncated or corrupt"
+        return ["--pretrained", tmp_path / "random.pth.tar"], "not a PyTorch checkpoint"
     if case == "missing path":
         return ["--pretrained", tmp_path / "nowhere.pth.tar"], "nowhere.pth.tar does not exist"
     if case == "mismatched arch":
         save_atomic(layout("authors", random_trunk()), tmp_path / "r18.pth.tar")
-        return ["--pretrained", tmp_path / "r18.pth.tar", "-a", "resnet34"], "does not match --arch resnet34"
+        return ["--pretrained", tmp_path / "r18.pth.tar", "-a", "resnet34"], "trunk is a resnet18 but --arch resnet34"
     raise ValueError(case)
 
 
@@ -237,7 +229,7 @@ def test_full_probe_two_epochs(probe_run, pretrained):
     assert "Epoch: [1][2/3]" in (out / "log.txt").read_text()
 
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert (ckpt["epoch"], ckpt["arch"], ckpt["best_acc1"]) == (2, "resnet18", max(accs))
+    assert (ckpt["epoch"], ckpt["arch"]) == (2, "resnet18") and ckpt["best_acc1"] == pytest.approx(max(accs), abs=1e-3)
     assert ckpt["args"]["input_size"] == 64 and ckpt["args"]["pretrained"] == str(pretrained)
     sd = ckpt["state_dict"]
     assert "conv1.weight" in sd and sd["fc.weight"].shape == (3, 512) and not any(k.startswith("module.") for k in sd)
@@ -292,7 +284,7 @@ def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, c
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 2 and changed_weights(ckpt["state_dict"], load_trunk(pretrained, "resnet18")) == []
     # The cached center-crop features are the trunk's (float16-rounded).
-    images, _ = next(iter(probe.val_loader))
+    images, *_ = next(iter(probe.val_loader))
     assert torch.allclose(probe.cache.val[:8].float(), probe.trunk_features(images), rtol=2e-3, atol=1e-3)
 
 
@@ -309,9 +301,10 @@ def test_knn(image_root, pretrained, tmp_path, capsys):
     code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "--input-size", "32", "--knn",
                                       "--pretrained", pretrained, "--save-dir", tmp_path)
     assert code == 0, err
-    m = re.search(r"kNN k=20 acc1 (\d+\.\d+) acc5 (\d+\.\d+) \| k=200 acc1 (\d+\.\d+) acc5 (\d+\.\d+)", stdout)
-    assert m and all(0 <= float(v) <= 100 for v in m.groups())
-    assert "24 train, 12 val images" in stdout
+    # 3 classes: no top-5 (always 100 %); k=200 is more than the 24 training images: clamped, and said so.
+    m = re.search(r"kNN k=20 acc1 (\d+\.\d+) \| k=200 \(clamped to the 24 training images\) acc1 (\d+\.\d+) "
+                  r"\(24 train, 12 val images\) of ", stdout)
+    assert m and all(0 <= float(v) <= 100 for v in m.groups()), stdout
 
 
 def test_torchrun_two_processes_count_every_val_image_once(image_root, pretrained, tmp_path, capsys):
@@ -332,3 +325,98 @@ def test_torchrun_two_processes_count_every_val_image_once(image_root, pretraine
                                       "--save-dir", tmp_path / "eval")
     assert code == 0, err
     assert ACC.findall(stdout) == distributed
+
+
+# ----------------------------------------------------------------- unreadable images, probe folders, arch
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    """A pre-training checkpoint of a random resnet18 trunk (no pre-training run needed)."""
+    save_atomic(layout("ours", random_trunk()), tmp_path / "synthetic.pth.tar")
+    return tmp_path / "synthetic.pth.tar"
+
+
+@pytest.fixture
+def bad_data(tmp_path) -> Path:
+    """12 train / 9 val images of 3 classes, one unreadable file in each split."""
+    data = tmp_path / "bad_data"
+    write_folder(data / "train", per_class=4, seed=3)
+    write_folder(data / "val", per_class=3, seed=4)
+    (data / "train" / "class0" / "1.jpg").write_bytes(b"not a jpeg")
+    (data / "val" / "class2" / "0.jpg").write_bytes(b"")
+    return data
+
+
+@pytest.mark.parametrize("mode", [[], ["--cached"], ["--knn"]])
+def test_unreadable_images_are_skipped_counted_and_warned_once(bad_data, synthetic, tmp_path, capsys, mode):
+    code, out, err = run_inprocess(capsys, bad_data, *PROBE, "--epochs", "2", *mode, "--pretrained", synthetic,
+                                   "--save-dir", tmp_path / "out")
+    assert code == 0, err
+    bad_val, bad_train = bad_data / "val" / "class2" / "0.jpg", bad_data / "train" / "class0" / "1.jpg"
+    assert out.count(f"WARNING: unreadable image file {bad_val} skipped") == 1  # once, though read every epoch
+    if mode == ["--knn"]:
+        assert "(11 train, 8 val images; 2 unreadable skipped)" in out
+        return
+    assert out.count(f"WARNING: unreadable image file {bad_train} skipped") == 1
+    assert out.count(" over 8 of 9 val images (1 unreadable skipped)") == 2
+
+
+@pytest.mark.parametrize("mode", [[], ["--knn"]])
+def test_strict_data_stops_at_the_first_unreadable_image(bad_data, synthetic, tmp_path, capsys, mode):
+    code, _, err = run_inprocess(capsys, bad_data, *PROBE, *mode, "--strict-data", "--pretrained", synthetic,
+                                 "--save-dir", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: unreadable image file "), err
+    assert "drop --strict-data" in lines[0]
+
+
+def test_knn_refuses_different_classes(image_root, synthetic, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(image_root / "train")
+    write_folder(data / "val", classes=1, per_class=2)
+    (data / "val" / "class0").rename(data / "val" / "cat")
+    code, _, err = run_inprocess(capsys, data, *PROBE, "--knn", "--pretrained", synthetic, "--save-dir", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "only in val 'cat' (1 classes)" in err, err
+
+
+def test_probe_folder_records_its_pretrained_file_and_refuses_another(image_root, synthetic, tmp_path, capsys):
+    out = tmp_path / "probe"
+    no_arch = [a for a in PROBE if a not in ("-a", "resnet18")]  # the checkpoint's own arch
+    code, stdout, err = run_inprocess(capsys, image_root, *no_arch, "--epochs", "1", "--pretrained", synthetic,
+                                      "--save-dir", out)
+    assert code == 0, err
+    sha = hashlib.sha256(synthetic.read_bytes()).hexdigest()
+    assert f"=> probing {synthetic.resolve()} (sha256 {sha})" in (out / "log.txt").read_text()
+    assert sha.encode() in b"".join(p.read_bytes() for p in (out / "tb").glob("events.out.tfevents.*"))
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["pretrained"] == {"path": str(synthetic.resolve()), "sha256": sha} and ckpt["arch"] == "resnet18"
+    # Run again: --resume auto continues the probe.
+    code, stdout, err = run_inprocess(capsys, image_root, *no_arch, "--epochs", "2", "--pretrained", synthetic,
+                                      "--save-dir", out)
+    assert code == 0 and "resumed from" in stdout and "Epoch: [0]" not in stdout, err
+    # Another pre-trained file in the same folder: refused, naming both, nothing written.
+    other = tmp_path / "other.pth.tar"
+    save_atomic(layout("ours", {k: v + 1 for k, v in random_trunk().items()}), other)
+    before = (out / "checkpoint.pth.tar").read_bytes()
+    code, _, err = run_inprocess(capsys, image_root, *no_arch, "--pretrained", other, "--save-dir", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"holds a probe of {synthetic.resolve()} (sha256 {sha}), not of --pretrained {other.resolve()}" in err
+    assert (out / "checkpoint.pth.tar").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["export", "directory", "pre-training"])
+def test_resume_of_another_kind_of_file_is_one_line(image_root, synthetic, tmp_path, capsys, case):
+    export = tmp_path / "r18.pth"
+    save_atomic(load_trunk(synthetic), export)
+    resume, message = {"export": (export, "is an exported trunk"),
+                       "directory": (tmp_path, "is a directory: pass a checkpoint file in it"),
+                       "pre-training": (synthetic, "is a pre-training checkpoint, not a linear-probe")}[case]
+    code, _, err = run_inprocess(capsys, image_root, *PROBE, "--resume", resume, "--save-dir", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_flag_without_a_gpu_exits_2(image_root, synthetic, tmp_path, capsys):
+    code, _, err = run_inprocess(capsys, image_root, *PROBE, "--gpu", "0", "--knn", "--pretrained", synthetic,
+                                 "--save-dir", tmp_path)
+    assert code == 2 and err == "error: --gpu 0 but no GPU is visible: drop --gpu to run on the CPU\n"

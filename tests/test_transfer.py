@@ -155,7 +155,8 @@ def test_detectron2_name_rejects_unknown_keys():
 
 def test_converter_user_errors(r18_ckpt, tmp_path, capsys):
     bad = [([str(r18_ckpt), str(tmp_path / "out.pth")], "must end in .pkl"),
-           ([str(r18_ckpt), str(tmp_path / "out.pkl")], "does not match --arch resnet50"),
+           ([str(r18_ckpt), str(tmp_path / "out.pkl"), "--arch", "resnet50"],
+            "trunk is a resnet18 but --arch resnet50 was given"),
            ([str(tmp_path / "missing.pth.tar"), str(tmp_path / "out.pkl")], "does not exist"),
            ([str(r18_ckpt), str(tmp_path / "no" / "out.pkl")], "create it first")]
     probe = tmp_path / "probe.pth.tar"
@@ -169,9 +170,11 @@ def test_converter_user_errors(r18_ckpt, tmp_path, capsys):
 
 
 def test_converter_runs_as_a_script_from_any_folder(r18_ckpt, tmp_path):
+    """No --arch: the checkpoint's own (resnet18, read from its weights) is used."""
     run = subprocess.run([sys.executable, str(TRANSFER / "convert-pretrain-to-detectron2.py"), str(r18_ckpt),
-                          "out.pkl", "--arch", "resnet18"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          "out.pkl"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    assert "resnet18 trunk tensors" in run.stdout
     with open(tmp_path / "out.pkl", "rb") as f:
         model = pickle.load(f)["model"]
     assert len(model) == 100 and "res5.1.conv2.norm.running_var" in model  # resnet18: 20 convs + 20 norms
@@ -281,9 +284,9 @@ def test_dataset_targets_labels_and_filtering(det_data):
     ann, images = det_data
     val = coco_data.CocoDetection(ann, images, train=False, masks=True)
     assert val.ids == [1, 2, 3, 4] and val.label_of == {RED: 1, BLUE: 2} and val.num_classes == 3
-    image, target = val[2]  # image 3: the crowd box is not a target
+    image, target, bad = val[2]  # image 3: the crowd box is not a target
     assert image.shape == (3, SIZE[1], SIZE[0]) and 0 <= image.min() and image.max() <= 1
-    assert target["image_id"] == 3 and target["labels"].tolist() == [2]
+    assert target["image_id"] == 3 and target["labels"].tolist() == [2] and bad == []
     assert target["boxes"].tolist() == [[4.0, 4.0, 44.0, 32.0]]
     mask = target["masks"][0]
     assert mask.shape == (SIZE[1], SIZE[0]) and mask[:, 45:].sum() == 0 and mask[33:].sum() == 0
@@ -324,7 +327,7 @@ def _outputs_from_targets(dataset, keep) -> tuple[list, list]:
     """Detections equal to the ground truth (score 1, masks as probabilities) for objects ``keep`` picks."""
     bbox, segm = [], []
     for i in range(len(dataset)):
-        _, t = dataset[i]
+        _, t, _ = dataset[i]
         sel = torch.tensor([keep(t["image_id"], k) for k in range(len(t["labels"]))], dtype=torch.bool)
         out = {"boxes": t["boxes"][sel], "labels": t["labels"][sel], "scores": torch.ones(int(sel.sum())),
                "masks": t["masks"][sel, None].float()}
@@ -404,7 +407,7 @@ SMALL = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_b
 
 
 def _batch(dataset, n: int):
-    return coco_data.collate([dataset[i] for i in range(n)])
+    return coco_data.collate([dataset[i] for i in range(n)])[:2]
 
 
 def test_faster_rcnn_losses_finite_and_decreasing_on_a_repeated_batch(det_data, r18):
@@ -460,7 +463,7 @@ def test_train_step_refuses_a_non_finite_loss(det_data, r18):
 
 def _cli(det_data, ckpt, out, *extra, val: bool = True) -> list[str]:
     ann, images = det_data
-    return ["--checkpoint", str(ckpt), "--arch", "resnet18", "--train-json", str(ann), "--train-images", str(images),
+    return ["--checkpoint", str(ckpt), "--train-json", str(ann), "--train-images", str(images),
             *(["--val-json", str(ann), "--val-images", str(images)] if val else []), "--output-dir", str(out),
             "--min-size", "64", "--max-size", "96", "--batch-size", "2", "--workers", "0", "--device", "cpu",
             "--norm", "frozen", "--trainable-layers", "2", "--roi-batch-size", "32", "--lr", "0.001",
@@ -494,12 +497,41 @@ def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, cap
     assert "does not fit this run" in capsys.readouterr().err
 
 
+def test_finetune_skips_an_unreadable_image(det_data, r18_ckpt, tmp_path, capsys):
+    ann, images = det_data
+    copy = tmp_path / "images"
+    copy.mkdir()
+    for f in images.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "002.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    argv = _cli((ann, copy), r18_ckpt, out, "--iters", "3")
+    assert finetune.main(argv) == 0
+    log = (out / "log.txt").read_text()
+    assert log.count(f"WARNING: unreadable image file {copy / '002.png'} skipped (1 so far)") == 1
+    assert "bbox AP over 3 of 4 images (1 unreadable skipped)" in log
+    assert finetune.main([*argv, "--strict-data", "--output-dir", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: unreadable image file {copy / '002.png'}"), err
+
+
+def test_finetune_non_finite_loss_is_one_line_exit_3(det_data, r18_ckpt, tmp_path, capsys, monkeypatch):
+    def poisoned(*args, **kwargs):
+        raise FloatingPointError("non-finite loss {'loss_classifier': nan}: lower --lr or raise --warmup-iters")
+
+    monkeypatch.setattr(engine, "train_step", poisoned)
+    assert finetune.main(_cli(det_data, r18_ckpt, tmp_path / "run", "--iters", "2", val=False)) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: iteration 1: non-finite loss"), err
+    assert "lower --lr" in err and "then --resume" in err and not (tmp_path / "run" / engine.FINAL).exists()
+
+
 def test_finetune_cli_user_errors(det_data, r18_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     cases = [(["--checkpoint", str(r18_ckpt)], "needs --train-json"),
              (_cli(det_data, r18_ckpt, out, "--steps", "5", "3"), "--steps [5, 3] must be increasing"),
              (_cli(det_data, r18_ckpt, out, "--amp", "bf16"), "needs a CUDA --device"),
-             (_cli(det_data, r18_ckpt, out, "--arch", "resnet50"), "does not match --arch resnet50"),
+             (_cli(det_data, r18_ckpt, out, "--arch", "resnet50"), "trunk is a resnet18 but --arch resnet50"),
              (_cli(det_data, r18_ckpt, tmp_path / "empty", "--eval-only"), "found neither")]
     for argv, message in cases:
         assert finetune.main(argv) == 2

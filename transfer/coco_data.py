@@ -46,11 +46,13 @@ def xyxy_box(ann: dict, width: int, height: int) -> list[float] | None:
 
 
 class CocoDetection(Dataset):
-    """Images of a COCO json as ``(image [3, H, W] float in [0, 1], target dict)``.
+    """Images of a COCO json as ``(image [3, H, W] float in [0, 1], target dict, unreadable paths)``.
 
     ``target``: ``boxes [N, 4]`` float xyxy, ``labels [N]`` int64, ``image_id`` int, and with ``masks``
     ``masks [N, H, W]`` uint8. ``train`` drops images without a usable box and flips half the images
-    horizontally.
+    horizontally. An unreadable image file is listed in the third field: for training it is replaced
+    by the next readable image (batches keep their size), for evaluation the image is None and
+    :func:`collate` drops it.
     """
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, *, train: bool, masks: bool = False):
@@ -90,11 +92,19 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image_id = self.ids[index]
+    def __getitem__(self, index: int) -> tuple[Tensor | None, dict[str, Tensor], list[str]]:
+        bad = []
+        for offset in range(len(self.ids) if self.train else 1):
+            image_id = self.ids[(index + offset) % len(self.ids)]
+            try:
+                with Image.open(self.path(image_id)) as img:
+                    image = pil_to_tensor(img.convert("RGB")).float().div_(255)
+                break
+            except (OSError, ValueError, SyntaxError):
+                bad.append(str(self.path(image_id)))
+        else:
+            return None, {"image_id": self.ids[index]}, bad
         info = self.coco.imgs[image_id]
-        with Image.open(self.path(image_id)) as img:
-            image = pil_to_tensor(img.convert("RGB")).float().div_(255)
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise UserError(f"{self.path(image_id)} is {image.shape[2]}x{image.shape[1]} px but the json says "
                             f"{info['width']}x{info['height']}: fix the json or the image")
@@ -110,7 +120,7 @@ class CocoDetection(Dataset):
             target["masks"] = torch.from_numpy(masks)
         if self.train and torch.rand(()) < 0.5:
             image, target = hflip(image, target)
-        return image, target
+        return image, target, bad
 
 
 def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
@@ -125,9 +135,11 @@ def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
     return image.flip(-1), target
 
 
-def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
-    """Lists of images and targets: the detectors take images of different sizes."""
-    return [b[0] for b in batch], [b[1] for b in batch]
+def collate(batch: list[tuple[Tensor | None, dict, list[str]]]) -> tuple[list[Tensor], list[dict], list[str]]:
+    """Lists of the readable images and their targets (the detectors take images of different sizes), and
+    the unreadable files met."""
+    kept = [b for b in batch if b[0] is not None]
+    return [b[0] for b in kept], [b[1] for b in kept], [path for b in batch for path in b[2]]
 
 
 def train_loader(dataset: CocoDetection, batch_size: int, workers: int, distributed: bool,

@@ -39,10 +39,13 @@ def coco_results(output: dict[str, Tensor], image_id: int, category_of: dict[int
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device,
             category_of: dict[int, int]) -> tuple[list, list, list[int]]:
-    """Run ``model`` in eval mode over ``loader``: COCO box results, mask results, image ids seen."""
+    """Run ``model`` in eval mode over ``loader``'s ``(images, targets, ...)`` batches: COCO box results,
+    mask results, image ids seen."""
     model.eval()
     bbox, segm, ids = [], [], []
-    for images, targets in loader:
+    for images, targets, *_ in loader:
+        if not images:
+            continue
         outputs = model([image.to(device, non_blocking=True) for image in images])
         for output, target in zip(outputs, targets):
             b, s = coco_results(output, target["image_id"], category_of)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert the ResNet trunk of a pre-training checkpoint to a detectron2 weight file.
 
-Usage: ``python transfer/convert-pretrain-to-detectron2.py CKPT OUT.pkl [--arch resnet50]``
+Usage: ``python transfer/convert-pretrain-to-detectron2.py CKPT OUT.pkl [--arch ARCH]``
 
 Reads our checkpoints (``base_encoder.<key>``), the authors' W2SSL and MoCo v3's
 (``module.base_encoder.<key>``); drops every head and the momentum encoder, renames the trunk to
@@ -22,7 +22,7 @@ from torch import Tensor
 # Run as `python transfer/convert-pretrain-to-detectron2.py`: the repo root must be importable for `w2ssl`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from w2ssl.checkpoint import check_trunk, extract_trunk, load, save_all
+from w2ssl.checkpoint import read_trunk, save_all
 from w2ssl.cli import add_trust_checkpoint, run_main
 from w2ssl.encoder import ARCHS
 from w2ssl.errors import UserError
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Convert a pre-training checkpoint's ResNet trunk to detectron2 weights.")
     p.add_argument("checkpoint", help="pre-training checkpoint (.pth.tar): ours, the authors' W2SSL or MoCo v3")
     p.add_argument("output", help="detectron2 weight file to write; must end in .pkl")
-    p.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk the checkpoint was trained with")
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help="trunk the checkpoint was trained with (default: the checkpoint's own, read from its weights)")
     add_trust_checkpoint(p)
     return p.parse_args(argv)
 
@@ -93,11 +94,10 @@ def run(argv: list[str] | None = None) -> None:
         raise UserError(f"output {out} must end in .pkl so that detectron2 reads it as converted weights")
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist: create it first")
-    trunk = extract_trunk(load(args.checkpoint, args.trust_checkpoint))
-    check_trunk(trunk, args.arch)
+    trunk, arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
     model = convert(trunk)
     save_all({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, [out], dump=pickle.dump)
-    print(f"wrote {len(model)} {args.arch} trunk tensors in detectron2 names to {out}")
+    print(f"wrote {len(model)} {arch} trunk tensors in detectron2 names to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

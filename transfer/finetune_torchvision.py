@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,10 +30,11 @@ from transfer import engine
 from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
-from w2ssl.checkpoint import load_trunk
+from w2ssl.checkpoint import read_trunk
+from w2ssl.data import BadImages
 from w2ssl.distributed import is_dist, is_main, rank, world_size
 from w2ssl.encoder import ARCHS
-from w2ssl.errors import UserError
+from w2ssl.errors import TrainingStopped, UserError
 
 AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pre-training checkpoint: ours, the authors' W2SSL or MoCo v3 (also needed with --eval-only)")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints (can run code: only for files you trust)")
-    g.add_argument("--arch", default="resnet50", choices=ARCHS)
+    g.add_argument("--arch", default=None, choices=ARCHS,
+                   help="trunk architecture (default: the checkpoint's own, read from its weights)")
     g.add_argument("--model", default="faster", choices=sorted(MODELS), help="Faster R-CNN or Mask R-CNN")
     g.add_argument("--norm", default="sync", choices=sorted(NORMS),
                    help="backbone BN: fine-tuned and synchronised (sync), per process (bn) or frozen")
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="training shorter sides, one drawn per batch; evaluation uses the last")
     g.add_argument("--max-size", type=int, default=1333)
     g.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop at the first unreadable image instead of skipping it (and counting it)")
     g = p.add_argument_group("schedule (defaults: COCO 1x at a total batch of 16)")
     g.add_argument("--batch-size", type=int, default=2, help="images per process")
     g.add_argument("--lr", type=float, default=0.02, help="for the total batch: scale it linearly with it")
@@ -127,11 +132,18 @@ def log(text: str, out_dir: Path) -> None:
             f.write(text + "\n")
 
 
+def noting(loader: Iterable, bad: BadImages) -> Iterator[tuple[list, list]]:
+    """``loader``'s ``(images, targets)``, its unreadable files noted in ``bad``."""
+    for images, targets, unreadable in loader:
+        bad.note(unreadable)
+        yield images, targets
+
+
 def run_eval(model: nn.Module, val_set: CocoDetection, args: argparse.Namespace, device: torch.device,
-             out_dir: Path) -> dict[str, float]:
-    """Box (and mask) AP over the whole val set, each process predicting its share; main process scores."""
+             out_dir: Path, bad: BadImages) -> dict[str, float]:
+    """Box (and mask) AP over the readable val images, each process predicting its share; main process scores."""
     loader = eval_loader(val_set, args.batch_size, args.workers, rank(), world_size())
-    parts = [predict(model, loader, device, val_set.category_of)]
+    parts = [predict(model, noting(loader, bad), device, val_set.category_of)]
     if is_dist():
         gathered = [None] * world_size()
         dist.all_gather_object(gathered, parts[0])
@@ -142,14 +154,16 @@ def run_eval(model: nn.Module, val_set: CocoDetection, args: argparse.Namespace,
         kinds = [("bbox", 0)] + ([("segm", 1)] if args.model == "mask" else [])
         for iou_type, k in kinds:
             scores, summary = evaluate(val_set.coco, [r for p in parts for r in p[k]], iou_type, ids)
-            log(f"{iou_type} AP over {len(set(ids))} images:\n{summary.rstrip()}", out_dir)
+            seen, size = len(set(ids)), len(val_set)
+            over = f"{size} images" if seen == size else f"{seen} of {size} images ({size - seen} unreadable skipped)"
+            log(f"{iou_type} AP over {over}:\n{summary.rstrip()}", out_dir)
             metrics.update({f"{iou_type}/{m}": v for m, v in scores.items()})
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
 def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | None, args: argparse.Namespace,
-          device: torch.device, out_dir: Path) -> dict[str, float]:
+          device: torch.device, out_dir: Path, bad: BadImages) -> dict[str, float]:
     """Iterations ``start..--iters`` (resuming if asked), checkpoints, evaluations; returns the last metrics."""
     bare = model
     optimizer = engine.build_optimizer(bare, args.lr, args.momentum, args.weight_decay)
@@ -166,12 +180,17 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
     while it < args.iters:
         if is_dist():
             loader.sampler.set_epoch(epoch)
-        for images, targets in loader:
+        for images, targets, unreadable in loader:
             if it >= args.iters:
                 break
+            bad.note(unreadable)
             engine.set_lr(optimizer, engine.lr_at(it, args.lr, args.steps, args.warmup_iters))
-            losses = engine.train_step(model, optimizer, [i.to(device, non_blocking=True) for i in images],
-                                       engine.to_device(targets, device), scaler, AMP[args.amp])
+            try:
+                losses = engine.train_step(model, optimizer, [i.to(device, non_blocking=True) for i in images],
+                                           engine.to_device(targets, device), scaler, AMP[args.amp])
+            except FloatingPointError as e:
+                raise TrainingStopped(f"iteration {it + 1}: {e}, then --resume (stopped without saving: the newest "
+                                      f"checkpoint in {out_dir} is unchanged)", code=3) from None
             it += 1
             if it % args.print_freq == 0 or it == args.iters:
                 pace = (time.perf_counter() - tic) / (it - last_log)
@@ -182,12 +201,12 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
             if is_main() and it % args.ckpt_period == 0 and it < args.iters:
                 engine.save(out_dir / engine.LAST, bare, optimizer, scaler, it, vars(args))
             if val_set is not None and args.eval_period and it % args.eval_period == 0 and it < args.iters:
-                metrics = run_eval(bare, val_set, args, device, out_dir)
+                metrics = run_eval(bare, val_set, args, device, out_dir, bad)
         epoch += 1
     if is_main():
         engine.save(out_dir / engine.FINAL, bare, optimizer, scaler, it, vars(args))
     if val_set is not None:
-        metrics = run_eval(bare, val_set, args, device, out_dir)
+        metrics = run_eval(bare, val_set, args, device, out_dir, bad)
     return metrics
 
 
@@ -204,20 +223,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if train_set is not None and val_set is not None and train_set.label_of != val_set.label_of:
         raise UserError("--train-json and --val-json list different category ids: use one label set")
     num_classes = (train_set if train_set is not None else val_set).num_classes
-    trunk = load_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
+    trunk, args.arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
     model = build_detector(trunk, num_classes, model=args.model, arch=args.arch, norm=args.norm,
                            trainable_layers=args.trainable_layers, min_size=tuple(args.min_size),
                            max_size=args.max_size, box_batch_size_per_image=args.roi_batch_size).to(device)
     loaded = sum(not k.endswith("num_batches_tracked") for k in trunk)
     log(f"{MODELS[args.model].__name__}, {args.arch}-FPN backbone: all {loaded} trunk tensors of "
         f"{args.checkpoint} loaded and verified; {num_classes - 1} classes", out_dir)
+    bad = BadImages(args.strict_data, (lambda line: log(f"WARNING: {line}", out_dir)) if is_main() else None)
     if train_set is not None:
-        return train(model, train_set, val_set, args, device, out_dir)
+        return train(model, train_set, val_set, args, device, out_dir, bad)
     saved = engine.newest(out_dir)
     if saved is None:
         raise UserError(f"--eval-only found neither {engine.FINAL} nor {engine.LAST} in {out_dir}")
     engine.resume(saved, model, None, None, args.trust_checkpoint)
-    return run_eval(model, val_set, args, device, out_dir)
+    return run_eval(model, val_set, args, device, out_dir, bad)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # only the process that hit it stops here: each one says so
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     finally:
         if is_dist():
             dist.destroy_process_group()

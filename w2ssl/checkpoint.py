@@ -6,11 +6,13 @@ The authors' W2SSL checkpoints and MoCo v3's use ``module.base_encoder.<key>`` p
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,10 +20,11 @@ import torch
 import torchvision
 from torch import Tensor
 
-from .encoder import TRUNK_LAYERS
+from .encoder import ARCHS, TRUNK_LAYERS
 from .errors import UserError
 
 LAST = "checkpoint_last.pth.tar"
+DEFAULT_ARCH = "resnet50"  # when a checkpoint says nothing about its architecture
 
 
 def epoch_name(epoch: int) -> str:
@@ -61,25 +64,37 @@ def save_all(obj: Any, paths: list[Path], dump: Callable[[Any, BinaryIO], None] 
                             f"or pass another --save-dir, then resume") from e
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # its legacy format's first pickle
+
+
 def load(path: str | Path, trust: bool = False) -> dict:
     """Read a checkpoint on the CPU with ``weights_only=True``; with ``trust``, allow full unpickling.
 
-    Raises :class:`UserError` for a missing, unreadable or unsafe file.
+    Raises :class:`UserError` for a missing, unreadable or unsafe file, naming which of these it is.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory: pass a checkpoint file in it, e.g. {path / LAST}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path")
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if not head:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save; use another file")
+    if not (head.startswith(ZIP_MAGIC) or (head.startswith(b"\x80") and LEGACY_MAGIC in head)):
+        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or its legacy "
+                        f"format; this file is neither): check the path")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
-        if blocked is None:
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(e)})") from None
+        # A well-formed file beyond the weights-only subset: Python objects, or pickle opcodes it lacks.
         if not trust:
-            raise UserError(f"checkpoint {path} needs arbitrary unpickling, which can run code ({blocked}); "
-                            f"pass --trust-checkpoint only if you trust its source") from None
+            blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None) or _reason(e)
+            raise UserError(f"checkpoint {path} holds more than plain tensors ({blocked}) and needs "
+                            f"--trust-checkpoint (only for files you trust: unpickling can run code)") from None
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = _torch_load(path, weights_only=False)
         except Exception as e2:
             raise UserError(f"checkpoint {path} is corrupt ({type(e2).__name__}: {first_line(e2)})") from None
     except Exception as e:  # a truncated zip or pickle stream fails in many ways (KeyError, EOFError, ...)
@@ -89,19 +104,71 @@ def load(path: str | Path, trust: bool = False) -> dict:
     return obj
 
 
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU, its warnings (e.g. about the pickle protocol) kept quiet: errors say enough."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _reason(e: pickle.UnpicklingError) -> str:
+    """The specific line of a weights-only unpickling error (torch puts generic advice first)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("WeightsUnpickler error"):
+            return lines[i + 1]
+    return lines[-1] if lines else type(e).__name__
+
+
+def key_list(keys: Iterable[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 120 more``: a few names of a long key list, for one-line messages."""
+    keys = list(keys)
+    text = ", ".join(repr(k) for k in keys[:shown])
+    return f"{text} and {len(keys) - shown} more" if len(keys) > shown else text
+
+
+def kind(ckpt: dict) -> str:
+    """What a loaded checkpoint is, in words: ``a pre-training checkpoint``, ``a linear-probe checkpoint …``,
+    ``an exported trunk …``, ``a detector checkpoint …`` or ``a dict with keys …``."""
+    weights = ckpt.get("state_dict")
+    names = [k.removeprefix("module.") for k in weights] if isinstance(weights, dict) else []
+    if "best_acc1" in ckpt or (names and any(k.startswith("fc.") for k in names)
+                               and not any(k.startswith("base_encoder.") for k in names)):
+        return "a linear-probe checkpoint (main_lincls.py)"
+    if any(k.startswith("base_encoder.") for k in names):
+        return "a pre-training checkpoint"
+    if isinstance(ckpt.get("model"), dict) and "iter" in ckpt:
+        return "a detector checkpoint (finetune_torchvision.py)"
+    if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        return "an exported trunk (a plain dict of tensors, no training state)"
+    return f"a dict with keys {key_list(sorted(map(str, ckpt)))}"
+
+
 def load_into(module: torch.nn.Module, weights: dict[str, Tensor], path: str | Path, fits: str) -> None:
-    """``module.load_state_dict(weights)``; a mismatch says that checkpoint ``path`` does not fit ``fits``."""
+    """``module.load_state_dict(weights)``; a mismatch says that checkpoint ``path`` does not fit ``fits``,
+    naming a few of the keys concerned (never all of them)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and isinstance(weights[k], Tensor)
+             and weights[k].shape != expected[k].shape]
+    problems = ([f"missing {key_list(missing)}"] if missing else []) \
+        + ([f"unexpected {key_list(unexpected)}"] if unexpected else []) \
+        + ([f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}"]
+           if wrong else [])
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit {fits}: {'; '.join(problems)}")
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
-        # torch's message is a header line, then one line per problem: name the first problem.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"checkpoint {path} does not fit {fits}: {lines[min(1, len(lines) - 1)]}") from None
+        raise UserError(f"checkpoint {path} does not fit {fits}: {first_line(e)[:200]}") from None
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, cut to its first sentence when long (torch's are)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if len(line) > 120 else line
 
 
 def candidates(save_dir: str | Path) -> list[Path]:
@@ -112,17 +179,56 @@ def candidates(save_dir: str | Path) -> list[Path]:
 
 def find_resumable(save_dir: str | Path, trust: bool = False,
                    warn: Callable[[str], None] = warnings.warn) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``save_dir`` that loads, skipping bad ones with a warning."""
-    for path in candidates(save_dir):
+    """The newest pre-training checkpoint in ``save_dir`` that loads; each one skipped is warned about,
+    saying which file is tried next, so that a skip is never mistaken for a fresh start."""
+    files = candidates(save_dir)
+    for i, path in enumerate(files):
         try:
             ckpt = load(path, trust)
+            problem = None if "state_dict" in ckpt and "epoch" in ckpt else f"it is {kind(ckpt)}"
         except UserError as e:
-            warn(f"skipping {path}: {e}")
-            continue
-        if "state_dict" in ckpt and "epoch" in ckpt:
+            problem = str(e)
+        if problem is None:
             return path, ckpt
-        warn(f"skipping {path}: not a pre-training checkpoint")
+        following = f"trying {files[i + 1].name}" if i + 1 < len(files) else "no older checkpoint left"
+        warn(f"skipping {path}: {problem}; {following}")
     return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (names exactly which checkpoint a probe was trained on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume_path(resume: str) -> None:
+    """``--resume PATH`` must name a file (``auto``, ``none`` and ``''`` pass): one clear line otherwise."""
+    if resume in ("", "auto", "none"):
+        return
+    path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"--resume {resume} is a directory: pass a checkpoint file in it, or --resume auto with "
+                        f"--save-dir {resume}")
+    if not path.is_file():
+        raise UserError(f"--resume {resume} does not exist: pass a checkpoint file or 'auto'")
+
+
+def load_pretraining(path: str | Path, trust: bool = False) -> dict:
+    """The pre-training checkpoint ``--resume path`` (weights, optimizer, epoch), or a :class:`UserError`
+    saying what the file is instead (a probe checkpoint, an exported trunk, ...)."""
+    ckpt = load(path, trust)
+    found = kind(ckpt)
+    if found != "a pre-training checkpoint":
+        raise UserError(f"--resume {path} is {found}, not a pre-training checkpoint: pass one of main_moco.py's "
+                        f"checkpoint_*.pth.tar (or --resume auto)")
+    missing = [k for k in ("epoch", "optimizer") if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume {path} is a pre-training checkpoint without {' or '.join(missing)}, so training "
+                        f"cannot continue from it: pass it to the probe or the exporter, or start anew")
+    return ckpt
 
 
 def prune(save_dir: str | Path, keep: int) -> None:
@@ -140,7 +246,7 @@ def _model_weights(ckpt: dict) -> dict[str, Tensor]:
             return ckpt[key]
     if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
         return ckpt
-    raise UserError(f"no weights found: top-level keys are {sorted(ckpt)[:8]}")
+    raise UserError(f"no weights found: top-level keys are {key_list(sorted(map(str, ckpt)), 8)}")
 
 
 def extract_trunk(ckpt: dict) -> dict[str, Tensor]:
@@ -155,29 +261,74 @@ def extract_trunk(ckpt: dict) -> dict[str, Tensor]:
         if key.split(".")[0] in TRUNK_LAYERS:
             trunk[key] = value
     if not trunk:
-        sample = ", ".join(sorted(weights)[:4])
-        kind = "a linear-probe or supervised checkpoint" if any(k.removeprefix("module.").startswith("fc.")
-                                                                for k in weights) else "an unknown layout"
-        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {kind} "
-                        f"with keys like {sample}: pass a W2SSL, MoCo v3 or w2ssl pre-training checkpoint")
+        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {kind(ckpt)} "
+                        f"with keys like {key_list(sorted(weights), 4)}: pass a W2SSL, MoCo v3 or w2ssl "
+                        f"pre-training checkpoint")
     return trunk
 
 
-def check_trunk(trunk: dict[str, Tensor], arch: str) -> None:
-    """Raise :class:`UserError` unless ``trunk`` is exactly ``arch``'s torchvision trunk."""
-    expected = {k: v.shape for k, v in torchvision.models.__dict__[arch]().state_dict().items()
-                if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(trunk))
-    extra = sorted(set(trunk) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(trunk) if tuple(trunk[k].shape) != tuple(expected[k]))
-    if missing or extra or wrong:
-        detail = (missing[:2] and f"missing {missing[:2]}") or (extra[:2] and f"unexpected {extra[:2]}") \
-            or f"shape of {wrong[0]} is {tuple(trunk[wrong[0]].shape)}"
-        raise UserError(f"checkpoint trunk does not match --arch {arch} ({detail}): pass the arch it was trained with")
+@functools.cache
+def _trunk_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        model = torchvision.models.__dict__[arch]()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
-def load_trunk(path: str | Path, arch: str = "resnet50", trust: bool = False) -> dict[str, Tensor]:
-    """Load ``path`` and return its ``arch`` trunk with torchvision keys, checked."""
-    trunk = extract_trunk(load(path, trust))
-    check_trunk(trunk, arch)
-    return trunk
+def trunk_mismatch(trunk: dict[str, Tensor], arch: str) -> str | None:
+    """How ``trunk`` differs from ``arch``'s torchvision trunk (first difference), or None if it is one."""
+    expected = _trunk_shapes(arch)
+    missing = [k for k in expected if k not in trunk]
+    extra = [k for k in trunk if k not in expected]
+    wrong = [k for k in expected if k in trunk and tuple(trunk[k].shape) != expected[k]]
+    if missing:
+        return f"missing {key_list(missing, 2)}"
+    if extra:
+        return f"unexpected {key_list(extra, 2)}"
+    if wrong:
+        return f"shape of {wrong[0]} is {tuple(trunk[wrong[0]].shape)}, {arch} has {expected[wrong[0]]}"
+    return None
+
+
+def stored_arch(ckpt: dict) -> str | None:
+    """The architecture a checkpoint names: its ``arch`` field, else that of its saved arguments."""
+    args = ckpt.get("args")
+    for value in (ckpt.get("arch"), args.get("arch") if isinstance(args, dict) else getattr(args, "arch", None)):
+        if value in ARCHS:
+            return value
+    return None
+
+
+def trunk_arch(trunk: dict[str, Tensor], ckpt: dict | None = None) -> str | None:
+    """The torchvision architecture whose trunk ``trunk`` is exactly (its names and shapes decide), else the
+    one ``ckpt`` names, else None."""
+    found = next((arch for arch in ARCHS if trunk_mismatch(trunk, arch) is None), None)
+    return found or (stored_arch(ckpt) if ckpt is not None else None)
+
+
+def check_trunk(trunk: dict[str, Tensor], arch: str, ckpt: dict | None = None) -> None:
+    """Raise :class:`UserError` unless ``trunk`` is exactly ``arch``'s torchvision trunk, naming the
+    architecture the checkpoint holds when it is another."""
+    problem = trunk_mismatch(trunk, arch)
+    if problem is None:
+        return
+    own = trunk_arch(trunk, ckpt)
+    if own is not None:
+        raise UserError(f"checkpoint trunk is a {own} but --arch {arch} was given: drop --arch (it defaults to the "
+                        f"checkpoint's own) or pass --arch {own}")
+    raise UserError(f"checkpoint trunk does not match --arch {arch} ({problem}) nor any of {', '.join(ARCHS)}: "
+                    f"pass the arch it was trained with")
+
+
+def read_trunk(path: str | Path, arch: str | None = None, trust: bool = False) -> tuple[dict[str, Tensor], str]:
+    """Load ``path``; return its trunk with torchvision keys and its architecture: ``arch`` if given
+    (checked), else the checkpoint's own (from the trunk's shapes, then its ``arch`` field, then resnet50)."""
+    ckpt = load(path, trust)
+    trunk = extract_trunk(ckpt)
+    arch = arch or trunk_arch(trunk, ckpt) or DEFAULT_ARCH
+    check_trunk(trunk, arch, ckpt)
+    return trunk, arch
+
+
+def load_trunk(path: str | Path, arch: str | None = None, trust: bool = False) -> dict[str, Tensor]:
+    """Load ``path`` and return its trunk with torchvision keys, checked (see :func:`read_trunk`)."""
+    return read_trunk(path, arch, trust)[0]

@@ -21,11 +21,16 @@ def default_workers() -> int:
 
 
 def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wd: float, epochs: int,
-               print_freq: int, save_dir: str) -> None:
-    """Data, model, schedule, checkpoint and launch flags, as in the authors' and MoCo v3's parsers."""
+               print_freq: int, save_dir: str, arch: str | None = "resnet50", resume: str = "") -> None:
+    """Data, model, schedule, checkpoint and launch flags, as in the authors' and MoCo v3's parsers.
+
+    ``arch=None``: ``--arch`` defaults to the architecture of the checkpoint read (the linear probe).
+    """
     parser.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ (and val/) folders")
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values; the command line overrides it")
-    parser.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="trunk architecture")
+    parser.add_argument("-a", "--arch", default=arch, choices=ARCHS,
+                        help="trunk architecture" if arch else
+                        "trunk architecture (default: the checkpoint's own, read from its weights)")
     parser.add_argument("-j", "--workers", default=default_workers(), type=int, metavar="N",
                         help="data-loading workers per node (split over its processes)")
     parser.add_argument("--epochs", default=epochs, type=int, metavar="N")
@@ -38,8 +43,9 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="optimizer momentum")
     parser.add_argument("--wd", "--weight-decay", default=wd, type=float, metavar="W", dest="weight_decay")
     parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N", help="log every N iterations")
-    parser.add_argument("--resume", default="", metavar="PATH",
-                        help="checkpoint to resume from, 'auto' (the newest loadable one in --save-dir) or 'none'")
+    parser.add_argument("--resume", default=resume, metavar="PATH",
+                        help="checkpoint to resume from, 'auto' (the newest loadable one in --save-dir) or 'none' "
+                             "(default: %(default)s)")
     parser.add_argument("--save-dir", default=save_dir, metavar="PATH", help="checkpoints, log.txt and tb/ go here")
     parser.add_argument("--seed", default=None, type=int, help="seed for initialisation and augmentation")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,

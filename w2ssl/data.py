@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Callable, Iterator
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from . import distributed as D
 from .augment import MEAN, STD
+from .checkpoint import key_list
 from .errors import UserError
 
 
@@ -38,18 +42,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def image_folder(root: str | Path, what: str = "training", transform: Callable | None = None) -> ImageFolder:
+def image_folder(root: str | Path, what: str = "training", transform: Callable | None = None,
+                 warn: Callable[[str], None] | None = None) -> ImageFolder:
     """An ``ImageFolder`` at ``root``, checked with clear errors; without ``transform`` its items are
-    file paths (the folder is only listed)."""
+    file paths (the folder is only listed). Class folders without images are warned about (``warn``,
+    default: a ``WARNING:`` line on stderr from the main process), not refused."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{what} folder {root} does not exist: pass DATA whose {root.name}/ holds one "
                         f"sub-folder of images per class (ImageNet layout)")
     try:
-        folder = ImageFolder(str(root), transform) if transform else ImageFolder(str(root), loader=_path_only)
-    except FileNotFoundError as e:
-        raise UserError(f"{what} folder {root} has no images ({e}); expected {root}/<class>/<image>.jpg") from None
+        folder = ImageFolder(str(root), transform, allow_empty=True) if transform \
+            else ImageFolder(str(root), loader=_path_only, allow_empty=True)
+    except FileNotFoundError as e:  # not even one class sub-folder
+        raise UserError(f"{what} folder {root} has no class sub-folders ({e}); expected "
+                        f"{root}/<class>/<image>.jpg") from None
+    if not folder.samples:
+        raise UserError(f"{what} folder {root} has no images in its {len(folder.classes)} class sub-folders; "
+                        f"expected {root}/<class>/<image>.jpg")
+    counts = Counter(folder.targets)
+    empty = [name for i, name in enumerate(folder.classes) if counts[i] == 0]
+    if empty:
+        (warn or warn_main)(f"{what} folder {root}: class folder(s) {key_list(empty)} hold no images; going on with "
+                            f"the {len(folder.samples)} images of the other {len(folder.classes) - len(empty)}")
     return folder
+
+
+def warn_main(line: str) -> None:
+    """A ``WARNING:`` line on stderr, from the main process only."""
+    if D.is_main():
+        print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+
+def check_same_classes(train: list[str], val: list[str], root: str | Path) -> None:
+    """Raise :class:`UserError` unless the train and val folders of ``root`` have the same class folders."""
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise UserError(f"{root}/train and {root}/val need the same class sub-folders: only in train "
+                        f"{key_list(only_train) or 'none'} ({len(train)} classes), only in val "
+                        f"{key_list(only_val) or 'none'} ({len(val)} classes)")
 
 
 def _path_only(path: str) -> str:
@@ -187,12 +218,115 @@ def train_transform(size: int = 224) -> transforms.Compose:
                                transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
+class LabelledFolder(Dataset):
+    """An ImageFolder's images and labels, tolerant of unreadable files.
+
+    Items are ``(image or None, class index, index, bad)``, ``bad`` the unreadable paths met ("\\n"-joined).
+    With ``substitute`` (training) an unreadable image is replaced by the next readable one, with its own
+    label, so that batches keep their size and processes their step count; without (evaluation) the
+    image is None and :func:`collate_readable` drops the sample.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable, what: str, substitute: bool,
+                 warn: Callable[[str], None] | None = None):
+        folder = image_folder(root, what, warn=warn)
+        self.samples, self.classes = folder.samples, folder.classes
+        self.transform, self.substitute = transform, substitute
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int, str]:
+        bad = []
+        for offset in range(len(self.samples) if self.substitute else 1):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+            except (OSError, ValueError, SyntaxError):
+                bad.append(path)
+                continue
+            return self.transform(img), target, index, "\n".join(bad)
+        return None, self.samples[index][1], index, "\n".join(bad)
+
+
+def collate_readable(items: list[tuple[Any, int, int, str]]) -> tuple[Tensor | None, Tensor, Tensor, list[str]]:
+    """:class:`LabelledFolder` items -> ``(images [b, ...], targets [b], indices [b], unreadable paths)``,
+    the unreadable samples dropped (``images`` is None when none is left)."""
+    kept = [item for item in items if item[0] is not None]
+    bad = [path for *_, joined in items if joined for path in joined.split("\n")]
+    images = torch.stack([item[0] for item in kept]) if kept else None
+    return (images, torch.tensor([item[1] for item in kept], dtype=torch.long),
+            torch.tensor([item[2] for item in kept], dtype=torch.long), bad)
+
+
+class BadImages:
+    """Unreadable image files met by labelled loaders: counted, each warned about once; with ``strict``
+    the first one stops the run (:class:`UserError`, exit 2), as pre-training's ``--strict-data``."""
+
+    def __init__(self, strict: bool = False, warn: Callable[[str], None] | None = None):
+        self.strict, self.warn, self.paths = strict, warn or _warn_stderr, set()
+
+    def note(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            if self.strict:
+                raise UserError(f"unreadable image file {path}: remove or replace it (or drop --strict-data "
+                                f"to skip bad files)")
+            if path not in self.paths:
+                self.paths.add(path)
+                self.warn(f"unreadable image file {path} skipped ({len(self.paths)} so far)")
+
+
+def _warn_stderr(line: str) -> None:
+    print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+
+class LabelledLoader:
+    """Batches ``(images [b, 3, H, W], targets [b], dataset indices [b])`` of a :class:`LabelledFolder`.
+
+    Unreadable files go to ``bad`` (:class:`BadImages`), never into a batch; a batch with no readable
+    image is left out.
+    """
+
+    def __init__(self, loader: DataLoader, bad: BadImages):
+        self.loader, self.bad = loader, bad
+
+    @property
+    def dataset(self) -> LabelledFolder:
+        return self.loader.dataset
+
+    @property
+    def sampler(self) -> Any:
+        return self.loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for images, targets, indices, bad in self.loader:
+            self.bad.note(bad)
+            if images is not None:
+                yield images, targets, indices
+
+
 def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
-                    what: str) -> tuple[DataLoader, int]:
-    """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes."""
-    dataset = image_folder(root, what, transform)
-    sampler = DistributedSampler(dataset, shuffle=shuffle) if D.is_dist() else None
+                    what: str, training: bool | None = None, bad: BadImages | None = None,
+                    warn: Callable[[str], None] | None = None) -> tuple[LabelledLoader, int]:
+    """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes.
+
+    ``training`` (default: ``shuffle``) substitutes unreadable images and pads the shards to equal length
+    (every process takes the same steps); evaluation drops unreadable images and gives each image to
+    exactly one process, unpadded. ``bad`` counts the unreadable files (default: warn, never stop).
+    """
+    training = shuffle if training is None else training
+    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn)
+    if not D.is_dist():
+        sampler = None
+    elif training:
+        sampler = DistributedSampler(dataset, shuffle=shuffle)
+    else:
+        sampler = range(D.rank(), len(dataset), D.world_size())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                        persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main)
-    return loader, len(dataset.classes)
+                        persistent_workers=workers > 0, collate_fn=collate_readable,
+                        worker_init_fn=leave_stop_signals_to_main)
+    return LabelledLoader(loader, bad or BadImages(warn=warn)), len(dataset.classes)

@@ -193,13 +193,21 @@ def launch(worker: Callable[[Context, Namespace], None], args: Namespace) -> Non
         except mp.ProcessExitedException as e:
             sys.exit(e.exit_code)
     elif args.world_size > 1:
-        device = _cuda_device(args.gpu or 0) if torch.cuda.is_available() else torch.device("cpu")
+        device = _single_device(args.gpu)
         dist.init_process_group(_backend(args, device), init_method=args.dist_url,
                                 world_size=args.world_size, rank=max(args.rank, 0))
         _run_worker(worker, Context(device, dist.get_rank(), args.world_size), args)
     else:
-        device = _cuda_device(args.gpu or 0) if torch.cuda.is_available() else torch.device("cpu")
-        _run_worker(worker, Context(device), args)
+        _run_worker(worker, Context(_single_device(args.gpu)), args)
+
+
+def _single_device(gpu: int | None) -> torch.device:
+    """``--gpu`` (which must exist), else the first GPU, else the CPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpu is not None and not 0 <= gpu < count:
+        visible = f"only GPUs 0..{count - 1} are visible" if count else "no GPU is visible"
+        raise UserError(f"--gpu {gpu} but {visible}: drop --gpu to run on " + ("GPU 0" if count else "the CPU"))
+    return _cuda_device(gpu or 0) if count else torch.device("cpu")
 
 
 def all_reduce_max(x: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Export a pre-trained trunk as a plain state dict for torchvision or timm.
 
-    python -m w2ssl.export CKPT OUT --to {torchvision,timm} [--arch resnet50] [--trust-checkpoint]
+    python -m w2ssl.export CKPT OUT --to {torchvision,timm} [--arch ARCH] [--trust-checkpoint]
 
 CKPT may be ours, the authors' W2SSL or MoCo v3's pre-training checkpoint. OUT is a ``torch.save``'d
 dict of tensors that ``torchvision.models.<arch>()`` or ``timm.create_model("<arch>")`` loads with
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_trunk, save_all
+from .checkpoint import read_trunk, save_all
 from .cli import add_trust_checkpoint, run_main
 from .encoder import ARCHS
 from .errors import UserError
@@ -44,9 +44,10 @@ def to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
     return dict(trunk)
 
 
-def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str = "resnet50",
-           trust: bool = False) -> dict[str, Tensor]:
-    """Write ``ckpt``'s ``arch`` trunk to ``out`` with ``to``'s key names; return what was written."""
+def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str | None = None,
+           trust: bool = False) -> tuple[dict[str, Tensor], str]:
+    """Write ``ckpt``'s trunk to ``out`` with ``to``'s key names; return what was written and the
+    architecture (``arch`` if given, checked; else the checkpoint's own)."""
     ckpt, out = Path(ckpt), Path(out)
     if to not in TARGETS:
         raise UserError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
@@ -56,11 +57,11 @@ def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str
         raise UserError(f"output folder {out.parent} does not exist: create it first")
     if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
         raise UserError(f"output {out} is the input checkpoint: choose another file name")
-    trunk = load_trunk(ckpt, arch, trust)
+    trunk, arch = read_trunk(ckpt, arch, trust)
     weights = to_timm(trunk, arch) if to == "timm" else trunk
     weights = {k: v.detach().contiguous() for k, v in weights.items()}
     save_all(weights, [out])
-    return weights
+    return weights, arch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,15 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("ckpt", help="pre-training checkpoint (ours, the authors' W2SSL or MoCo v3)")
     parser.add_argument("out", help="output file: a plain state dict of the trunk, without fc")
     parser.add_argument("--to", required=True, choices=TARGETS, help="key layout of the output")
-    parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="trunk architecture (default: resnet50)")
+    parser.add_argument("--arch", default=None, choices=ARCHS,
+                        help="trunk architecture (default: the checkpoint's own, read from its weights)")
     add_trust_checkpoint(parser)
     return parser.parse_args(argv)
 
 
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    weights = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
-    print(f"wrote {len(weights)} tensors ({args.arch} trunk, {args.to} keys) to {args.out}; "
+    weights, arch = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
+    print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; "
           f"load with strict=False: only fc.weight and fc.bias are missing")
 
 

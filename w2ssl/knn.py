@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as D
-from .data import eval_transform, labelled_loader
+from .data import BadImages, LabelledLoader, check_same_classes, eval_transform, labelled_loader
 from .encoder import TRUNK_LAYERS
 
 KS = (20, 200)
@@ -43,7 +43,7 @@ def pooled_features(model: nn.Module, x: Tensor) -> Tensor:
 def _shard_indices(loader: Iterable) -> Tensor | None:
     """Dataset indices of this process's samples, in loader order, when a DistributedSampler shards them."""
     sampler = getattr(loader, "sampler", None)
-    if not (D.is_dist() and isinstance(sampler, DistributedSampler)):
+    if not isinstance(sampler, DistributedSampler):
         return None
     return torch.tensor(list(sampler), dtype=torch.long)
 
@@ -77,20 +77,23 @@ def _merge_shards(idx: Tensor, feats: Tensor, labels: Tensor, size: int) -> tupl
 @torch.no_grad()
 def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | str, channels_last: bool = False,
                      autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Features ``[n, C]`` (float32, unit L2 norm) and labels ``[n]`` (int64) of every ``(image, label)`` batch.
+    """Features ``[n, C]`` (float32, unit L2 norm) and labels ``[n]`` (int64) of every ``(images, labels)``
+    or ``(images, labels, dataset indices)`` batch.
 
     Runs ``trunk`` in eval mode and restores each submodule's train/eval flag afterwards. Under
-    torch.distributed with a DistributedSampler, the shards of all processes are merged in dataset
-    order with the sampler's padding duplicates dropped, so every process returns the whole set.
+    torch.distributed, the shards of all processes are merged in dataset order (the indices come with
+    the batches, or from a DistributedSampler, whose padding duplicates are dropped), so every process
+    returns the whole set; images no process read (unreadable, ``drop_last``) are left out.
     """
     device = torch.device(device)
     modes = [(m, m.training) for m in trunk.modules()]
     trunk.eval()
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     fmt = torch.channels_last if channels_last else torch.preserve_format
-    feats, labels = [], []
+    feats, labels, indices = [], [], []
     try:
-        for images, target in loader:
+        for images, target, *index in loader:
+            indices += index
             images = images.to(device, non_blocking=True, memory_format=fmt)
             with amp:
                 f = pooled_features(trunk, images)
@@ -102,9 +105,12 @@ def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | 
     if not feats:
         raise ValueError("extract_features got an empty loader")
     feats_t, labels_t = torch.cat(feats), torch.cat(labels)
-    idx = _shard_indices(loader)
-    if idx is None:
+    if not D.is_dist():
         return feats_t, labels_t
+    idx = torch.cat(indices) if indices else _shard_indices(loader)
+    if idx is None:
+        raise ValueError("a distributed kNN needs dataset indices: batches of (images, labels, indices) or "
+                         "a DistributedSampler")
     # DataLoader(drop_last=True) ends early; batches follow the sampler's order, so truncate.
     return _merge_shards(idx[: len(feats_t)], feats_t, labels_t, len(loader.dataset))
 
@@ -154,11 +160,12 @@ def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, n
 @torch.no_grad()
 def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
                  num_classes: int, ks: Iterable[int] = KS, temperature: float = TEMPERATURE,
-                 chunk: int = CHUNK) -> dict[int, tuple[float, float]]:
+                 chunk: int = CHUNK) -> dict[int, tuple[float, float | None]]:
     """``{k: (top-1 %, top-5 %)}`` for each requested ``k`` (clipped to the bank size), one similarity pass.
 
-    Top-5 is clipped to ``num_classes`` and counts only classes with votes (with small ``k`` fewer than
-    five classes may have any). Neighbours for a smaller ``k`` are the first ``k`` of the largest.
+    Top-5 is None with fewer than 5 classes (it would always be 100 %) and counts only classes with
+    votes (with small ``k`` fewer than five classes may have any). Neighbours for a smaller ``k`` are
+    the first ``k`` of the largest.
     """
     _check(train_feats, train_labels, test_feats)
     ks = list(ks)
@@ -178,31 +185,58 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
             hits = (best.indices == target) & (best.values > 0)  # a class without votes is no guess
             correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
     n = len(test_feats)
-    return {k: (100.0 * c[0].item() / n, 100.0 * c[1].item() / n) for k, c in correct.items()}
+    return {k: (100.0 * c[0].item() / n, 100.0 * c[1].item() / n if num_classes >= 5 else None)
+            for k, c in correct.items()}
+
+
+@dataclass
+class KnnResult:
+    """Accuracy per requested ``k`` (top-5 None below 5 classes) and the images it is over."""
+
+    accuracy: dict[int, tuple[float, float | None]]
+    bank: int  # training images in the bank
+    queries: int  # val images classified
+    unreadable: int = 0  # images of both folders left out as unreadable
 
 
 def knn_eval(trunk: nn.Module, train_loader: Iterable, test_loader: Iterable, device: torch.device | str,
              num_classes: int, ks: Iterable[int] = KS, temperature: float = TEMPERATURE, channels_last: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> dict[int, tuple[float, float]]:
-    """Extract both sets with :func:`extract_features` and return :func:`knn_accuracy`."""
+             autocast_dtype: torch.dtype | None = None) -> KnnResult:
+    """Extract both sets with :func:`extract_features` and return :func:`knn_accuracy` with its counts."""
     train = extract_features(trunk, train_loader, device, channels_last, autocast_dtype)
     test = extract_features(trunk, test_loader, device, channels_last, autocast_dtype)
-    return knn_accuracy(train[0], train[1], test[0], test[1], num_classes, ks, temperature)
+    accuracy = knn_accuracy(train[0], train[1], test[0], test[1], num_classes, ks, temperature)
+    sizes = [len(loader.dataset) for loader in (train_loader, test_loader) if hasattr(loader, "dataset")]
+    unreadable = sum(sizes) - len(train[0]) - len(test[0]) if len(sizes) == 2 else 0
+    return KnnResult(accuracy, len(train[0]), len(test[0]), unreadable)
 
 
-def format_knn(result: dict[int, tuple[float, float]]) -> str:
-    """One log line, e.g. ``kNN k=20 acc1 61.20 acc5 83.05 | k=200 acc1 59.90 acc5 84.11``."""
-    return "kNN " + " | ".join(f"k={k} acc1 {a1:.2f} acc5 {a5:.2f}" for k, (a1, a5) in sorted(result.items()))
+def format_knn(result: KnnResult) -> str:
+    """One log line, e.g. ``kNN k=20 acc1 61.20 acc5 83.05 | k=200 acc1 59.90 acc5 84.11 (5000 train, 1000 val
+    images)``; a ``k`` above the bank size says it was clamped, and top-5 is left out below 5 classes."""
+    parts = []
+    for k, (acc1, acc5) in sorted(result.accuracy.items()):
+        clamped = f" (clamped to the {result.bank} training images)" if k > result.bank else ""
+        parts.append(f"k={k}{clamped} acc1 {acc1:.2f}" + (f" acc5 {acc5:.2f}" if acc5 is not None else ""))
+    skipped = f"; {result.unreadable} unreadable skipped" if result.unreadable else ""
+    return f"kNN {' | '.join(parts)} ({result.bank} train, {result.queries} val images{skipped})"
 
 
-def folder_loaders(root: str | Path, size: int, batch_size: int, workers: int) -> tuple[DataLoader, DataLoader, int]:
-    """Unshuffled center-crop loaders of ``root/train`` (the bank) and ``root/val``, and the class count."""
+def folder_loaders(root: str | Path, size: int, batch_size: int, workers: int,
+                   bad: BadImages | None = None) -> tuple[LabelledLoader, LabelledLoader, int]:
+    """Unshuffled center-crop loaders of ``root/train`` (the bank) and ``root/val``, and the class count.
+
+    Both must have the same class folders; unreadable images are left out and noted in ``bad``.
+    """
     root = Path(root)
-    train, classes = labelled_loader(root / "train", eval_transform(size), batch_size, workers, False, "kNN train")
-    val, _ = labelled_loader(root / "val", eval_transform(size), batch_size, workers, False, "kNN val")
+    bad = bad or BadImages()
+    train, classes = labelled_loader(root / "train", eval_transform(size), batch_size, workers, False, "kNN train",
+                                     bad=bad)
+    val, _ = labelled_loader(root / "val", eval_transform(size), batch_size, workers, False, "kNN val", bad=bad)
+    check_same_classes(train.dataset.classes, val.dataset.classes, root)
     return train, val, classes
 
 
-def knn_scalars(result: dict[int, tuple[float, float]]) -> dict[str, float]:
-    """TensorBoard scalars of a :func:`knn_accuracy` result: top-1 per k."""
-    return {f"knn_top1_k{k}": acc1 for k, (acc1, _) in result.items()}
+def knn_scalars(result: KnnResult) -> dict[str, float]:
+    """TensorBoard scalars of a :func:`knn_eval` result: top-1 per k."""
+    return {f"knn_top1_k{k}": acc1 for k, (acc1, _) in result.accuracy.items()}

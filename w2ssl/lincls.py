@@ -17,25 +17,37 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
-from .data import eval_transform, labelled_loader, seed_everything, train_transform
+from .data import (
+    BadImages,
+    LabelledLoader,
+    check_same_classes,
+    eval_transform,
+    labelled_loader,
+    seed_everything,
+    train_transform,
+)
 from .errors import UserError
 from .guard import Guard
 from .knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
-from .metrics import stats_text, topk_hits, unpadded_rows
+from .metrics import stats_text, topk_hits
 from .monitor import ETA, AverageMeter, Logger, format_duration
 from .optim import lr_at, scaled_lr, set_lr
 from .probe_cache import FeatureCache
+from .probe_folder import (
+    BEST,
+    CHECKPOINT,
+    describe_record,
+    load_probe,
+    no_weights_message,
+    pretrained_record,
+    resume_path,
+)
 from .probe_model import build_model, changed_weights, trunk_state
 from .runstate import plain_args, shared_seed
 from .speed import PRECISIONS, autocast, prepare_model, to_memory_format
-
-CHECKPOINT = "checkpoint.pth.tar"
-BEST = "model_best.pth.tar"
-PROBE_KEYS = ("state_dict", "optimizer", "epoch", "best_acc1")
 
 
 class LinearProbe:
@@ -50,7 +62,8 @@ class LinearProbe:
         self.local_batch = args.batch_size // ctx.world_size
         self.workers = math.ceil(args.workers / ctx.local_world_size)
         self.root = Path(args.data)
-        self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation")
+        self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
+        self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
         self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
         self.model.to(self.device)
         self.channels_last = self.device.type == "cuda"
@@ -67,9 +80,14 @@ class LinearProbe:
         self.guard = Guard(max_nonfinite=0)
         self.train_loader = None
         self.cache: FeatureCache | None = None
+        self.record = pretrained_record(args)
 
-    def _loader(self, split: str, transform: Callable, what: str, shuffle: bool = False) -> tuple[DataLoader, int]:
-        return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what)
+    def _loader(self, split: str, transform: Callable, what: str, shuffle: bool = False,
+                training: bool = True) -> tuple[LabelledLoader, int]:
+        """Training loaders replace an unreadable image by another (equal steps on every process); the
+        validation loader leaves it out (accuracy is over the readable images)."""
+        return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
+                               training=training, bad=self.bad)
 
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
@@ -99,9 +117,7 @@ class LinearProbe:
         else:
             self.train_loader, _ = self._loader("train", train_transform(size), "training", shuffle=True)
             train_classes = self.train_loader.dataset.classes
-        if train_classes != classes:
-            raise UserError(f"{self.root}/train has classes {train_classes[:3]}… ({len(train_classes)}) but val has "
-                            f"{classes[:3]}… ({len(classes)}): both need the same class sub-folders")
+        check_same_classes(train_classes, classes, self.root)
 
     def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
         """The rest of this epoch's batches (after the ``self.iteration`` done) and the epoch's length."""
@@ -126,19 +142,21 @@ class LinearProbe:
         if self.ctx.is_main:
             state = {"epoch": self.epoch, "iteration": self.iteration, "arch": self.args.arch,
                      "state_dict": self.model.state_dict(), "best_acc1": self.best_acc1,
-                     "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args)}
+                     "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args),
+                     "pretrained": self.record}
             save_dir = Path(self.args.save_dir)
             ckpt_io.save_all(state, [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
         D.barrier()
 
     def resume(self) -> None:
-        path = self._resume_path()
+        path = resume_path(self.args)
         if path is not None:
-            state = ckpt_io.load(path, self.args.trust_checkpoint)
-            missing = [k for k in PROBE_KEYS if k not in state]
-            if missing:
-                raise UserError(f"--resume {path} is not a linear-probe checkpoint (no {', '.join(missing)}): pass "
-                                f"main_lincls.py's {CHECKPOINT}; pre-training checkpoints go to --pretrained")
+            state = load_probe(path, self.args.trust_checkpoint)
+            if state.get("arch", self.args.arch) != self.args.arch:
+                raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
+                                f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
+                                f"{state['arch']}")
+            self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
             self.optimizer.load_state_dict(state["optimizer"])
@@ -148,21 +166,11 @@ class LinearProbe:
                              f"(best Acc@1 {self.best_acc1:.3f})")
         if self.reference is None:
             if path is None:
-                raise UserError(f"--resume auto found no {CHECKPOINT} in {self.args.save_dir} and no --pretrained "
-                                f"was given: pass --pretrained CKPT to start a probe")
+                raise UserError(no_weights_message(self.args))
             self.reference = trunk_state(self.model)
         elif path is not None and changed_weights(self.model.state_dict(), self.reference):
             raise UserError(f"--resume {path} holds another trunk than --pretrained {self.args.pretrained}: "
                             f"pass the pair from the same run (or drop --pretrained)")
-
-    def _resume_path(self) -> Path | None:
-        resume = self.args.resume
-        if resume in ("", "none"):
-            return None
-        if resume == "auto":
-            path = Path(self.args.save_dir) / CHECKPOINT
-            return path if path.is_file() else None
-        return Path(resume)
 
     def sanity_check(self) -> None:
         """Fail loudly if any trunk parameter or BatchNorm statistic moved (a bug, not bad input)."""
@@ -176,6 +184,9 @@ class LinearProbe:
         args = self.args
         try:
             self.resume()
+            probed = describe_record(self.record)
+            self.logger.info(f"=> probing {probed}")
+            self.logger.text("probe/pretrained", probed)
             mode = "cached features" if args.cached else "full protocol"
             self.logger.info(f"=> linear probe ({mode}): {args.arch}, {self.model.fc.out_features} classes, "
                              f"{self.ctx.world_size} process(es) on {self.device.type}, {self.precision}, batch "
@@ -185,6 +196,9 @@ class LinearProbe:
             if args.evaluate:
                 self.validate()
                 return
+            if self.epoch >= args.epochs:
+                self.logger.info(f"=> the probe in {args.save_dir} already ran its {args.epochs} epochs: nothing to "
+                                 f"train (raise --epochs to go on, or -e to evaluate it)")
             first, self.eta = self.epoch, ETA(args.epochs - self.epoch, 0)
             while self.epoch < args.epochs:
                 self._train_epoch()
@@ -217,7 +231,7 @@ class LinearProbe:
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         total = torch.zeros(4, device=device)
         end = time.perf_counter()
-        for i, (x, target) in enumerate(batches, start=start):
+        for i, (x, target, *_) in enumerate(batches, start=start):
             data_time.update(time.perf_counter() - end)
             target = target.to(device, non_blocking=True)
             logits = self.fc(self._features(x))
@@ -248,20 +262,17 @@ class LinearProbe:
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
-        """Top-1 and top-5 (%) on the whole val set, every process's shard counted once."""
+        """Top-1 and top-5 (%) over the readable val images, each counted once over all processes."""
         batches, n = self._val_batches()
         size = len(self.val_loader.dataset)
         batch_time = AverageMeter("Time", ":6.3f")
         total = torch.zeros(4, device=self.device)
-        seen = 0
         end = time.perf_counter()
-        for i, (x, target) in enumerate(batches):
+        for i, (x, target, *_) in enumerate(batches):
             target = target.to(self.device, non_blocking=True)
-            real = unpadded_rows(seen, len(target), self.ctx.rank, self.ctx.world_size, size, self.device)
-            seen += len(target)
-            logits, target = self.model.fc(self._features(x))[real], target[real]
+            logits = self.model.fc(self._features(x))
             last = torch.cat([F.cross_entropy(logits, target, reduction="sum")[None],
-                              topk_hits(logits, target).float(), real.sum().float()[None]])
+                              topk_hits(logits, target).float(), logits.new_tensor([len(target)])])
             total += last
             batch_time.update(time.perf_counter() - end)
             if i % self.args.print_freq == 0 and self.ctx.is_main:
@@ -269,9 +280,16 @@ class LinearProbe:
                 self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{stats}")
             end = time.perf_counter()
         loss, hits1, hits5, rows = D.gather(total[None]).sum(dim=0).tolist()
+        if rows == 0:
+            raise UserError(f"none of the {size} images of {self.root}/val could be read: check the dataset")
         acc1, acc5 = 100.0 * hits1 / rows, 100.0 * hits5 / rows
-        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} over {coverage(int(rows), size)}")
         return acc1, acc5
+
+
+def coverage(rows: int, size: int) -> str:
+    """``100 val images``, or ``98 of 100 val images (2 unreadable skipped)``."""
+    return f"{size} val images" if rows == size else f"{rows} of {size} val images ({size - rows} unreadable skipped)"
 
 
 def knn_probe(ctx: D.Context, args: Namespace) -> None:
@@ -279,7 +297,8 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
     logger = Logger(args.save_dir, ctx.is_main)
     try:
         batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
-        train, val, classes = folder_loaders(args.data, args.input_size, batch, workers)
+        train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
+                                             BadImages(args.strict_data, logger.warn if ctx.is_main else None))
         model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
         model.to(ctx.device)
         channels_last = ctx.device.type == "cuda"
@@ -287,8 +306,7 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
         start = time.perf_counter()
         result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
                           autocast_dtype=PRECISIONS[args.precision or "fp32"])
-        logger.info(f"=> {format_knn(result)} ({len(train.dataset)} train, {len(val.dataset)} val images, "
-                    f"{format_duration(time.perf_counter() - start)})")
+        logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
         logger.scalars(0, knn_scalars(result), prefix="eval/")
     finally:
         logger.close()

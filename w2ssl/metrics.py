@@ -15,16 +15,6 @@ def topk_hits(logits: Tensor, target: Tensor) -> Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
-def unpadded_rows(first: int, count: int, rank: int, world: int, size: int, device: torch.device) -> Tensor:
-    """Which of a rank's rows ``first .. first+count-1`` are real samples, not DistributedSampler padding.
-
-    Unshuffled, rank ``r`` reads dataset positions ``r, r + world, …``; positions past ``size`` are the
-    padding (repeats of the first samples) that makes every shard equally long. Returns ``[count]`` bool.
-    """
-    positions = rank + (first + torch.arange(count, device=device)) * world
-    return positions < size
-
-
 def stats_text(last: list[float], total: list[float]) -> str:
     """MoCo v3's ``Loss v (avg)  Acc@1 v (avg)  Acc@5 v (avg)`` from ``[loss sum, top-1 hits, top-5 hits, rows]``."""
     def fields(s: list[float]) -> tuple[float, float, float]:

@@ -114,6 +114,11 @@ class Logger:
         shown = (batch.float() * s + m).clamp(0, 1)
         self._tb.add_image(tag, make_grid(shown, nrow=4, padding=2), step)
 
+    def text(self, tag: str, text: str) -> None:
+        """A text entry in TensorBoard (e.g. which checkpoint a run evaluates)."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, 0)
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()

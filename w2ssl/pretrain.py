@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
-from .data import PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
+from .data import BadImages, PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
 from .errors import UserError
 from .gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
 from .guard import Guard
@@ -134,7 +134,7 @@ class Pretrainer:
             if found is None:
                 self.logger.info(f"=> no checkpoint in {self.args.save_dir}: starting from scratch")
             return found
-        return Path(resume), ckpt_io.load(resume, self.args.trust_checkpoint)
+        return Path(resume), ckpt_io.load_pretraining(resume, self.args.trust_checkpoint)
 
     # ----------------------------------------------------------------- training
     def run(self) -> None:
@@ -270,7 +270,8 @@ class Pretrainer:
     def _knn(self) -> None:
         """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""
         if self._knn_loaders is None:
-            self._knn_loaders = folder_loaders(self.args.knn_data, self.args.knn_size, 256, min(self.args.workers, 8))
+            self._knn_loaders = folder_loaders(self.args.knn_data, self.args.knn_size, 256, min(self.args.workers, 8),
+                                               BadImages(self.args.strict_data, self.logger.warn))
         train, val, classes = self._knn_loaders
         result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
                           channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])

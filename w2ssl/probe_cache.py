@@ -8,7 +8,7 @@ published protocol's rather than reproducing it. Validation uses the same center
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -20,21 +20,21 @@ STORE = torch.float16  # halves the bank; pooled post-ReLU features are far insi
 
 
 @torch.no_grad()
-def extract_into(featurize: Callable[[Tensor], Tensor], loader: DataLoader, out: Tensor) -> Tensor:
-    """Fill ``out [n, C]`` with ``featurize`` of ``loader``'s image batches, in order; return labels ``[n]``.
+def extract_into(featurize: Callable[[Tensor], Tensor], loader: Iterable, out: Tensor) -> Tensor:
+    """Fill the first ``m`` rows of ``out [n, C]`` with ``featurize`` of ``loader``'s ``(images, labels, ...)``
+    batches, in order; return their labels ``[m]``.
 
-    ``n`` must be the number of samples the loader yields (``len(loader.sampler)``).
+    ``n`` is the number of samples the loader reads (``len(loader.sampler)``); ``m < n`` when it left
+    unreadable images out.
     """
     labels = torch.empty(len(out), dtype=torch.long, device=out.device)
     row = 0
-    for images, target in loader:
+    for images, target, *_ in loader:
         feats = featurize(images)
         out[row:row + len(feats)] = feats.to(out.dtype)
         labels[row:row + len(feats)] = torch.as_tensor(target).to(out.device)
         row += len(feats)
-    if row != len(out):
-        raise RuntimeError(f"the loader yielded {row} samples, expected {len(out)}")
-    return labels
+    return labels[:row]
 
 
 class FeatureCache:
@@ -47,16 +47,20 @@ class FeatureCache:
     @classmethod
     def extract(cls, featurize: Callable[[Tensor], Tensor], train_views: Sequence[DataLoader], val_loader: DataLoader,
                 dim: int, device: torch.device) -> FeatureCache:
-        """One trunk pass per loader: ``train_views`` are unshuffled loaders over the same images (one per view)."""
+        """One trunk pass per loader: ``train_views`` are unshuffled loaders over the same images (one per view),
+        which replace unreadable images (so every process holds as many as the others); ``val_loader`` may
+        leave them out."""
         n = len(train_views[0].sampler)
         train = torch.empty(len(train_views), n, dim, dtype=STORE, device=device)
         train_labels = extract_into(featurize, train_views[0], train[0])
         for v, loader in enumerate(train_views[1:], start=1):
             if not torch.equal(extract_into(featurize, loader, train[v]), train_labels):
                 raise RuntimeError("training views came in different orders: their loaders must not shuffle")
+        if len(train_labels) != n:
+            raise RuntimeError(f"the training loader yielded {len(train_labels)} samples, expected {n}")
         val = torch.empty(len(val_loader.sampler), dim, dtype=STORE, device=device)
         val_labels = extract_into(featurize, val_loader, val)
-        return cls(train, train_labels, val, val_labels)
+        return cls(train, train_labels, val[:len(val_labels)], val_labels)
 
     def describe(self) -> str:
         views, n, dim = self.train.shape

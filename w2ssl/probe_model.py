@@ -14,10 +14,11 @@ from . import checkpoint as ckpt_io
 from .errors import UserError
 
 
-def load_pretrained(path: str | Path, arch: str, trust: bool) -> dict[str, Tensor]:
-    """The ``arch`` trunk of pre-training checkpoint ``path`` (ours, the authors' or MoCo v3's), torchvision keys."""
+def load_pretrained(path: str | Path, arch: str | None, trust: bool) -> tuple[dict[str, Tensor], str]:
+    """The trunk of pre-training checkpoint ``path`` (ours, the authors' or MoCo v3's) with torchvision keys,
+    and its architecture (``arch`` if given, checked; else the checkpoint's own)."""
     try:
-        return ckpt_io.load_trunk(path, arch, trust)
+        return ckpt_io.read_trunk(path, arch, trust)
     except UserError as e:
         where = "--pretrained: " if str(path) in str(e) else f"--pretrained {path}: "
         raise UserError(where + str(e)) from None
@@ -33,7 +34,7 @@ def build_model(arch: str, num_classes: int, pretrained: str | Path | None = Non
     model = torchvision.models.__dict__[arch](num_classes=num_classes)
     reference = None
     if pretrained:
-        reference = load_pretrained(pretrained, arch, trust)
+        reference, _ = load_pretrained(pretrained, arch, trust)
         model.load_state_dict({**model.state_dict(), **reference})
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith("fc.")
