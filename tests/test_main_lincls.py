@@ -121,11 +121,14 @@ def test_stats_text():
 
 # ----------------------------------------------------------------- checkpoint layouts
 def random_trunk(arch: str = "resnet18") -> dict[str, torch.Tensor]:
-    """A torchvision trunk with random weights and BatchNorm statistics (so loading is visible)."""
-    g = torch.Generator().manual_seed(1)
-    sd = torchvision.models.__dict__[arch]().state_dict()
-    return {k: torch.rand(v.shape, generator=g) if v.is_floating_point() else v
-            for k, v in sd.items() if not k.startswith("fc.")}
+    """A torchvision trunk with its initial weights and BatchNorm statistics perturbed at random (so loading is
+    visible) yet small enough that features and probe losses stay finite."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        sd = torchvision.models.__dict__[arch]().state_dict()
+        noise = {k: torch.rand(v.shape) if k.endswith("running_var") else torch.randn(v.shape) for k, v in sd.items()}
+        return {k: v + 0.01 * noise[k] if v.is_floating_point() else v
+                for k, v in sd.items() if not k.startswith("fc.")}
 
 
 def layout(name: str, trunk: dict[str, torch.Tensor]) -> dict:
