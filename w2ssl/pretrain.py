@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from argparse import Namespace
@@ -205,8 +204,6 @@ class Pretrainer:
             self.logger.advance_bar()
             if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
                 progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
-            if args.fault_kill_step is not None and self.step == args.fault_kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
             if self.guard.stop:
                 self._stop_on_signal()
             if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
@@ -238,8 +235,6 @@ class Pretrainer:
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             parts = self.net(tiles[:2], tiles[2:], m, perm=perm)
-        if self.args.fault_nan_step is not None and self.step == self.args.fault_nan_step:
-            parts["loss"] = parts["loss"] * float("nan")  # test hook: a poisoned step
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
         self.scaler.step(self.optimizer)
