@@ -46,6 +46,11 @@ def cpu_env(env: dict | None = None) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
 
 
+def hide_gpus(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """Processes this test spawns see no GPU (spawn copies ``os.environ``): ranks run on the CPU with gloo."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None,
                launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``script`` (relative to the repo root) in a fresh interpreter on the CPU and capture its output."""

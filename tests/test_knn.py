@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.helpers import hide_gpus
 from w2ssl.encoder import GridTrunk
 from w2ssl.knn import extract_features, format_knn, knn_accuracy, knn_predict, pooled_features
 
@@ -169,7 +170,9 @@ def _distributed_worker(rank, world, tmp):
         dist.destroy_process_group()
 
 
-def test_extract_features_merges_distributed_shards(tmp_path):
+@pytest.mark.slow
+def test_extract_features_merges_distributed_shards(tmp_path, monkeypatch):
+    hide_gpus(monkeypatch)
     mp.start_processes(_distributed_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     data = tiny_data(n=7)
     expected, labels = extract_features(resnet18(), DataLoader(data, batch_size=7), "cpu")

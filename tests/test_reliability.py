@@ -13,6 +13,8 @@ import torch
 from tests.conftest import write_folder
 from tests.helpers import ROOT, TINY, cpu_env, logged_losses, run_script
 
+pytestmark = pytest.mark.slow  # every test here runs main_moco.py in a subprocess
+
 
 def common(data, out, workers, epochs=2):
     # 24 images, batch 4: 6 iterations per epoch
