@@ -3,14 +3,18 @@ import argparse
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import main_moco
 import w2ssl.encoder
-from bench import common, step
+from bench import common, e2e, step
+from tests.helpers import TINY
+from w2ssl import cli, pretrain
 from w2ssl.errors import UserError
 from w2ssl.optim import LARS
 from w2ssl.speed import autocast, grad_scaler, prepare_model
@@ -230,3 +234,42 @@ def test_precision_helpers():
 
 def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")], check=True)
+
+
+class JumpingClock:
+    """``time.perf_counter`` that jumps an hour forward at every checkpoint write (written instantly)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+
+def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, tmp_path, monkeypatch, capsys):
+    clock = JumpingClock()
+
+    def slow_save(self, epoch_end):
+        clock.offset += 3600.0
+
+    monkeypatch.setattr(pretrain, "time", clock)
+    monkeypatch.setattr(pretrain.Pretrainer, "save", slow_save)
+    # 24 images, batch 4: 6 steps per epoch; the window (steps 4-7) spans a checkpoint at every step and an
+    # epoch end. An hour per write counted as training would give < 0.01 img/s.
+    argv = [image_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
+            "--save-freq-iters", "1", "--resume", "none", "--save-dir", tmp_path]
+    assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
+    out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert (out["iters"], out["window_iters"], out["batch_size"], out["device"]) == (8, 4, 4, "cpu")
+    assert 1.0 < out["e2e_img_s"] < 1e5
+    assert len(out["epoch_start_data_s"]) == 1 and out["epoch_start_data_s"][0] < 3600
+
+
+@pytest.mark.slow
+def test_e2e_runs_main_moco_with_checkpoints_on_cpu(tmp_path, capsys):
+    argv = ["--device", "cpu", "--root", str(tmp_path), "--images", "24", "--classes", "2", "--iters", "8",
+            "--batch-size", "4", "--tile-size", "16", "--arch", "resnet18", "--workers", "0", "--save-freq-iters", "2"]
+    assert e2e.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["iters"], out["window_iters"], out["device"], out["gpu_aug"]) == (8, 4, "cpu", False)
+    assert out["e2e_img_s"] > 0 and len(out["epoch_start_data_s"]) == 1
