@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import main_moco
 import w2ssl.encoder
 from bench import common, e2e, step
-from tests.helpers import TINY
+from tests.helpers import TINY, cpu_env
 from w2ssl import cli, pretrain
 from w2ssl.errors import UserError
 from w2ssl.optim import LARS
@@ -232,8 +233,25 @@ def test_precision_helpers():
         autocast(CPU, "fp8")
 
 
-def test_run_gpu_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")], check=True)
+def test_gpu_scripts_parse_and_refuse_unknown_parts():
+    for script in ("run_gpu.sh", "gpu_check.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)
+    bad = ((["bench/gpu_check.sh"], {}), (["bench/gpu_check.sh", "4"], {}), (["bench/run_gpu.sh"], {"PART": "4"}))
+    for cmd, env in bad:
+        res = subprocess.run(["bash", *cmd], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_run_gpu_part_1_runs_only_the_step_table_on_cpu(tmp_path):
+    env = {"OUT": str(tmp_path), "DEVICE": "cpu", "QUICK": "1", "PART": "1"}
+    res = subprocess.run(["bash", "bench/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=cpu_env(env),
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    (md,) = tmp_path.glob("bench_1_*.md")
+    text = md.read_text()
+    assert text.startswith("# Benchmarks, part 1") and "| step bf16 channels_last | " in text
+    assert "failed" not in text and "## e2e" not in text and "## data" not in text
 
 
 class JumpingClock:
