@@ -219,7 +219,7 @@ def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, 
             "--save-freq-iters", "1", "--resume", "none", "--save-dir", tmp_path]
     assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
     out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
-    assert (out["iters"], out["window_iters"], out["batch_size"], out["device"]) == (8, 4, 4, "cpu")
+    assert (out["iters"], out["window_iters"], out["batch_size"]) == (8, 4, 4)  # on the GPU if there is one
     assert 1.0 < out["e2e_img_s"] < 1e5
     assert len(out["epoch_start_data_s"]) == 1 and out["epoch_start_data_s"][0] < 3600
 

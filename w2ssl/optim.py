@@ -14,7 +14,7 @@ class LARS(torch.optim.Optimizer):
     For those: ``u = g + wd·p``, then ``u ← u·η‖p‖/‖u‖`` when both norms are > 0. 1-D parameters
     (BN, biases) get plain ``u = g``. Then ``μ ← momentum·μ + u``, ``p ← p − lr·μ``. ``p.grad`` is left as
     it is: ``u`` lives in a scratch buffer (one flat tensor per parameter group, a view of it per
-    parameter, as laid out as the parameter). Free of host syncs, and on GPUs a fixed handful of fused
+    parameter, laid out like the parameter). Free of host syncs, and on GPUs a fixed handful of fused
     kernels whatever the number of parameters: the per-parameter scale (a device tensor) is applied to
     the flat buffer in one multiply, since ``_foreach_mul_`` with a list of 0-d tensors launches one kernel
     per tensor. The momentum update is one lerp, ``μ + (1 − momentum)·(u/(1 − momentum) − μ)``, the
