@@ -133,12 +133,12 @@ def test_lars_equals_loop_and_leaves_grad_alone():
 
 
 def test_scratch_views_keep_each_layout_and_scale_on_their_own():
-    params = [torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last), torch.randn(5), torch.randn(300, 2),
-              torch.randn(3, 2).t(), torch.randn(2, 6)[:, ::2]]
+    params = [torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last), torch.randn(5),
+              torch.randn(Scratch.ROW + 1, 2), torch.randn(3, 2).t(), torch.randn(2, 6)[:, ::2]]
     scratch = Scratch(params)
     assert [v.stride() for v in scratch.views[:4]] == [p.stride() for p in params[:4]]  # dense: same layout
     assert scratch.views[4].is_contiguous()  # a strided slice: contiguous instead
-    assert scratch.flat.shape == (1 + 1 + 5 + 1 + 1, Scratch.ROW)  # each view starts on a row of its own
+    assert scratch.flat.shape == (1 + 1 + 3 + 1 + 1, Scratch.ROW)  # each view starts on a row of its own
     values = [torch.randn(p.shape) for p in params]
     for v, x in zip(scratch.views, values):
         v.copy_(x)

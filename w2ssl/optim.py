@@ -70,7 +70,7 @@ class Scratch:
     """One flat buffer of rows of ``ROW`` elements; parameter ``i`` gets a view (its shape and strides)
     starting on a row of its own, so that a per-parameter scale is one row-wise multiply."""
 
-    ROW = 128
+    ROW = 1024
 
     def __init__(self, params: list[Tensor]):
         if len({(p.device, p.dtype) for p in params}) > 1:
