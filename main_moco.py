@@ -56,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo", action="store_true",
                      help="pre-train on a small embedded photo set with CPU-sized settings, then compare kNN "
                           "accuracy with a random trunk")
-    run.add_argument("--fault-nan-step", type=int, default=None, help=argparse.SUPPRESS)
-    run.add_argument("--fault-kill-step", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(resume="auto")  # like DINO: a restarted run continues from its newest checkpoint
     return parser
 

@@ -1,8 +1,10 @@
 """End-to-end pre-training throughput: real ``main_moco.py`` on a generated JPEG folder, data included.
 
 Runs ``main_moco.py --max-iters N`` in a fresh process (PIL pipeline, or ``--gpu-aug``) and reports the
-source images/s over the second half of the steps, plus the data-loading time of the first iteration
-of every epoch after the first (the workers prefetch across epochs: no stall there). Last line: JSON.
+source images/s over the second half of the steps, from the steps' own durations (data wait included;
+checkpoint writes and the work at epoch ends left out, ``--save-freq-iters`` or not), plus the data-loading
+time of the first iteration of every epoch after the first (the workers prefetch across epochs: no stall
+there). Last line: JSON.
 Example (GPU): ``python bench/e2e.py --device cuda --iters 50 --gpu-aug``.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None)
     p.add_argument("--gpu-aug", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--save-freq-iters", type=int, default=0, help="also checkpoint every N steps (not timed)")
     return p.parse_args(argv)
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         cmd = [sys.executable, str(ROOT / "main_moco.py"), str(root), "-a", args.arch, "-b", str(args.batch_size),
                "--tile-size", str(args.tile_size), "--workers", str(args.workers), "--epochs", "1000",
                "--max-iters", str(args.iters), "--print-freq", str(max(args.iters, 1)), "--resume", "none",
-               "--save-dir", save_dir, "--seed", "0"]
+               "--save-dir", save_dir, "--seed", "0", "--save-freq-iters", str(args.save_freq_iters)]
         cmd += ["--gpu-aug"] * args.gpu_aug + ["--compile"] * args.compile
         cmd += ["--precision", args.precision] if args.precision else []
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}

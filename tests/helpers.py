@@ -39,12 +39,23 @@ TINY = ["-a", "resnet18", "--tile-size", "16", "--moco-mlp-dim", "64", "--crop_p
         "--seed", "0", "--print-freq", "1"]
 
 
+def cpu_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment for a child that must run on the CPU, even where a GPU is visible:
+    2 ranks on a 1-GPU machine would both ask for their own GPU, and the comparisons with CPU references
+    (and bit-equal resumes) need CPU kernels. One thread each: the test machines are small."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+
+
+def hide_gpus(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """Processes this test spawns see no GPU (spawn copies ``os.environ``): ranks run on the CPU with gloo."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None,
                launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` (relative to the repo root) in a fresh interpreter and capture its output."""
+    """Run ``script`` (relative to the repo root) in a fresh interpreter on the CPU and capture its output."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cpu_env(env))
 
 
 def logged_losses(log: Path) -> dict[tuple[int, int], str]:

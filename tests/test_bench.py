@@ -1,26 +1,24 @@
 """The step benchmark and the speed options: every optimisation keeps the math."""
 import argparse
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import main_moco
 import w2ssl.encoder
-from bench import common, step
+from bench import common, e2e, step
+from tests.helpers import TINY, cpu_env
+from w2ssl import cli, pretrain
 from w2ssl.errors import UserError
-from w2ssl.optim import LARS
 from w2ssl.speed import autocast, grad_scaler, prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def reference_grid_pool(fmap: torch.Tensor) -> torch.Tensor:
-    """SPEC §3 as the authors compute it: bilinear resize to 8x8, then average-pool to 2x2."""
-    return F.adaptive_avg_pool2d(F.interpolate(fmap, (8, 8), mode="bilinear", align_corners=False), 2)
 
 
 def bench_args(**kw) -> argparse.Namespace:
@@ -56,56 +54,6 @@ def test_w2ssl_step_same_with_fused_views():
     torch.testing.assert_close(w2ssl_losses(fused_views=True), w2ssl_losses(), rtol=1e-5, atol=1e-5)
 
 
-def test_w2ssl_step_same_with_resize_then_pool(monkeypatch):
-    separable = w2ssl_losses()
-    monkeypatch.setattr(w2ssl.encoder, "grid_pool", reference_grid_pool)
-    reference = w2ssl_losses()
-    torch.testing.assert_close(separable, reference, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(w2ssl.encoder, "grid_pool", lambda f: F.adaptive_avg_pool2d(f, 2))
-    with pytest.raises(AssertionError):  # a different pooling changes the loss: the check can see it
-        torch.testing.assert_close(w2ssl_losses(steps=1), separable[:1], rtol=1e-5, atol=1e-5)
-
-
-def loop_lars(params, grads, lr, weight_decay, momentum=0.9, eta=0.001):
-    """Straightforward per-parameter LARS (SPEC §6), in place on ``params``; ``grads`` one list per step."""
-    bufs = [torch.zeros_like(p) for p in params]
-    for step_grads in grads:
-        for p, g, mu in zip(params, step_grads, bufs):
-            if g is None:
-                continue
-            if p.ndim > 1:
-                g = g + weight_decay * p
-                p_norm, g_norm = torch.norm(p), torch.norm(g)
-                if p_norm > 0 and g_norm > 0:
-                    g = g * (eta * p_norm / g_norm)
-            mu.mul_(momentum).add_(g)
-            p.sub_(lr * mu)
-
-
-def test_foreach_lars_equals_loop():
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(8, 3, 3, 3), (16, 8), (16,), (8,), (4, 4), (5, 2), (3,)]
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    start[4].zero_()  # ||p|| = 0: trust ratio 1
-    grads = []
-    for _ in range(5):
-        g = [torch.randn(s, generator=gen) for s in shapes]
-        g[5] = torch.zeros(shapes[5])  # ||g|| = 0 (no weight decay in its group): trust ratio 1
-        g[6] = None  # no gradient: untouched
-        grads.append(g)
-    ours = [p.clone() for p in start]
-    wd, lr = 0.01, 0.5
-    opt = LARS([{"params": ours[:5]}, {"params": ours[5:], "weight_decay": 0.0}], lr=lr, weight_decay=wd)
-    for step_grads in grads:
-        for p, g in zip(ours, step_grads):
-            p.grad = None if g is None else g.clone()  # LARS adds the weight decay to p.grad in place
-        opt.step()
-    loop = [p.clone() for p in start]
-    loop_lars(loop[:5], [g[:5] for g in grads], lr, wd)
-    loop_lars(loop[5:], [g[5:] for g in grads], lr, 0.0)
-    for a, b in zip(ours, loop):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # to rounding: the momentum update is a lerp
-    assert not torch.equal(ours[0], start[0]) and torch.equal(ours[6], start[6])
 
 
 def test_cli_runs_every_step_on_cpu(capsys):
@@ -193,5 +141,61 @@ def test_precision_helpers():
         autocast(CPU, "fp8")
 
 
-def test_run_gpu_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")], check=True)
+def test_gpu_scripts_parse_and_refuse_unknown_parts():
+    for script in ("run_gpu.sh", "gpu_check.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)
+    bad = ((["bench/gpu_check.sh"], {}), (["bench/gpu_check.sh", "4"], {}), (["bench/run_gpu.sh"], {"PART": "4"}))
+    for cmd, env in bad:
+        res = subprocess.run(["bash", *cmd], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_run_gpu_part_1_runs_only_the_step_table_on_cpu(tmp_path):
+    env = {"OUT": str(tmp_path), "DEVICE": "cpu", "QUICK": "1", "PART": "1"}
+    res = subprocess.run(["bash", "bench/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=cpu_env(env),
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    (md,) = tmp_path.glob("bench_1_*.md")
+    text = md.read_text()
+    assert text.startswith("# Benchmarks, part 1") and "| step bf16 channels_last | " in text
+    assert "failed" not in text and "## e2e" not in text and "## data" not in text
+
+
+class JumpingClock:
+    """``time.perf_counter`` that jumps an hour forward at every checkpoint write (written instantly)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+
+def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, tmp_path, monkeypatch, capsys):
+    clock = JumpingClock()
+
+    def slow_save(self, epoch_end):
+        clock.offset += 3600.0
+
+    monkeypatch.setattr(pretrain, "time", clock)
+    monkeypatch.setattr(pretrain.Pretrainer, "save", slow_save)
+    # 24 images, batch 4: 6 steps per epoch; the window (steps 4-7) spans a checkpoint at every step and an
+    # epoch end. An hour per write counted as training would give < 0.01 img/s.
+    argv = [image_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
+            "--save-freq-iters", "1", "--resume", "none", "--save-dir", tmp_path]
+    assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
+    out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert (out["iters"], out["window_iters"], out["batch_size"]) == (8, 4, 4)  # on the GPU if there is one
+    assert 1.0 < out["e2e_img_s"] < 1e5
+    assert len(out["epoch_start_data_s"]) == 1 and out["epoch_start_data_s"][0] < 3600
+
+
+@pytest.mark.slow
+def test_e2e_runs_main_moco_with_checkpoints_on_cpu(tmp_path, capsys):
+    argv = ["--device", "cpu", "--root", str(tmp_path), "--images", "24", "--classes", "2", "--iters", "8",
+            "--batch-size", "4", "--tile-size", "16", "--arch", "resnet18", "--workers", "0", "--save-freq-iters", "2"]
+    assert e2e.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["iters"], out["window_iters"], out["device"], out["gpu_aug"]) == (8, 4, "cpu", False)
+    assert out["e2e_img_s"] > 0 and len(out["epoch_start_data_s"]) == 1

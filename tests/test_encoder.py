@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import w2ssl.encoder
+from tests.helpers import random_views, tiny_model
 from w2ssl.encoder import GridTrunk, grid_pool
+from w2ssl.optim import LARS
 
 
 def reference(fmap: torch.Tensor) -> torch.Tensor:
@@ -36,6 +39,33 @@ def test_grid_pool_compiles_with_its_matrices_from_the_cache():
         out = torch.compile(grid_pool, backend="aot_eager")(fmap)
     assert not [w for w in caught if "lru_cache" in str(w.message)]  # dynamo would trace the builder
     torch.testing.assert_close(out, grid_pool(fmap))
+
+
+def training_losses(steps: int = 2) -> torch.Tensor:
+    """Losses of ``steps`` W2SSL training steps (LARS) from seed 0; tile 48 -> 3x3 layer4 maps."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    view1, view2 = random_views(4, 48)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    optimizer = LARS(model.parameters(), lr=0.5, weight_decay=1e-6)
+    losses = []
+    for _ in range(steps):
+        loss = model(view1, view2, 0.99, perm=perm)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def test_training_step_same_with_resize_then_pool(monkeypatch):
+    separable = training_losses()
+    assert separable[0] != separable[1], "the steps must change the weights"
+    monkeypatch.setattr(w2ssl.encoder, "grid_pool", reference)
+    torch.testing.assert_close(training_losses(), separable, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(w2ssl.encoder, "grid_pool", lambda f: F.adaptive_avg_pool2d(f, 2))
+    with pytest.raises(AssertionError):  # a different pooling changes the loss: the check can see it
+        torch.testing.assert_close(training_losses(steps=1), separable[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_trunk_keys_load_into_torchvision_without_fc():

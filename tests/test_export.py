@@ -145,6 +145,7 @@ def test_untrusted_pickle_needs_flag(tmp_path, capsys):
     check_loads(tmp_path / "out.pth", trunk_state("resnet18"), "torchvision", "resnet18")
 
 
+@pytest.mark.slow
 def test_module_cli_end_to_end(tmp_path):
     trunk = trunk_state("resnet18", seed=2)
     torch.save(mocov3(trunk), tmp_path / "ckpt.pth.tar")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from tests.conftest import write_folder
-from tests.helpers import TINY, run_script
+from tests.helpers import TINY, hide_gpus, run_script
 from w2ssl.data import BadImages
 from w2ssl.encoder import GridTrunk
 from w2ssl.errors import UserError
@@ -208,7 +208,9 @@ def _distributed_worker(rank, world, tmp):
         dist.destroy_process_group()
 
 
-def test_extract_features_merges_distributed_shards(tmp_path):
+@pytest.mark.slow
+def test_extract_features_merges_distributed_shards(tmp_path, monkeypatch):
+    hide_gpus(monkeypatch)
     mp.start_processes(_distributed_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     data = tiny_data(n=7)
     expected, labels = extract_features(resnet18(), DataLoader(data, batch_size=7), "cpu")

@@ -205,6 +205,7 @@ def test_other_bad_input_exits_2_with_one_line(image_root, tmp_path, capsys, cas
     assert message in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["random file", "pre-training checkpoint as --resume"])
 def test_bad_input_from_the_shell_has_no_traceback(image_root, pretrained, tmp_path, case):
     if case == "random file":
@@ -218,6 +219,7 @@ def test_bad_input_from_the_shell_has_no_traceback(image_root, pretrained, tmp_p
 
 
 # ----------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_full_probe_two_epochs(probe_run, pretrained):
     out, stdout = probe_run
     assert re.search(r"^Epoch: \[0\]\[0/3\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 ", stdout, re.M)
@@ -245,6 +247,7 @@ def test_full_probe_two_epochs(probe_run, pretrained):
     assert (group["momentum"], group["weight_decay"]) == (0.9, 0.0)
 
 
+@pytest.mark.slow
 def test_resume_then_evaluate_only(probe_run, image_root, pretrained, tmp_path, capsys):
     out, _ = probe_run
     code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "--epochs", "3", "--pretrained", pretrained,
@@ -262,6 +265,7 @@ def test_resume_then_evaluate_only(probe_run, image_root, pretrained, tmp_path, 
     assert ACC.findall(stdout) == resumed and "Epoch:" not in stdout
 
 
+@pytest.mark.slow
 def test_resume_with_another_trunk_is_refused(probe_run, image_root, tmp_path, capsys):
     out, _ = probe_run
     other = tmp_path / "other.pth.tar"
@@ -271,6 +275,7 @@ def test_resume_with_another_trunk_is_refused(probe_run, image_root, tmp_path, c
     assert code == 2 and "another trunk than --pretrained" in err
 
 
+@pytest.mark.slow
 def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, capsys):
     argv = [image_root, *PROBE, "--epochs", "2", "--cached", "--cached-aug", "1", "--pretrained", pretrained,
             "--save-dir", tmp_path]
@@ -291,6 +296,7 @@ def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, c
     assert torch.allclose(probe.cache.val[:8].float(), probe.trunk_features(images), rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_sanity_check_catches_a_moved_statistic(image_root, pretrained, tmp_path, capsys):
     argv = [image_root, *PROBE, "--pretrained", pretrained, "--save-dir", tmp_path]
     probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
@@ -300,6 +306,7 @@ def test_sanity_check_catches_a_moved_statistic(image_root, pretrained, tmp_path
         probe.sanity_check()
 
 
+@pytest.mark.slow
 def test_knn(image_root, pretrained, tmp_path, capsys):
     code, stdout, err = run_inprocess(capsys, image_root, *PROBE, "--input-size", "32", "--knn",
                                       "--pretrained", pretrained, "--save-dir", tmp_path)
@@ -310,6 +317,7 @@ def test_knn(image_root, pretrained, tmp_path, capsys):
     assert m and all(0 <= float(v) <= 100 for v in m.groups()), stdout
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_count_every_val_image_once(image_root, pretrained, tmp_path, capsys):
     """9 val images on 2 processes: DistributedSampler pads rank 1 with a repeat, which must not count."""
     data = tmp_path / "data"

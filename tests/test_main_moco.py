@@ -39,6 +39,7 @@ def test_published_command_parses_unchanged(command):
     assert (args.tile_size, args.loss_t, args.loss_loc, args.moco_m, args.warmup_epochs) == (112, 0.3, 1.0, 0.99, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_two_epochs_then_resume_auto(image_root, tmp_path, workers):
     out = tmp_path / "run"
@@ -65,6 +66,7 @@ def test_two_epochs_then_resume_auto(image_root, tmp_path, workers):
     assert len(logged_losses(out / "log.txt")) == 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [[], ["--fused-views"]])
 def test_torchrun_two_cpu_processes(image_root, tmp_path, fused):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -76,6 +78,7 @@ def test_torchrun_two_cpu_processes(image_root, tmp_path, fused):
     assert (tmp_path / "checkpoint_0000.pth.tar").is_file()
 
 
+@pytest.mark.slow
 def test_fused_views_train_the_same(image_root, tmp_path):
     losses = []
     for flag in ("--no-fused-views", "--fused-views"):
@@ -112,9 +115,8 @@ def empty_root(tmp_path):
     ("batch larger than dataset", lambda r, e: [r, "-b", "64"], "fewer than one batch"),
     ("demo with max-iters", lambda r, e: ["--demo", "--max-iters", "2"], "drop --max-iters"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(image_root, empty_root, tmp_path, case, args, message):
-    if case == "multiprocessing without GPU" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
     res = run_script("main_moco.py", *args(image_root, empty_root), *TINY, "--workers", "0",
                      "--save-dir", tmp_path / "out", timeout=120)
     assert res.returncode == 2, (res.stdout, res.stderr)
@@ -132,6 +134,7 @@ def test_config_presets_parse():
 
 
 
+@pytest.mark.slow
 def test_knn_every_epoch_and_tensorboard_scalars(image_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

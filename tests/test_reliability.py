@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import write_folder
-from tests.helpers import ROOT, TINY, logged_losses, run_script
+from tests.helpers import ROOT, TINY, cpu_env, logged_losses, run_script
+
+pytestmark = pytest.mark.slow  # every test here runs main_moco.py in a subprocess
 
 
 def common(data, out, workers, epochs=2):
@@ -27,9 +29,8 @@ def state_dict(path):
 def test_sigkill_then_resume_equals_uninterrupted(image_root, tmp_path, workers):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_script("main_moco.py", *common(image_root, a, workers)).returncode == 0
-    # Run B dies hard at global step 10 (epoch 1, iteration 4); its newest checkpoint is from step 8.
-    killed = run_script("main_moco.py", *common(image_root, b, workers), "--save-freq-iters", "2",
-                        "--fault-kill-step", "10")
+    # Run B dies hard as global step 9 starts (epoch 1, iteration 3); its newest checkpoint is from step 8.
+    killed = run_script("tests/fault_run.py", "kill", "9", *common(image_root, b, workers), "--save-freq-iters", "2")
     assert killed.returncode == -signal.SIGKILL
     assert torch.load(b / "checkpoint_last.pth.tar", weights_only=True)["iteration"] == 2
     resumed = run_script("main_moco.py", *common(image_root, b, workers), "--resume", "auto")
@@ -98,8 +99,7 @@ def test_nan_loss_stops_without_touching_checkpoints(image_root, tmp_path):
     out = tmp_path / "run"
     assert run_script("main_moco.py", *common(image_root, out, 0, epochs=1)).returncode == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.pth.tar")}
-    res = run_script("main_moco.py", *common(image_root, out, 0, epochs=2), "--fault-nan-step", "8",
-                     "--save-freq-iters", "1")
+    res = run_script("tests/fault_run.py", "nan", "8", *common(image_root, out, 0, epochs=2), "--save-freq-iters", "1")
     assert res.returncode == 3
     assert "non-finite loss at epoch 1 iteration 2 (global step 8)" in res.stderr
     assert "loss=nan" in res.stderr and "Traceback" not in res.stderr
@@ -113,7 +113,7 @@ def test_sigterm_saves_and_resume_continues(image_root, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "main_moco.py"), *map(str, common(image_root, out, 0, epochs=3))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=cpu_env())
     log = out / "log.txt"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.is_file() and "Epoch: [0][2/6]" in log.read_text()):

@@ -169,6 +169,7 @@ def test_converter_user_errors(r18_ckpt, tmp_path, capsys):
     assert not (tmp_path / "out.pkl").exists()
 
 
+@pytest.mark.slow
 def test_converter_runs_as_a_script_from_any_folder(r18_ckpt, tmp_path):
     """No --arch: the checkpoint's own (resnet18, read from its weights) is used."""
     run = subprocess.run([sys.executable, str(TRANSFER / "convert-pretrain-to-detectron2.py"), str(r18_ckpt),
@@ -220,6 +221,7 @@ def test_detectron2_configs(name, iters, steps):
         assert cfg["DATASETS"] == {"TRAIN": ["coco_2017_train"], "TEST": ["coco_2017_val"]}
 
 
+@pytest.mark.slow
 def test_train_net_without_detectron2_says_so_in_one_line(tmp_path):
     if importlib.util.find_spec("detectron2") is not None:
         pytest.skip("detectron2 is installed")
@@ -539,6 +541,7 @@ def test_finetune_cli_user_errors(det_data, r18_ckpt, tmp_path, capsys):
         assert err.startswith("error: ") and message in err, err
 
 
+@pytest.mark.slow
 def test_finetune_runs_as_a_script(tmp_path):
     run = subprocess.run([sys.executable, str(TRANSFER / "finetune_torchvision.py"), "--checkpoint", "missing.pth",
                           "--train-json", "t.json", "--train-images", "."], cwd=tmp_path, capture_output=True,

@@ -11,12 +11,14 @@ from torch import Tensor, nn
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios for parameters with ``ndim > 1``.
 
-    For those: ``g ← g + wd·p``, then ``g ← g·η‖p‖/‖g‖`` when both norms are > 0. 1-D parameters
-    (BN, biases) get plain ``g``. Then ``μ ← momentum·μ + g``, ``p ← p − lr·μ``. Vectorised with
-    ``torch._foreach_*`` and free of host syncs. Every pass over the parameters counts (the step is
-    memory-bound), so the gradient is updated in place (as GradScaler's unscaling already is) and the
-    momentum update is one lerp: ``μ + (1 − momentum)·(g/(1 − momentum) − μ)``, the scale ``1/(1 − momentum)``
-    riding on the trust-ratio multiply.
+    For those: ``u = g + wd·p``, then ``u ← u·η‖p‖/‖u‖`` when both norms are > 0. 1-D parameters
+    (BN, biases) get plain ``u = g``. Then ``μ ← momentum·μ + u``, ``p ← p − lr·μ``. ``p.grad`` is left as
+    it is: ``u`` lives in a scratch buffer (one flat tensor per parameter group, a view of it per
+    parameter, laid out like the parameter). Free of host syncs, and on GPUs a fixed handful of fused
+    kernels whatever the number of parameters: the per-parameter scale (a device tensor) is applied to
+    the flat buffer in one multiply, since ``_foreach_mul_`` with a list of 0-d tensors launches one kernel
+    per tensor. The momentum update is one lerp, ``μ + (1 − momentum)·(u/(1 − momentum) − μ)``, the
+    scale ``1/(1 − momentum)`` riding on that multiply.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.0,
@@ -26,6 +28,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
+        self._scratch: dict[int, Scratch] = {}  # per group; not optimizer state (never checkpointed)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -33,32 +36,95 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            scratch = self._scratch.get(index)
+            if scratch is None or not scratch.holds(params):
+                scratch = self._scratch[index] = Scratch(params)
+            matrices = scratch.matrices
             weight = 1.0 - group["momentum"]
-            matrices = [p for p in params if p.ndim > 1]
-            vectors = [p.grad for p in params if p.ndim <= 1]
-            if vectors:
-                torch._foreach_mul_(vectors, 1.0 / weight)
+            fused = params[0].device.type != "cpu"
+            write_updates(scratch.views, [p.grad for p in params], params, matrices, group["weight_decay"], fused)
+            scale = torch.full((len(params),), 1.0 / weight, device=params[0].device)
             if matrices:
-                grads = [p.grad for p in matrices]
-                torch._foreach_add_(grads, matrices, alpha=group["weight_decay"])
-                p_norm, g_norm = norms(matrices), norms(grads)
-                ok = (p_norm > 0) & (g_norm > 0)
-                trust = torch.where(ok, group["trust_coefficient"] * p_norm / g_norm.clamp_min(1e-30),
+                p_norm, u_norm = norms([params[i] for i in matrices]), norms([scratch.views[i] for i in matrices])
+                ok = (p_norm > 0) & (u_norm > 0)
+                trust = torch.where(ok, group["trust_coefficient"] * p_norm / u_norm.clamp_min(1e-30),
                                     torch.ones_like(p_norm))
-                torch._foreach_mul_(grads, list((trust / weight).to(grads[0].dtype).unbind()))
+                scale.index_copy_(0, scratch.matrix_index, trust / weight)
+            scratch.scale_(scale)
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 bufs.append(state["mu"])
-            torch._foreach_lerp_(bufs, [p.grad for p in params], weight)
+            torch._foreach_lerp_(bufs, scratch.views, weight)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
+
+
+class Scratch:
+    """One flat buffer of rows of ``ROW`` elements; parameter ``i`` gets a view (its shape and strides)
+    starting on a row of its own, so that a per-parameter scale is one row-wise multiply."""
+
+    ROW = 1024
+
+    def __init__(self, params: list[Tensor]):
+        if len({(p.device, p.dtype) for p in params}) > 1:
+            raise ValueError("LARS needs one device and dtype per parameter group")
+        device = params[0].device
+        rows = [-(-p.numel() // self.ROW) for p in params]
+        self.params = params
+        self.matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+        # Index tensors on the device once: built from host lists at every step they would be copied over.
+        self.matrix_index = torch.tensor(self.matrices, dtype=torch.long).to(device)
+        self.owner = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(rows)).to(device)
+        self.flat = params[0].new_zeros(sum(rows), self.ROW)
+        starts = torch.tensor([0, *rows]).cumsum(0)[:-1].tolist()
+        self.views = [self.flat[s:s + r].view(-1)[:p.numel()].as_strided(p.shape, _dense_strides(p))
+                      for p, s, r in zip(params, starts, rows)]
+
+    def holds(self, params: list[Tensor]) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def scale_(self, scale: Tensor) -> None:
+        """Multiply view ``i`` by ``scale[i]`` (``[len(params)]``, on the device): one gather, one multiply."""
+        self.flat.mul_(scale.to(self.flat.dtype)[self.owner].unsqueeze(1))
+
+
+def _dense_strides(p: Tensor) -> tuple[int, ...]:
+    """``p``'s strides when it is dense (contiguous, channels_last...), so that foreach ops with it stay
+    fused; else contiguous strides."""
+    spans = sorted((s, n) for s, n in zip(p.stride(), p.shape) if n > 1)
+    expected = 1
+    for stride, size in spans:
+        if stride != expected:
+            return torch.empty(p.shape, device="meta").stride()
+        expected *= size
+    return p.stride()
+
+
+def write_updates(out: list[Tensor], grads: list[Tensor], params: list[Tensor], matrices: list[int],
+                  weight_decay: float, fused: bool) -> None:
+    """``out[i] = grads[i] + weight_decay·params[i]`` for ``i`` in ``matrices``, ``out[i] = grads[i]`` for the rest.
+
+    ``fused``: two multi-tensor kernels (copy, then add); else one ``add(out=)`` per tensor, one pass less
+    (CPUs have no multi-tensor kernels: foreach ops loop over the tensors anyway).
+    """
+    if fused:
+        torch._foreach_copy_(out, grads)
+        if matrices:
+            torch._foreach_add_([out[i] for i in matrices], [params[i] for i in matrices], alpha=weight_decay)
+        return
+    is_matrix = set(matrices)
+    for i, (o, g, p) in enumerate(zip(out, grads, params)):
+        if i in is_matrix:
+            torch.add(g, p, alpha=weight_decay, out=o)
+        else:
+            o.copy_(g)
 
 
 def norms(tensors: list[Tensor]) -> Tensor:

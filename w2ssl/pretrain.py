@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from argparse import Namespace
+from collections import deque
 from itertools import islice
 from pathlib import Path
 
@@ -81,8 +80,10 @@ class Pretrainer:
         # Tile permutations come from (seed, epoch, iteration) alone, so every process draws the same one on
         # the host, where the all-to-all plan needs it (no broadcast, no GPU read).
         self.perm_gen = torch.Generator()
-        self.step_ends: list[float] = []
-        self.epoch_start_data: list[float] = []  # data time of each epoch's first batch (stalls show here)
+        # --max-iters (benchmarks): seconds of the newest steps (data wait + step, no checkpoint writes or
+        # epoch ends), and the data wait of the newest epochs' first batches after the run's first step.
+        self.step_seconds: deque[float] = deque(maxlen=max(args.max_iters // 2, 1))
+        self.epoch_start_data: deque[float] = deque(maxlen=16)
         self._knn_loaders: tuple | None = None
 
     # ----------------------------------------------------------------- checkpoints
@@ -170,16 +171,20 @@ class Pretrainer:
         return bool(self.args.max_iters) and self.step >= self.args.max_iters
 
     def _report_throughput(self) -> None:
-        """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps."""
+        """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps, from their
+        own durations, so that checkpoint writes and epoch ends do not count as training time."""
+        if not self.step_seconds:
+            return
         if self.device.type == "cuda":
+            start = time.perf_counter()
             torch.cuda.synchronize()
-        ends = self.step_ends[max(len(self.step_ends) // 2 - 1, 0):]
-        if len(ends) >= 2:
-            img_s = (len(ends) - 1) * self.args.batch_size / (ends[-1] - ends[0])
-            self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": len(self.step_ends),
-                                         "batch_size": self.args.batch_size, "device": str(self.device),
-                                         "gpu_aug": self.args.gpu_aug, "precision": self.precision,
-                                         "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data[1:]]}))
+            self.step_seconds[-1] += time.perf_counter() - start  # the last step's queued GPU work
+        img_s = len(self.step_seconds) * self.args.batch_size / sum(self.step_seconds)
+        self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": self.step,
+                                     "window_iters": len(self.step_seconds), "batch_size": self.args.batch_size,
+                                     "device": str(self.device), "gpu_aug": self.args.gpu_aug,
+                                     "precision": self.precision,
+                                     "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data]}))
 
     def _train_epoch(self) -> None:
         args = self.args
@@ -189,7 +194,7 @@ class Pretrainer:
         end = time.perf_counter()
         for batch, bad in islice(self.batches, self.iters_per_epoch - start):
             data_s = time.perf_counter() - end
-            if self.iteration == start:
+            if self.iteration == start and self.step_seconds:
                 self.epoch_start_data.append(data_s)
             tiles, decode_bad = self._tiles(batch)
             self._note_bad([*bad, *decode_bad])
@@ -202,18 +207,17 @@ class Pretrainer:
             self.iteration += 1
             self.step += 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
-            progress.record(parts, lr, m, data_s, time.perf_counter() - end)
+            batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
+            self.step_seconds.append(batch_s)
+            progress.record(parts, lr, m, data_s, batch_s)
             self.logger.advance_bar()
             if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
                 progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
-            if args.fault_kill_step is not None and self.step == args.fault_kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard crash right here
             if self.guard.stop and self.iteration < self.iters_per_epoch:
                 self._stop_on_signal()
             if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
                 self.save(epoch_end=False)
                 self.logger.info(f"=> saved {ckpt_io.LAST} at epoch {self.epoch} iteration {self.iteration}")
-            self.step_ends.append(time.perf_counter())
             if self._iteration_budget_spent():
                 break
             end = time.perf_counter()
@@ -235,8 +239,6 @@ class Pretrainer:
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             parts = self.net(tiles[:2], tiles[2:], m, perm=perm)
-        if self.args.fault_nan_step is not None and self.step == self.args.fault_nan_step:
-            parts["loss"] = parts["loss"] * float("nan")  # test hook: a poisoned step
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
         self.scaler.step(self.optimizer)

@@ -1,0 +1,53 @@
+"""Test-only launcher: ``main_moco.py`` with one fault injected from outside the production code.
+
+    python tests/fault_run.py kill STEP MAIN_MOCO_ARGS...   SIGKILL as global step STEP starts (a hard crash)
+    python tests/fault_run.py nan STEP MAIN_MOCO_ARGS...    global step STEP's loss is multiplied by NaN
+
+Steps count from 0 over the whole run (a resumed run continues the count). One process only: the
+patch lives in this interpreter.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import main_moco  # noqa: E402
+from w2ssl.cli import with_error_boundary  # noqa: E402
+from w2ssl.pretrain import Pretrainer  # noqa: E402
+
+
+def inject(kind: str, at_step: int) -> None:
+    """Wrap ``Pretrainer._step`` so that global step ``at_step`` dies (``kill``) or is poisoned (``nan``)."""
+    step = Pretrainer._step
+
+    def faulty(self: Pretrainer, *args, **kwargs):  # noqa: ANN202 - mirrors Pretrainer._step
+        if self.step != at_step:
+            return step(self, *args, **kwargs)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        net = self.net
+
+        def poisoned(*a, **kw) -> dict:
+            out = net(*a, **kw)
+            return {**out, "loss": out["loss"] * float("nan")}
+
+        self.net = poisoned
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            self.net = net
+
+    Pretrainer._step = faulty
+
+
+if __name__ == "__main__":
+    kind, at = sys.argv[1], int(sys.argv[2])
+    if kind not in ("kill", "nan"):
+        raise SystemExit(f"usage: {sys.argv[0]} kill|nan STEP MAIN_MOCO_ARGS...")
+    inject(kind, at)
+    sys.argv = [sys.argv[0], *sys.argv[3:]]
+    with_error_boundary(main_moco.main)()
