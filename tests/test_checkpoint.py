@@ -1,12 +1,18 @@
+import errno
+import io
 import os
 import pickle
+import re
+import stat
 
 import pytest
 import torch
 import torchvision
 
 from w2ssl.checkpoint import (
+    LAST,
     check_trunk,
+    epoch_name,
     extract_trunk,
     find_resumable,
     load,
@@ -131,7 +137,8 @@ def test_prune_keeps_newest_epochs(tmp_path):
 
 
 def test_save_all_explains_a_failed_write(tmp_path):
-    target = tmp_path / "missing_dir" / "checkpoint_last.pth.tar"
+    (tmp_path / "a_file").write_text("")
+    target = tmp_path / "a_file" / "checkpoint_last.pth.tar"  # its folder cannot be made
     with pytest.raises(UserError, match="could not write checkpoint .*previous one is intact"):
         save_all({"epoch": 1}, [target])
 
@@ -142,3 +149,71 @@ def test_load_into_names_the_mismatch():
         load_into(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, "c.pth", "--arch x")
     load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
     assert torch.equal(model.weight, torch.ones(2, 3))
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk that is full: every write fails with ``code`` (ENOSPC, EDQUOT)."""
+
+    def __init__(self, fd: int, code: int):
+        os.close(fd)
+        self.code = code
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_full_disk_during_a_save_is_one_line_and_older_checkpoints_stay(tmp_path, monkeypatch, code):
+    epoch0, last = tmp_path / epoch_name(0), tmp_path / LAST
+    save_all({"epoch": 1}, [epoch0, last])
+    with monkeypatch.context() as m:  # torch.save writes into a file whose writes fail, as on a full disk
+        m.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, code)))
+        with pytest.raises(UserError) as err:
+            save_all({"epoch": 2, "w": torch.zeros(1000)}, [tmp_path / epoch_name(1), last])
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / epoch_name(1)) in message
+    assert os.strerror(code) in message and re.search(r"\d+\.\d [kMGT]?B free in ", message)
+    assert "--keep N" in message and "previous checkpoints are intact" in message
+    assert load(epoch0)["epoch"] == 1 and load(last)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(0), LAST]  # no temp file left
+
+
+def test_checkpoint_last_is_a_hard_link_that_outlives_pruning(tmp_path):
+    save_dir = tmp_path
+    for epoch in range(3):
+        save_all({"epoch": epoch + 1, "w": torch.full((10,), float(epoch))}, [save_dir / epoch_name(epoch),
+                                                                           save_dir / LAST])
+        prune(save_dir, keep=1)
+        assert os.stat(save_dir / LAST).st_ino == os.stat(save_dir / epoch_name(epoch)).st_ino
+    assert sorted(p.name for p in save_dir.iterdir()) == [epoch_name(2), LAST]
+    (save_dir / epoch_name(2)).unlink()  # the epoch file pruned (a later --keep): the link still holds the data
+    assert load(save_dir / LAST)["epoch"] == 3
+    # A mid-epoch save replaces the link, not the bytes the epoch file shares with it.
+    save_all({"epoch": 4}, [save_dir / epoch_name(3), save_dir / LAST])
+    save_all({"epoch": 4, "iteration": 2}, [save_dir / LAST])
+    assert load(save_dir / epoch_name(3)) == {"epoch": 4} and load(save_dir / LAST)["iteration"] == 2
+
+
+def test_checkpoint_last_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    save_all({"epoch": 1}, [tmp_path / epoch_name(0), tmp_path / LAST])
+    assert os.stat(tmp_path / LAST).st_ino != os.stat(tmp_path / epoch_name(0)).st_ino
+    assert load(tmp_path / LAST) == load(tmp_path / epoch_name(0)) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(0), LAST]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_checkpoints_are_as_readable_as_the_umask_says(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_all({"epoch": 1}, [tmp_path / epoch_name(0), tmp_path / LAST])
+    finally:
+        os.umask(old)
+    for name in (epoch_name(0), LAST):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode
