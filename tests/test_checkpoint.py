@@ -3,12 +3,16 @@ import io
 import os
 import pickle
 import re
+import shutil
 import stat
 
 import pytest
 import torch
 import torchvision
 
+import main_moco
+from tests.helpers import TINY
+from w2ssl import cli
 from w2ssl.checkpoint import (
     LAST,
     check_trunk,
@@ -217,3 +221,53 @@ def test_checkpoints_are_as_readable_as_the_umask_says(tmp_path, umask, mode):
         os.umask(old)
     for name in (epoch_name(0), LAST):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode
+
+
+def pretrain(*argv) -> int:
+    """``main_moco.main`` in this process; its exit code (a worker's error exits through SystemExit)."""
+    try:
+        return cli.run_main(main_moco.main, [str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def one_epoch(image_root, tmp_path_factory):
+    """A finished one-epoch run with -b 8 (24 images: 3 iterations)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    return out
+
+
+def interrupted_copy(one_epoch, tmp_path, iteration: int, batch_size: int):
+    """``one_epoch`` as if stopped during epoch 0 after ``iteration`` steps of ``batch_size`` images."""
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    (out / epoch_name(0)).unlink()
+    state = load(out / LAST)
+    state["epoch"], state["iteration"], state["global_step"] = 0, iteration, iteration
+    state["args"]["batch_size"] = batch_size
+    (out / LAST).unlink()  # a hard link to the epoch file: write a file of its own
+    save_all(state, [out / LAST])
+    (out / "log.txt").write_text("")
+    return out
+
+
+def test_resume_with_another_batch_size_finishes_the_epoch(image_root, one_epoch, tmp_path):
+    # 5 steps of 4 images (20 seen) -> with -b 8 the epoch goes on at iteration 2 of 3, and is saved.
+    out = interrupted_copy(one_epoch, tmp_path, iteration=5, batch_size=4)
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    log = (out / "log.txt").read_text()
+    assert ("WARNING: the checkpoint was written with --batch-size 4, this run has 8: epoch 0 goes on from image 20 "
+            "at iteration 2 of 3 (global step 2) with the new batch") in log
+    assert re.findall(r"Epoch: \[0\]\[(\d)/3\]", log) == ["3"]
+    saved = load(out / epoch_name(0))
+    assert (saved["epoch"], saved["iteration"], saved["global_step"], saved["args"]["batch_size"]) == (1, 0, 3, 8)
+
+
+def test_resume_after_an_epochs_last_step_writes_that_epochs_checkpoint(image_root, one_epoch, tmp_path):
+    out = interrupted_copy(one_epoch, tmp_path, iteration=3, batch_size=8)  # e.g. a signal after the last step
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    log = (out / "log.txt").read_text()
+    assert "Epoch: [0]" not in log and f"saved {epoch_name(0)}" in log
+    assert load(out / epoch_name(0))["epoch"] == 1

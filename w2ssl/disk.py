@@ -73,8 +73,9 @@ class DiskPlan:
 
     def message(self) -> str:
         """What the run will write and, when it does not fit, the fix (``--keep N`` that fits)."""
-        what = (f"{self.epoch_files} epoch checkpoint(s) + checkpoint_last of {format_bytes(self.per_file)} each: "
-                f"up to {format_bytes(self.needed)}, with {format_bytes(self.free)} free in {self.save_dir}")
+        what = (f"{self.epoch_files} epoch checkpoint(s) of {format_bytes(self.per_file)} kept, and one more being "
+                f"written or as a mid-epoch checkpoint_last: up to {format_bytes(self.needed)}, with "
+                f"{format_bytes(self.free)} free in {self.save_dir}")
         if self.fits:
             return f"=> disk: {what}"
         keep = max(self.free // self.per_file - 1, 1)
