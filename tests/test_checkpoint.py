@@ -156,17 +156,21 @@ def test_load_into_names_the_mismatch():
 
 
 class FullDisk(io.RawIOBase):
-    """A file on a disk that is full: every write fails with ``code`` (ENOSPC, EDQUOT)."""
+    """A file on a disk with ``room`` bytes left: writes beyond fail with ``code`` (ENOSPC, EDQUOT).
+    torch's writer turns such a failure into a RuntimeError ("unexpected pos") caused by the OSError."""
 
-    def __init__(self, fd: int, code: int):
+    def __init__(self, fd: int, code: int, room: int = 1000):
         os.close(fd)
-        self.code = code
+        self.code, self.room = code, room
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        raise OSError(self.code, os.strerror(self.code))
+        if len(b) > self.room:
+            raise OSError(self.code, os.strerror(self.code))
+        self.room -= len(b)
+        return len(b)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
@@ -174,9 +178,9 @@ def test_full_disk_during_a_save_is_one_line_and_older_checkpoints_stay(tmp_path
     epoch0, last = tmp_path / epoch_name(0), tmp_path / LAST
     save_all({"epoch": 1}, [epoch0, last])
     with monkeypatch.context() as m:  # torch.save writes into a file whose writes fail, as on a full disk
-        m.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, code)))
+        m.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, code))
         with pytest.raises(UserError) as err:
-            save_all({"epoch": 2, "w": torch.zeros(1000)}, [tmp_path / epoch_name(1), last])
+            save_all({"epoch": 2, "w": torch.zeros(100_000)}, [tmp_path / epoch_name(1), last])
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / epoch_name(1)) in message
     assert os.strerror(code) in message and re.search(r"\d+\.\d [kMGT]?B free in ", message)
@@ -271,3 +275,16 @@ def test_resume_after_an_epochs_last_step_writes_that_epochs_checkpoint(image_ro
     log = (out / "log.txt").read_text()
     assert "Epoch: [0]" not in log and f"saved {epoch_name(0)}" in log
     assert load(out / epoch_name(0))["epoch"] == 1
+
+
+def test_full_disk_in_a_run_stops_with_one_line_and_keeps_the_last_checkpoints(image_root, one_epoch, tmp_path,
+                                                                               monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, errno.ENOSPC))
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "2", "--workers", "0", "--save-dir", out) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write checkpoint {out / epoch_name(1)}: ")
+    assert load(out / LAST)["epoch"] == load(out / epoch_name(0))["epoch"] == 1
+    assert sorted(p.name for p in out.glob("*.pth.tar")) == [epoch_name(0), LAST]
