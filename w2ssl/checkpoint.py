@@ -113,16 +113,16 @@ def save_all(obj: Any, paths: list[Path], dump: Callable[[Any, BinaryIO], None] 
             else:
                 link_atomic(paths[0], path)
         except OSError as e:
-            raise UserError(write_failure(path, e)) from None
+            raise UserError(_write_failure(path, e)) from None
 
 
-def write_failure(path: Path, e: OSError) -> str:
+def _write_failure(path: Path, e: OSError) -> str:
     """One line for a checkpoint that could not be written: the file, the reason, the space left."""
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"could not write checkpoint {path}: {reason} ({format_bytes(free_bytes(path.parent))} free "
-                f"in {path.parent}); the previous checkpoints are intact: free space (or pass --keep N to keep "
-                f"fewer epoch checkpoints), then run the same command again to resume")
+                f"in {path.parent}); the previous checkpoints are intact: free space there (pre-training keeps "
+                f"fewer with --keep N), then run the same command again")
     return (f"could not write checkpoint {path} ({reason}); the previous one is intact: fix the folder or pass "
             f"another --save-dir, then resume")
 
