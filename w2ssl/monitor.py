@@ -76,7 +76,7 @@ class Logger:
             self._file = open(self.save_dir / "log.txt", "a", buffering=1)
         return self._file
 
-    def _writer(self):  # noqa: ANN202 - SummaryWriter, imported only when used
+    def _writer(self):  # -> SummaryWriter | None, imported at its first use
         if self._tb is None and self.enabled and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(self.save_dir / "tb"))
