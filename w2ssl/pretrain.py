@@ -162,7 +162,7 @@ class Pretrainer:
     def run(self) -> None:
         args = self.args
         self.resume()
-        if self.ctx.is_main and not args.max_iters:
+        if self.ctx.is_main and not args.max_iters and self.epoch < args.epochs:
             self._log_disk_plan()
         self.logger.info(f"=> {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
                          f"{self.device.type}, batch {args.batch_size} images = {args.batch_size // 2} montages "
