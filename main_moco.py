@@ -81,7 +81,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
                         f"pass --batch-size {4 * world_size} or more")
     with torch.device("meta"):  # shapes and sizes only: nothing is allocated
         model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, fused_views=args.fused_views)
-    check_tile_size(args.tile_size, args.arch, model.base_encoder)
+    check_tile_size(args.tile_size, args.arch, model.base_encoder.eval())  # eval: shapes only, no batch statistics
     if not args.max_iters:  # --max-iters writes no checkpoint
         disk.refuse_if_too_small(args.save_dir, disk.checkpoint_bytes(model, args.optimizer))
     if args.demo and args.max_iters:

@@ -70,7 +70,8 @@ def test_pretraining_checks_batches_and_tiles_before_starting(image_root, argv, 
 
     with pytest.raises(UserError, match=message):
         check(pretrain_args(image_root, *argv), world)
-    check(pretrain_args(image_root, "-b", str(4 * world), "--tile-size", "1"), world)
+    for fused in ("--no-fused-views", "--fused-views"):
+        check(pretrain_args(image_root, "-b", str(4 * world), "--tile-size", "1", fused), world)
 
 
 def test_a_failed_check_after_launch_leaves_no_outputs(image_root, tmp_path, capsys):
