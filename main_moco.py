@@ -6,10 +6,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from w2ssl import cli, demo
+import torch
+from torch import nn
+
+from w2ssl import cli, demo, disk
 from w2ssl.checkpoint import check_resume_path
 from w2ssl.distributed import launch
 from w2ssl.errors import UserError
+from w2ssl.model import W2SSL
 from w2ssl.pretrain import train
 
 
@@ -70,6 +74,15 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size <= 0 or args.batch_size % (2 * world_size):
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of 2 x {world_size} "
                         f"processes (each montage takes 2 images per process)")
+    if args.batch_size < 4 * world_size:
+        raise UserError(f"--batch-size {args.batch_size} leaves each of the {world_size} process(es) "
+                        f"{args.batch_size // world_size // 2} montage per view, and BatchNorm needs at least 2: "
+                        f"pass --batch-size {4 * world_size} or more")
+    with torch.device("meta"):  # shapes and sizes only: nothing is allocated
+        model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, fused_views=args.fused_views)
+    check_tile_size(args.tile_size, args.arch, model.base_encoder.eval())  # eval: shapes only, no batch statistics
+    if not args.max_iters:  # --max-iters writes no checkpoint
+        disk.refuse_if_too_small(args.save_dir, disk.checkpoint_bytes(model, args.optimizer))
     if args.demo and args.max_iters:
         raise UserError("--demo compares kNN accuracy on the saved checkpoint, and --max-iters stops without "
                         "one: drop --max-iters (or run bench/e2e.py for throughput)")
@@ -78,12 +91,28 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     check_resume_path(args.resume)
 
 
+def check_tile_size(tile: int, arch: str, trunk: nn.Module) -> None:
+    """A montage (2 x ``tile`` pixels) must leave ``trunk`` (on the meta device) a layer-4 map of at least 1x1."""
+    def fits(t: int) -> bool:
+        try:
+            return min(trunk.features(torch.empty(2, 3, 2 * t, 2 * t, device="meta")).shape[-2:]) >= 1
+        except (RuntimeError, ValueError):  # a kernel larger than its padded input
+            return False
+
+    if tile < 1 or not fits(tile):
+        smallest = next(t for t in range(1, 4096) if fits(t))
+        raise UserError(f"--tile-size {tile} is too small for {arch} (a montage of 2 x tile pixels must leave its "
+                        f"last layer a feature map): pass --tile-size {smallest} or more (112 as published)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = cli.parse(parser, argv)
     if args.demo:
         args = demo.prepare(parser, argv)
     check(args, cli.expected_world_size(args))
+    if args.demo and (note := demo.previous_run(args)):
+        print(note, flush=True)
     launch(train, args)
     if args.demo:
         demo.report(args)

@@ -1,6 +1,11 @@
 import argparse
+import errno
+import io
 import os
 import pickle
+import re
+import shutil
+import stat
 import warnings
 
 import pytest
@@ -11,8 +16,10 @@ import main_moco
 from tests.helpers import TINY
 from w2ssl import cli
 from w2ssl.checkpoint import (
+    LAST,
     check_resume_path,
     check_trunk,
+    epoch_name,
     extract_trunk,
     find_resumable,
     kind,
@@ -201,7 +208,8 @@ def test_prune_keeps_newest_epochs(tmp_path):
 
 
 def test_save_all_explains_a_failed_write(tmp_path):
-    target = tmp_path / "missing_dir" / "checkpoint_last.pth.tar"
+    (tmp_path / "a_file").write_text("")
+    target = tmp_path / "a_file" / "checkpoint_last.pth.tar"  # its folder cannot be made
     with pytest.raises(UserError, match="could not write checkpoint .*previous one is intact"):
         save_all({"epoch": 1}, [target])
 
@@ -262,3 +270,138 @@ def test_main_moco_resume_of_another_kind_of_file_is_one_line(image_root, tmp_pa
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume ") and message in err, err
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: writes beyond fail with ``code`` (ENOSPC, EDQUOT).
+    torch's writer turns such a failure into a RuntimeError ("unexpected pos") caused by the OSError."""
+
+    def __init__(self, fd: int, code: int, room: int = 1000):
+        os.close(fd)
+        self.code, self.room = code, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(self.code, os.strerror(self.code))
+        self.room -= len(b)
+        return len(b)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_full_disk_during_a_save_is_one_line_and_older_checkpoints_stay(tmp_path, monkeypatch, code):
+    epoch0, last = tmp_path / epoch_name(0), tmp_path / LAST
+    save_all({"epoch": 1}, [epoch0, last])
+    with monkeypatch.context() as m:  # torch.save writes into a file whose writes fail, as on a full disk
+        m.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, code))
+        with pytest.raises(UserError) as err:
+            save_all({"epoch": 2, "w": torch.zeros(100_000)}, [tmp_path / epoch_name(1), last])
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / epoch_name(1)) in message
+    assert os.strerror(code) in message and re.search(r"\d+\.\d [kMGT]?B free in ", message)
+    assert "--keep N" in message and "previous checkpoints are intact" in message
+    assert load(epoch0)["epoch"] == 1 and load(last)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(0), LAST]  # no temp file left
+
+
+def test_checkpoint_last_is_a_hard_link_that_outlives_pruning(tmp_path):
+    save_dir = tmp_path
+    for epoch in range(3):
+        save_all({"epoch": epoch + 1, "w": torch.full((10,), float(epoch))}, [save_dir / epoch_name(epoch),
+                                                                           save_dir / LAST])
+        prune(save_dir, keep=1)
+        assert os.stat(save_dir / LAST).st_ino == os.stat(save_dir / epoch_name(epoch)).st_ino
+    assert sorted(p.name for p in save_dir.iterdir()) == [epoch_name(2), LAST]
+    (save_dir / epoch_name(2)).unlink()  # the epoch file pruned (a later --keep): the link still holds the data
+    assert load(save_dir / LAST)["epoch"] == 3
+    # A mid-epoch save replaces the link, not the bytes the epoch file shares with it.
+    save_all({"epoch": 4}, [save_dir / epoch_name(3), save_dir / LAST])
+    save_all({"epoch": 4, "iteration": 2}, [save_dir / LAST])
+    assert load(save_dir / epoch_name(3)) == {"epoch": 4} and load(save_dir / LAST)["iteration"] == 2
+
+
+def test_checkpoint_last_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    save_all({"epoch": 1}, [tmp_path / epoch_name(0), tmp_path / LAST])
+    assert os.stat(tmp_path / LAST).st_ino != os.stat(tmp_path / epoch_name(0)).st_ino
+    assert load(tmp_path / LAST) == load(tmp_path / epoch_name(0)) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch_name(0), LAST]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_checkpoints_are_as_readable_as_the_umask_says(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_all({"epoch": 1}, [tmp_path / epoch_name(0), tmp_path / LAST])
+    finally:
+        os.umask(old)
+    for name in (epoch_name(0), LAST):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode
+
+
+def pretrain(*argv) -> int:
+    """``main_moco.main`` in this process; its exit code (a worker's error exits through SystemExit)."""
+    try:
+        return cli.run_main(main_moco.main, [str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def one_epoch(image_root, tmp_path_factory):
+    """A finished one-epoch run with -b 8 (24 images: 3 iterations)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    return out
+
+
+def interrupted_copy(one_epoch, tmp_path, iteration: int, batch_size: int):
+    """``one_epoch`` as if stopped during epoch 0 after ``iteration`` steps of ``batch_size`` images."""
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    (out / epoch_name(0)).unlink()
+    state = load(out / LAST)
+    state["epoch"], state["iteration"], state["global_step"] = 0, iteration, iteration
+    state["args"]["batch_size"] = batch_size
+    (out / LAST).unlink()  # a hard link to the epoch file: write a file of its own
+    save_all(state, [out / LAST])
+    (out / "log.txt").write_text("")
+    return out
+
+
+def test_resume_with_another_batch_size_finishes_the_epoch(image_root, one_epoch, tmp_path):
+    # 5 steps of 4 images (20 seen) -> with -b 8 the epoch goes on at iteration 2 of 3, and is saved.
+    out = interrupted_copy(one_epoch, tmp_path, iteration=5, batch_size=4)
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    log = (out / "log.txt").read_text()
+    assert ("WARNING: the checkpoint was written with --batch-size 4, this run has 8: epoch 0 goes on from image 20 "
+            "at iteration 2 of 3 (global step 2) with the new batch") in log
+    assert re.findall(r"Epoch: \[0\]\[(\d)/3\]", log) == ["3"]
+    saved = load(out / epoch_name(0))
+    assert (saved["epoch"], saved["iteration"], saved["global_step"], saved["args"]["batch_size"]) == (1, 0, 3, 8)
+
+
+def test_resume_after_an_epochs_last_step_writes_that_epochs_checkpoint(image_root, one_epoch, tmp_path):
+    out = interrupted_copy(one_epoch, tmp_path, iteration=3, batch_size=8)  # e.g. a signal after the last step
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "1", "--workers", "0", "--save-dir", out) == 0
+    log = (out / "log.txt").read_text()
+    assert "Epoch: [0]" not in log and f"saved {epoch_name(0)}" in log
+    assert load(out / epoch_name(0))["epoch"] == 1
+
+
+def test_full_disk_in_a_run_stops_with_one_line_and_keeps_the_last_checkpoints(image_root, one_epoch, tmp_path,
+                                                                               monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, errno.ENOSPC))
+    assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "2", "--workers", "0", "--save-dir", out) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write checkpoint {out / epoch_name(1)}: ")
+    assert load(out / LAST)["epoch"] == load(out / epoch_name(0))["epoch"] == 1
+    assert sorted(p.name for p in out.glob("*.pth.tar")) == [epoch_name(0), LAST]

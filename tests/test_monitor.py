@@ -50,3 +50,41 @@ def test_epoch_progress_prints_current_and_average(tmp_path):
     assert "Loss 5.0000e+00 (4.0000e+00)\tLoss_loc 5.0000e-01 (5.0000e-01)\tLoss_crop 4.5000e+00 (3.5000e+00)" in line
     assert line.endswith("Where_acc 25.0 (12.5)\timg/s 4.0\tETA 0:01:00")
     assert progress.pending == []
+
+
+def test_logger_creates_nothing_until_something_is_logged(tmp_path):
+    log = Logger(tmp_path / "run", enabled=True)
+    log.flush()
+    log.close()
+    assert not (tmp_path / "run").exists()  # a run that failed its checks leaves no empty log.txt or tb/
+    log = Logger(tmp_path / "run", enabled=True)
+    log.scalars(0, {"loss": 1.0})
+    log.close()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*")) and not (tmp_path / "run" / "log.txt").exists()
+
+
+class Recorder(Logger):
+    """A logger that keeps the TensorBoard scalars it is given."""
+
+    def __init__(self, save_dir):
+        super().__init__(save_dir, enabled=True, tensorboard=False)
+        self.logged = []
+
+    def scalars(self, step, values, prefix="train/"):
+        self.logged.append(values)
+
+
+def test_where_accuracy_is_a_percentage_in_tensorboard_as_on_the_console(tmp_path):
+    import torch
+
+    from w2ssl.monitor import EpochProgress
+
+    log = Recorder(tmp_path)
+    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=4, epoch=0)
+    parts = {"loss": torch.tensor(2.0), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(1.5),
+             "where_acc": torch.tensor(0.75)}
+    progress.record(parts, lr=0.1, momentum=0.99, data_s=0.5, batch_s=2.0)
+    progress.line(step=1, iteration=1, eta="?", extra={})
+    log.close()
+    assert log.logged[0]["where_acc"] == 75.0 and log.logged[0]["loss"] == 2.0
+    assert "Where_acc 75.0 (75.0)" in (tmp_path / "log.txt").read_text()

@@ -49,7 +49,9 @@ def test_truncated_newest_checkpoint_falls_back(image_root, tmp_path):
     assert run_script("main_moco.py", *common(image_root, out, 0, epochs=1)).returncode == 0
     last = out / "checkpoint_last.pth.tar"
     good = out / "checkpoint_0000.pth.tar"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut off midway
+    data = last.read_bytes()
+    last.unlink()  # a hard link to the epoch file: the cut-off write is a file of its own
+    last.write_bytes(data[: len(data) // 2])  # a write cut off midway
     os.utime(good, (time.time() - 100, time.time() - 100))
     res = run_script("main_moco.py", *common(image_root, out, 0, epochs=2), "--resume", "auto")
     assert res.returncode == 0, res.stderr
@@ -90,7 +92,7 @@ def test_no_readable_image_fails_at_start(tmp_path):
     bad.mkdir(parents=True)
     for i in range(3):
         (bad / f"{i}.jpg").write_bytes(b"junk")
-    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "2", "--workers", "0",
+    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "4", "--workers", "0",
                      "--save-dir", tmp_path / "run")
     assert res.returncode == 2 and "none of the 3 image files" in res.stderr
 

@@ -20,7 +20,7 @@ from torchvision import transforms
 
 from . import cli
 from .augment import MEAN, STD
-from .checkpoint import LAST, load_trunk
+from .checkpoint import LAST, load, load_trunk
 from .errors import UserError
 from .knn import extract_features, knn_accuracy
 
@@ -73,6 +73,23 @@ def prepare(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argp
     if not args.data:
         args.data = str(build_dataset(Path(args.save_dir) / "photos"))
     return args
+
+
+def previous_run(args: argparse.Namespace) -> str | None:
+    """What ``--resume auto`` will do with a demo folder that already holds a run, in one line (or None)."""
+    last = Path(args.save_dir) / LAST
+    if args.resume != "auto" or not last.is_file():
+        return None
+    try:
+        state = load(last, args.trust_checkpoint)
+    except UserError:
+        return None  # the resume itself skips a bad file with a warning
+    epoch, iteration = state.get("epoch", 0), state.get("iteration", 0)
+    if epoch >= args.epochs:
+        return (f"=> demo already trained in {args.save_dir} (epoch {epoch}/{args.epochs}): re-using it without "
+                f"training; delete the folder to train again")
+    return (f"=> demo partly trained in {args.save_dir} (epoch {epoch}/{args.epochs}, iteration {iteration}): "
+            f"continuing it; delete the folder to start again")
 
 
 def _loader(root: Path) -> DataLoader:

@@ -5,6 +5,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import Tensor
@@ -57,21 +58,29 @@ class ETA:
 class Logger:
     """Rank-0 output: console (through tqdm when stdout is a terminal), ``log.txt``, TensorBoard.
 
-    On other ranks every method does nothing.
+    ``log.txt`` and ``tb/`` are created at the first line or scalar logged, so a run that fails its
+    checks before that leaves nothing behind. On other ranks every method does nothing.
     """
 
     def __init__(self, save_dir: str | Path, enabled: bool, tensorboard: bool = True):
-        self.enabled = enabled
+        self.enabled, self.tensorboard = enabled, tensorboard
         self.save_dir = Path(save_dir)
         self.tty = sys.stdout.isatty()
+        self._file: TextIO | None = None
         self._tb = None
         self._bar = None
-        if enabled:
+
+    def _log_file(self) -> TextIO:
+        if self._file is None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.save_dir / "log.txt", "a", buffering=1)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.save_dir / "tb"))
+        return self._file
+
+    def _writer(self):  # -> SummaryWriter | None, imported at its first use
+        if self._tb is None and self.enabled and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.save_dir / "tb"))
+        return self._tb
 
     def info(self, line: str) -> None:
         if not self.enabled:
@@ -80,7 +89,7 @@ class Logger:
             self._bar.write(line)
         else:
             print(line, flush=True)
-        self._file.write(line + "\n")
+        self._log_file().write(line + "\n")
 
     def warn(self, line: str) -> None:
         self.info(f"WARNING: {line}")
@@ -100,19 +109,21 @@ class Logger:
             self._bar = None
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train/") -> None:
-        if self._tb is not None:
+        tb = self._writer()
+        if tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(prefix + key, value, step)
+                tb.add_scalar(prefix + key, value, step)
 
     def images(self, step: int, tag: str, batch: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Log a grid of normalised images ``[n, 3, h, w]`` (un-normalised for display)."""
-        if self._tb is None:
+        tb = self._writer()
+        if tb is None:
             return
         from torchvision.utils import make_grid
         m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
         shown = (batch.float() * s + m).clamp(0, 1)
-        self._tb.add_image(tag, make_grid(shown, nrow=4, padding=2), step)
+        tb.add_image(tag, make_grid(shown, nrow=4, padding=2), step)
 
     def text(self, tag: str, text: str) -> None:
         """A text entry in TensorBoard (e.g. which checkpoint a run evaluates)."""
@@ -125,13 +136,21 @@ class Logger:
 
     def close(self) -> None:
         self.close_bar()
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
+
+
+def as_logged(values: dict[str, float]) -> dict[str, float]:
+    """The loss parts as TensorBoard shows them: where-accuracy in percent, as on the console and as
+    the kNN accuracies."""
+    return {k: 100 * v if k == "where_acc" else v for k, v in values.items()}
 
 
 class EpochProgress:
@@ -165,7 +184,7 @@ class EpochProgress:
         avg = dict(zip(LOGGED, (torch.stack([self.sums[k] for k in LOGGED]) / self.count).tolist()))
         first = step - len(rows)
         for i, (row, (_, host)) in enumerate(zip(rows, self.pending)):
-            self.logger.scalars(first + i, {**dict(zip(LOGGED, row)), **host, **extra})
+            self.logger.scalars(first + i, {**as_logged(dict(zip(LOGGED, row))), **host, **extra})
         cur, lr = dict(zip(LOGGED, rows[-1])), self.pending[-1][1]["lr"]
         self.pending = []
         img_s = self.batch_size / max(self.batch_time.avg, 1e-9)

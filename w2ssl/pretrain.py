@@ -16,6 +16,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .augment import MEAN, STD, FourCrop
 from .data import BadImages, PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
+from .disk import DiskPlan, checkpoint_bytes
 from .errors import UserError
 from .gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
 from .guard import Guard
@@ -115,8 +116,11 @@ class Pretrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state.get("iteration", 0)
         self.step = state.get("global_step", self.epoch * self.iters_per_epoch + self.iteration)
-        if self.iteration >= self.iters_per_epoch:
-            self.epoch, self.iteration = self.epoch + 1, 0
+        old_batch = state.get("args", {}).get("batch_size", self.args.batch_size)
+        if old_batch != self.args.batch_size:
+            self._continue_with_batch(old_batch)
+        # Saved after an epoch's last step: the loop then ends that epoch and writes its checkpoint.
+        self.iteration = min(self.iteration, self.iters_per_epoch)
         self.bad_files = set(state.get("bad_files", []))
         if self.args.seed is None and "seed" in state:
             # The run's own seed decides its batches and augmentations: keep it across restarts.
@@ -125,6 +129,23 @@ class Pretrainer:
             set_rng_state(state["rng"])
         self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
                          f"(global step {self.step})")
+
+    def _continue_with_batch(self, old_batch: int) -> None:
+        """Resuming with another ``--batch-size``: go on from the same number of source images seen in
+        the epoch (each epoch's global order does not depend on the batch), rounded down to whole new
+        batches, so no image is skipped; the step count and schedule follow the new batch."""
+        seen = self.iteration * old_batch
+        self.iteration = min(seen // self.args.batch_size, self.iters_per_epoch)
+        self.step = self.epoch * self.iters_per_epoch + self.iteration
+        self.logger.warn(f"the checkpoint was written with --batch-size {old_batch}, this run has "
+                         f"{self.args.batch_size}: epoch {self.epoch} goes on from image {seen} at iteration "
+                         f"{self.iteration} of {self.iters_per_epoch} (global step {self.step}) with the new batch")
+
+    def _log_disk_plan(self) -> None:
+        """Say what the checkpoints still to come will take, and warn when the disk cannot hold them."""
+        per_file = checkpoint_bytes(self.model, self.args.optimizer)
+        plan = DiskPlan.of(self.args.save_dir, per_file, self.args.epochs - self.epoch, self.args.keep)
+        (self.logger.info if plan.fits else self.logger.warn)(plan.message())
 
     def _find_checkpoint(self) -> tuple[Path, dict] | None:
         resume = self.args.resume
@@ -141,6 +162,8 @@ class Pretrainer:
     def run(self) -> None:
         args = self.args
         self.resume()
+        if self.ctx.is_main and not args.max_iters and self.epoch < args.epochs:
+            self._log_disk_plan()
         self.logger.info(f"=> {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
                          f"{self.device.type}, batch {args.batch_size} images = {args.batch_size // 2} montages "
                          f"per view, lr {self.lr:.4g}, {self.iters_per_epoch} iterations per epoch, seed {self.seed}")
