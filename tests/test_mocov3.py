@@ -204,7 +204,7 @@ def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
     probe, _ = build_model("resnet18", 5, pretrained=ckpt)
     assert torch.equal(probe.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
     for target in TARGETS:
-        weights = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
+        weights, _ = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
         assert torch.equal(weights["conv1.weight"], model.base_encoder.conv1.weight)
 
 

@@ -127,8 +127,9 @@ class Logger:
 
     def text(self, tag: str, text: str) -> None:
         """A text entry in TensorBoard (e.g. which checkpoint a run evaluates)."""
-        if self._tb is not None:
-            self._tb.add_text(tag, text, 0)
+        tb = self._writer()
+        if tb is not None:
+            tb.add_text(tag, text, 0)
 
     def flush(self) -> None:
         if self._tb is not None:
