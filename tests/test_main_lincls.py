@@ -97,7 +97,7 @@ def test_config_preset_is_the_published_protocol():
     preset = Path(__file__).resolve().parents[1] / "configs" / "lincls.yaml"
     args = cli.parse(build_parser(), ["--config", str(preset), "DATA"])
     assert (args.arch, args.batch_size, args.lr, args.momentum, args.weight_decay, args.epochs) == \
-        ("resnet50", 256, 0.1, 0.9, 0.0, 100)
+        (None, 256, 0.1, 0.9, 0.0, 100)  # arch: the checkpoint's own
     assert (args.input_size, args.precision, args.print_freq) == (224, "fp32", 100)
 
 
