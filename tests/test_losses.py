@@ -8,7 +8,7 @@ from w2ssl.losses import rows_with_positive, supcon_loss
 
 
 def reference(z: torch.Tensor, y: torch.Tensor, tau: float = 0.3, tau_b: float = 0.07) -> torch.Tensor:
-    """SPEC §5 written out with plain loops, float64."""
+    """METHOD §5 written out with plain loops, float64."""
     n = len(z)
     total, anchors = 0.0, 0
     for i in range(n):

@@ -84,7 +84,7 @@ def test_lars_rejects_momentum_of_one():
 
 
 def loop_lars(params, grads, lr, weight_decay, momentum=0.9, eta=0.001):
-    """Straightforward per-parameter LARS (SPEC §6), in place on ``params``; ``grads`` one list per step."""
+    """Straightforward per-parameter LARS (METHOD §6), in place on ``params``; ``grads`` one list per step."""
     bufs = [torch.zeros_like(p) for p in params]
     for step_grads in grads:
         for p, g, mu in zip(params, step_grads, bufs):

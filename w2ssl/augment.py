@@ -1,4 +1,4 @@
-"""The four-crop transform and the two augmentation views of SPEC §1 (PIL, the reference pipeline)."""
+"""The four-crop transform and the two augmentation views of METHOD §1 (PIL, the reference pipeline)."""
 from __future__ import annotations
 
 import random

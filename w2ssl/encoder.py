@@ -1,4 +1,4 @@
-"""ResNet trunk with 2x2 grid pooling (SPEC §3).
+"""ResNet trunk with 2x2 grid pooling (METHOD §3).
 
 The trunk keeps torchvision's parameter names (``conv1``, ``bn1``, ``layer1`` … ``layer4``), so its
 state dict loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing.

@@ -1,6 +1,6 @@
 """Each process receives only the tiles of its own montages: an all-to-all instead of an all-gather.
 
-Tile ``t`` of ``T`` (SPEC §2) is the left crop of source image ``t`` (``t < N``) or the right crop of
+Tile ``t`` of ``T`` (METHOD §2) is the left crop of source image ``t`` (``t < N``) or the right crop of
 image ``t - N``; images are split over the ``W`` processes in blocks of ``b = N / W``, and each process
 holds its tiles as one stack ``[left tiles; right tiles]`` of ``2b`` rows. Process ``r`` builds its
 montages from tiles ``local_indices(perm, r, W)``, ``2b`` of them. The authors all-gather every tile to

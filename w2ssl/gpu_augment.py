@@ -2,7 +2,7 @@
 
 ``PretrainDataset`` with :func:`encoded_with_path` and :func:`collate_pretrain` deliver the files' bytes
 and the samples' ``(index, epoch)``; :func:`augment_batch` decodes them on the training device
-(``w2ssl.gpu_decode``) and ``GpuFourCrop`` makes the SPEC §1 tiles for the whole batch at once, with
+(``w2ssl.gpu_decode``) and ``GpuFourCrop`` makes the METHOD §1 tiles for the whole batch at once, with
 every random parameter drawn per sample on the host (``w2ssl.gpu_params``). The same code runs on the
 CPU. The PIL pipeline (``w2ssl.augment``) stays the default and the reference: every random parameter
 has its distribution (RandomResizedCrop with the 10-attempt fallback, ColorJitter(0.4, 0.4, 0.2,

@@ -1,4 +1,4 @@
-"""Batched tensor versions of the SPEC §1 augmentation ops (their parameters: ``w2ssl.gpu_params``).
+"""Batched tensor versions of the METHOD §1 augmentation ops (their parameters: ``w2ssl.gpu_params``).
 
 Every function works on a batch of ``n`` tiles with per-tile parameters, on any device, without
 host synchronisation; images are float ``[n, 3, H, W]`` in ``[0, 1]`` unless stated otherwise.

@@ -1,4 +1,4 @@
-"""Projector, predictor and where head (SPEC §4), as in MoCo v3's ResNet MLPs."""
+"""Projector, predictor and where head (METHOD §4), as in MoCo v3's ResNet MLPs."""
 from __future__ import annotations
 
 from torch import nn

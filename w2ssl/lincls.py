@@ -1,4 +1,4 @@
-"""The linear probe (SPEC §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
+"""The linear probe (METHOD §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
 
 MoCo v3's protocol: SGD on ``fc`` only with lr = ``--lr`` × batch / 256 on a per-epoch half-cosine,
 the trunk in ``eval()`` mode (BatchNorm statistics frozen), top-1/top-5 on val after every epoch,

@@ -1,4 +1,4 @@
-"""The supervised-contrastive "what" loss (SPEC §5), a pure function."""
+"""The supervised-contrastive "what" loss (METHOD §5), a pure function."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The W2SSL model: base and momentum encoders, montages, heads and one step's losses (SPEC §2–§5)."""
+"""The W2SSL model: base and momentum encoders, montages, heads and one step's losses (METHOD §2–§5)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -111,7 +111,7 @@ class W2SSL(nn.Module):
 
     def _what(self, p1: Tensor, p2: Tensor, k1: Tensor, k2: Tensor, labels: Tensor) -> Tensor:
         """This process's share of ``SupCon(A) + SupCon(B)``, ``A = [p1; k2]``, ``B = [p2; k1]`` over all
-        processes' rows (SPEC §5): local ``[r, d]`` inputs, ``labels [4N]`` of the gathered rows
+        processes' rows (METHOD §5): local ``[r, d]`` inputs, ``labels [4N]`` of the gathered rows
         ``[p of every process; k of every process]``. Predictions are gathered with gradient, keys without."""
         p = D.gather_with_grad(torch.cat([_unit_rows(p1), _unit_rows(p2)]))
         k = D.gather(torch.cat([_unit_rows(k2), _unit_rows(k1)]))

@@ -1,4 +1,4 @@
-"""Montages of four tiles and their read-out (SPEC §2–§3).
+"""Montages of four tiles and their read-out (METHOD §2–§3).
 
 Tile ``t`` of ``T = cat(left tiles of N images, right tiles of N images)`` comes from source image
 ``t mod N`` and is a right crop iff ``t >= N``. ``S = T[perm]``; montage ``j`` of ``M = N/2`` is
@@ -14,7 +14,7 @@ def assemble(tiles: Tensor, perm: Tensor) -> Tensor:
     """``tiles [2N, C, t, t]``, ``perm [4M]`` (indices into tiles) -> montages ``[M, C, 2t, 2t]``.
 
     Quadrant ``q`` (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of montage ``j`` is
-    ``tiles[perm[q*M + j]]``. With ``perm`` a full permutation of ``2N`` this is SPEC §2.
+    ``tiles[perm[q*M + j]]``. With ``perm`` a full permutation of ``2N`` this is METHOD §2.
     """
     return arrange(tiles[perm])
 

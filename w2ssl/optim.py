@@ -1,4 +1,4 @@
-"""LARS (as in MoCo v3), AdamW, and the per-iteration lr and momentum schedules (SPEC §6)."""
+"""LARS (as in MoCo v3), AdamW, and the per-iteration lr and momentum schedules (METHOD §6)."""
 from __future__ import annotations
 
 import math

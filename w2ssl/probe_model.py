@@ -1,4 +1,4 @@
-"""The linear-probe network (SPEC §7): torchvision ResNet, pre-trained trunk, only ``fc`` trainable.
+"""The linear-probe network (METHOD §7): torchvision ResNet, pre-trained trunk, only ``fc`` trainable.
 
 Also the check that closes a probe run: which trunk weights moved (none may).
 """
