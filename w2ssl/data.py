@@ -8,7 +8,6 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import random
-import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +23,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from . import distributed as D
+from . import stopsignals
 from .augment import MEAN, STD
 from .checkpoint import key_list
 from .errors import UserError
@@ -193,8 +193,7 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     the main process's next batch fail before it could save. The main process decides when to stop
     and then shuts its workers down (they also exit on their own once it is gone).
     """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    stopsignals.ignore()
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,

@@ -9,11 +9,12 @@ a watcher thread in every process ends it when the mark appears and it has not s
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 
 import torch.distributed as dist
+
+from . import stopsignals
 
 _COUNT, _CODE = "w2ssl/failed", "w2ssl/exit_code"
 
@@ -51,8 +52,7 @@ def ignore_stop_signals() -> None:
     still running (torchrun sends one as soon as the first exits) must not cut its message short or
     change its exit code. Only with a process group: then the process is the launcher's, not a caller's."""
     if dist.is_initialized():
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
+        stopsignals.ignore()
 
 
 class Watcher:

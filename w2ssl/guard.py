@@ -18,9 +18,7 @@ from torch import Tensor
 
 from . import distributed as D
 from .errors import StoppedByPeer, TrainingStopped, UserError
-
-# SIGUSR1: what SLURM's --signal=USR1@T sends before the time limit.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from .stopsignals import STOP_SIGNALS
 
 
 @dataclass
