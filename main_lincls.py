@@ -12,11 +12,11 @@ from pathlib import Path
 
 from w2ssl import cli
 from w2ssl.checkpoint import DEFAULT_ARCH, check_resume_path, file_sha256
-from w2ssl.distributed import launch
+from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
-from w2ssl.lincls import worker
-from w2ssl.probe_folder import check_probe_folder, load_probe, no_weights_message, resume_path
-from w2ssl.probe_model import load_pretrained
+from w2ssl.eval.lincls import worker
+from w2ssl.eval.probe_folder import check_probe_folder, load_probe, no_weights_message, resume_path
+from w2ssl.eval.probe_model import load_pretrained
 
 JOINED_FLAG = "--multiprocessing-distributed"
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from w2ssl import cli, demo, disk
+from w2ssl import cli, demo
 from w2ssl.checkpoint import check_resume_path
-from w2ssl.distributed import launch
+from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
-from w2ssl.model import W2SSL
-from w2ssl.pretrain import train
+from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.train import disk
+from w2ssl.train.pretrain import train
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """What ``torch.compile`` makes of a trunk with synchronised BatchNorm: 2 gloo processes on the CPU.
 
-Each process converts a ``GridTrunk`` with :func:`w2ssl.syncbn.convert` (per-view with ``--views 2``),
+Each process converts a ``GridTrunk`` with :func:`w2ssl.dist.syncbn.convert` (per-view with ``--views 2``),
 compiles it and runs forward and backward three times; rank 0 prints dynamo's counts of graphs, graph
 breaks (with their reasons) and recompiles as one JSON line. PyTorch's ``nn.SyncBatchNorm`` breaks the
 graph at every call. Add ``TORCH_LOGS=graph_breaks,recompiles`` for dynamo's own log. Example:
@@ -23,9 +23,9 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from bench.heads import free_port  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.encoder import ARCHS, GridTrunk  # noqa: E402
-from w2ssl.syncbn import convert  # noqa: E402
-from w2ssl.viewnorm import normalise_per_view  # noqa: E402
+from w2ssl.dist.syncbn import convert  # noqa: E402
+from w2ssl.methods.viewnorm import normalise_per_view  # noqa: E402
+from w2ssl.trunks.resnet import ARCHS, GridTrunk  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:

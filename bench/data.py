@@ -4,7 +4,7 @@ On a generated JPEG ImageFolder (``--images`` files of 460x365 px, about 80 KB e
 fields, stripes and noise, written once into ``--root`` or a temporary folder) it times, after
 ``--warmup`` batches, ``--iters`` batches of ``--batch-size`` source images each:
 
-* ``cpu``: ``ImageFolder`` + ``w2ssl.augment.FourCrop`` in a ``DataLoader`` with ``--workers``
+* ``cpu``: ``ImageFolder`` + ``w2ssl.data.augment.FourCrop`` in a ``DataLoader`` with ``--workers``
   persistent workers (pinned memory on CUDA), the four tile batches then copied to ``--device``;
 * ``gpu``: ``EncodedImageFolder`` (workers only read bytes), ``decode_batch`` and ``GpuFourCrop`` on
   ``--device`` (runs on CPU too, slowly, so that it can be tested).
@@ -34,12 +34,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bench.common import device_name, json_line, markdown_table, median, resolve_device, time_iterations, versions  # noqa: E402
-from w2ssl.augment import FourCrop  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
+from w2ssl.data.augment import FourCrop  # noqa: E402
+from w2ssl.data.gpu_augment import GpuFourCrop  # noqa: E402
+from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch  # noqa: E402
+from w2ssl.data.gpu_params import sample_keys  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.gpu_augment import GpuFourCrop  # noqa: E402
-from w2ssl.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch  # noqa: E402
-from w2ssl.gpu_params import sample_keys  # noqa: E402
 
 WIDTH, HEIGHT = 460, 365
 NOISE = 17.0  # pixel noise std: with quality 90 the files are about 80 KB

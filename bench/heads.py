@@ -27,7 +27,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.model import W2SSL  # noqa: E402
+from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
 
 
 def head_flops(n: int, world: int, width: int = 2048, hidden: int = 4096, dim: int = 256) -> float:

@@ -1,4 +1,4 @@
-"""Throughput of one full training step: W2SSL vs MoCo v3 (``w2ssl.mocov3``) vs supervised ResNet.
+"""Throughput of one full training step: W2SSL vs MoCo v3 (``w2ssl.methods.mocov3``) vs supervised ResNet.
 
 Each step is forward, backward, optimizer and (for the self-supervised ones) the momentum update, on
 random tensors already on the device. ``--batch-size`` counts source images: W2SSL gets four tiles
@@ -27,12 +27,12 @@ from torch import Tensor  # noqa: E402
 
 from bench import common  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.encoder import ARCHS  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.mocov3 import MoCoV3  # noqa: E402
-from w2ssl.model import W2SSL  # noqa: E402
-from w2ssl.optim import LARS  # noqa: E402
-from w2ssl.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
+from w2ssl.methods.mocov3 import MoCoV3  # noqa: E402
+from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
+from w2ssl.train.optim import LARS  # noqa: E402
+from w2ssl.train.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
+from w2ssl.trunks.resnet import ARCHS  # noqa: E402
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
 TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_moco  # noqa: E402
 from w2ssl.cli import with_error_boundary  # noqa: E402
-from w2ssl.pretrain import Pretrainer  # noqa: E402
+from w2ssl.train.pretrain import Pretrainer  # noqa: E402
 
 
 def inject(kind: str, at_step: int) -> None:

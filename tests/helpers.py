@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from w2ssl.model import W2SSL
+from w2ssl.methods.w2ssl import W2SSL
 
 
 def group_norm(channels: int) -> nn.Module:

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import main_moco
-import w2ssl.encoder
+import w2ssl.trunks.resnet
 from bench import common, e2e, step
 from tests.helpers import TINY, cpu_env
-from w2ssl import cli, pretrain
+from w2ssl import cli
 from w2ssl.errors import UserError
-from w2ssl.speed import autocast, grad_scaler, prepare_model
+from w2ssl.train import pretrain
+from w2ssl.train.speed import autocast, grad_scaler, prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -37,13 +38,13 @@ def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
 def test_w2ssl_step_same_with_channels_last(monkeypatch):
     plain = w2ssl_losses()
     layouts = []
-    separable = w2ssl.encoder.grid_pool
+    separable = w2ssl.trunks.resnet.grid_pool
 
     def recording_pool(fmap):
         layouts.append(fmap.is_contiguous(memory_format=torch.channels_last))
         return separable(fmap)
 
-    monkeypatch.setattr(w2ssl.encoder, "grid_pool", recording_pool)
+    monkeypatch.setattr(w2ssl.trunks.resnet, "grid_pool", recording_pool)
     nhwc = w2ssl_losses(channels_last=True)
     assert layouts and all(layouts), "channels_last must reach the trunk's layer4 output"
     assert not torch.equal(plain[0], plain[-1]), "the steps must change the weights"

@@ -16,10 +16,10 @@ from tests.conftest import write_folder
 from tests.helpers import TINY, run_script
 from w2ssl import cli
 from w2ssl.checkpoint import load_trunk, save_atomic
-from w2ssl.distributed import Context
-from w2ssl.lincls import LinearProbe
-from w2ssl.metrics import stats_text, topk_hits
-from w2ssl.probe_model import build_model, changed_weights
+from w2ssl.dist.distributed import Context
+from w2ssl.eval.lincls import LinearProbe
+from w2ssl.eval.metrics import stats_text, topk_hits
+from w2ssl.eval.probe_model import build_model, changed_weights
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import write_folder
 from tests.helpers import ROOT, TINY, run_script
-from w2ssl.data import ResumableSampler, image_folder
+from w2ssl.data.datasets import ResumableSampler, image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_a_user_error_under_torchrun_is_printed_once(image_root, tmp_path, batch
 STUCK_RANK0 = """
 import sys, time
 from argparse import Namespace
-from w2ssl.distributed import launch
+from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 
 def worker(ctx, args):

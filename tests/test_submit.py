@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, run_script
-from w2ssl import cli, requeue, submit
+from w2ssl import cli, submit
+from w2ssl.train import requeue
 
 submitit = pytest.importorskip("submitit")
 

@@ -45,7 +45,7 @@ def test_one_and_two_processes_end_with_the_same_weights(data, tmp_path, pipelin
     """Equal to float rounding: all weights together and every weight matrix within 1e-4 relative. BatchNorm's
     1-D parameters and statistics are held to 1e-3 absolute instead (they are O(1) or near 0, and a bias's
     gradient is a sum that mostly cancels, so float32 rounding of the split sums shows there first; in float64
-    tests/test_distributed.py holds every gradient to 1e-7)."""
+    tests/dist/test_distributed.py holds every gradient to 1e-7)."""
     one = _train(data, tmp_path / "one", None, pipeline)
     two = _train(data, tmp_path / "two", TORCHRUN, pipeline)
     assert one["global_step"] == two["global_step"] == 4  # 32 images / 16, two epochs

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from w2ssl.checkpoint import read_trunk, save_all
 from w2ssl.cli import add_trust_checkpoint, run_main
-from w2ssl.encoder import ARCHS
 from w2ssl.errors import UserError
+from w2ssl.trunks.resnet import ARCHS
 
 AUTHOR = "W2SSL"
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")

@@ -13,7 +13,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from w2ssl.augment import MEAN, STD
+from w2ssl.data.augment import MEAN, STD
 
 MODELS = {"faster": FasterRCNN, "mask": MaskRCNN}
 NORMS: dict[str, Callable[[int], nn.Module]] = {

@@ -31,10 +31,10 @@ from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
 from w2ssl.checkpoint import read_trunk
-from w2ssl.data import BadImages
-from w2ssl.distributed import is_dist, is_main, rank, world_size
-from w2ssl.encoder import ARCHS
+from w2ssl.data.datasets import BadImages
+from w2ssl.dist.distributed import is_dist, is_main, rank, world_size
 from w2ssl.errors import TrainingStopped, UserError
+from w2ssl.trunks.resnet import ARCHS
 
 AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -22,9 +22,9 @@ import torch
 import torchvision
 from torch import Tensor
 
-from .disk import format_bytes, free_bytes
-from .encoder import ARCHS, TRUNK_LAYERS
-from .errors import UserError
+from w2ssl.errors import UserError
+from w2ssl.train.disk import format_bytes, free_bytes
+from w2ssl.trunks.resnet import ARCHS, TRUNK_LAYERS
 
 LAST = "checkpoint_last.pth.tar"
 DEFAULT_ARCH = "resnet50"  # when a checkpoint says nothing about its architecture

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from .encoder import ARCHS
-from .errors import UserError
+from w2ssl.errors import UserError
+from w2ssl.trunks.resnet import ARCHS
 
 
 def default_workers() -> int:

@@ -18,11 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from . import cli
-from .augment import MEAN, STD
-from .checkpoint import LAST, load, load_trunk
-from .errors import UserError
-from .knn import extract_features, knn_accuracy
+from w2ssl import cli
+from w2ssl.checkpoint import LAST, load, load_trunk
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.errors import UserError
+from w2ssl.eval.knn import extract_features, knn_accuracy
 
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
           "coffee.png", "coins.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg",

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import read_trunk, save_all
-from .cli import add_trust_checkpoint, run_main
-from .encoder import ARCHS
-from .errors import UserError
+from w2ssl.checkpoint import read_trunk, save_all
+from w2ssl.cli import add_trust_checkpoint, run_main
+from w2ssl.errors import UserError
+from w2ssl.trunks.resnet import ARCHS
 
 TARGETS = ("torchvision", "timm")
 

@@ -1,0 +1,294 @@
+"""MoCo v3 (w2ssl.methods.mocov3): the published loss, written out by hand; gradients, EMA, layout, world size."""
+import functools
+import math
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from PIL import Image
+from torch import nn
+
+from tests.helpers import group_norm
+from w2ssl.checkpoint import check_trunk, extract_trunk
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.twocrop import two_crop
+from w2ssl.eval.probe_model import build_model
+from w2ssl.export import TARGETS, export
+from w2ssl.methods.mocov3 import MoCoV3, infonce
+from w2ssl.methods.viewnorm import normalise_per_view
+
+DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
+
+
+def tiny(**kw) -> MoCoV3:
+    """resnet18 MoCo v3 in float64; the base branch moved off the momentum one (so the EMA shows) and
+    off its zero-initialised residual scales (so every block takes part)."""
+    torch.manual_seed(0)
+    model = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
+    with torch.no_grad():
+        for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
+            p.mul_(1.25).add_(0.01)
+    return model
+
+
+def views(n: int = N, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def reference_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int) -> torch.Tensor:
+    """MoCo v3's ``contrastive_loss`` written out, one query and one key at a time:
+    ``2T · mean_i −log( exp(cos(q_i, k_{offset+i})/T) / Σ_j exp(cos(q_i, k_j)/T) )``."""
+    total = q.new_zeros(())
+    for i in range(q.shape[0]):
+        sims = torch.stack([q[i] @ k[j] / (q[i].norm() * k[j].norm()) / temperature for j in range(k.shape[0])])
+        total = total - (sims[offset + i] - torch.log(sum(torch.exp(s) for s in sims)))
+    return 2 * temperature * total / q.shape[0]
+
+
+def published_mlp(in_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """MoCo v3's ``_build_mlp(2, in_dim, MLP, out_dim, last_bn)``."""
+    layers = [nn.Linear(in_dim, MLP, bias=False), nn.BatchNorm1d(MLP), nn.ReLU(inplace=True),
+              nn.Linear(MLP, out_dim, bias=False)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(out_dim, affine=False)] if last_bn else []))
+
+
+def published_encoder(state: dict, trunk: str, head: str) -> nn.Module:
+    """MoCo_ResNet's encoder: a torchvision ResNet whose ``fc`` is the projector, with our weights."""
+    net = torchvision.models.resnet18()
+    net.fc = published_mlp(512, DIM, last_bn=True)
+    net.double()
+    weights = {k.removeprefix(f"{trunk}."): v for k, v in state.items() if k.startswith(f"{trunk}.")}
+    weights |= {"fc." + k.removeprefix(f"{head}."): v for k, v in state.items() if k.startswith(f"{head}.")}
+    net.load_state_dict(weights)  # strict: our layout holds exactly the published parameters
+    return net
+
+
+def published_step(model: MoCoV3, x1, x2, m: float):
+    """MoCo_ResNet.forward on the weights of ``model``, momentum update by hand; returns (loss, base net,
+    predictor) so that its gradients can be compared."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for momentum, base in (("momentum_encoder", "base_encoder"), ("momentum_projector", "projector")):
+        for name, _ in model.get_submodule(momentum).named_parameters():
+            state[f"{momentum}.{name}"] = m * state[f"{momentum}.{name}"] + (1 - m) * state[f"{base}.{name}"]
+    base = published_encoder(state, "base_encoder", "projector")
+    momentum = published_encoder(state, "momentum_encoder", "momentum_projector")
+    pred = published_mlp(DIM, DIM, last_bn=False).double()  # double first: loading must not round
+    pred.load_state_dict({k.removeprefix("predictor."): v for k, v in state.items() if k.startswith("predictor.")})
+    q1, q2 = pred(base(x1)), pred(base(x2))
+    with torch.no_grad():
+        k1, k2 = momentum(x1), momentum(x2)
+    loss = reference_ctr(q1, k2, T, 0) + reference_ctr(q2, k1, T, 0)
+    return loss, base, pred
+
+
+def test_infonce_equals_the_loop_with_offset_and_hand_value():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    for offset in (0, 3, 6):
+        loss, _ = infonce(q, k, 0.2, offset)
+        torch.testing.assert_close(loss.double(), reference_ctr(q, k, 0.2, offset), rtol=1e-6, atol=0)
+    # unit rows, diagonal positives: CE = log(e^{1/T} + 2) − 1/T, scaled by 2T; every query finds its key
+    q = torch.eye(3, 4) * 5.0
+    for t in (1.0, 0.5):
+        loss, top1 = infonce(q, q.clone(), t)
+        assert loss.item() == pytest.approx((math.log(math.exp(1 / t) + 2) - 1 / t) * 2 * t, rel=1e-6)
+        assert top1.item() == 1.0
+    assert infonce(q, q.roll(1, dims=0), 1.0)[1].item() == 0.0
+
+
+def test_forward_is_the_published_loss_and_gradient():
+    model = tiny()
+    x1, x2 = views()
+    ref_loss, ref_base, ref_pred = published_step(tiny(), x1, x2, m=0.9)
+    out = model(x1, x2, m=0.9)
+    torch.testing.assert_close(out["loss"], ref_loss, rtol=1e-9, atol=0)
+    assert out["loss_ctr"].item() == out["loss"].item() and not out["loss_ctr"].requires_grad
+    assert 0.0 <= out["ctr_acc"].item() <= 1.0
+    out["loss"].backward()
+    ref_loss.backward()
+    for name, p in ref_base.named_parameters():
+        ours = (model.projector if name.startswith("fc.") else model.base_encoder).get_parameter(
+            name.removeprefix("fc.")).grad
+        torch.testing.assert_close(ours, p.grad, rtol=1e-7, atol=1e-12, msg=name)
+    for name, p in ref_pred.named_parameters():
+        torch.testing.assert_close(model.predictor.get_parameter(name).grad, p.grad, rtol=1e-7, atol=1e-12)
+
+
+def test_gradients_reach_only_the_base_branch():
+    model = tiny()
+    model(*views(), m=0.99)["loss"].backward()
+    for module in (model.momentum_encoder, model.momentum_projector):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    for module in (model.base_encoder, model.projector, model.predictor):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_momentum_starts_as_a_copy_and_moves_by_ema_before_the_keys():
+    torch.manual_seed(0)
+    fresh = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
+    for b, m in zip([*fresh.base_encoder.parameters(), *fresh.projector.parameters()],
+                    [*fresh.momentum_encoder.parameters(), *fresh.momentum_projector.parameters()]):
+        assert torch.equal(b, m)
+    model = tiny()
+    base = [p.detach().clone() for p in [*model.base_encoder.parameters(), *model.projector.parameters()]]
+    before = [p.clone() for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]]
+    model(*views(), m=0.75)
+    after = [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]
+    for b, m0, m1 in zip(base, before, after):
+        torch.testing.assert_close(m1, 0.75 * m0 + 0.25 * b, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_branches_start_at_zero_as_in_moco_v3():
+    torch.manual_seed(0)
+    model = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
+    blocks = [b for layer in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model.base_encoder, layer)]
+    assert blocks and all(torch.equal(b.bn2.weight, torch.zeros_like(b.bn2.weight)) for b in blocks)
+    assert all(torch.equal(b.bn1.weight, torch.ones_like(b.bn1.weight)) for b in blocks)
+    assert torch.equal(model.momentum_encoder.layer1[0].bn2.weight, model.base_encoder.layer1[0].bn2.weight)
+
+
+def test_fused_views_same_loss_and_statistics():
+    torch.manual_seed(0)
+    separate = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
+    fused = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP, fused_views=True)
+    fused.load_state_dict(separate.state_dict())
+    x1, x2 = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE) * 2 + 1
+    torch.testing.assert_close(fused(x1, x2, m=0.9)["loss"], separate(x1, x2, m=0.9)["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused.buffers(), separate.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_batchnorm_everywhere_keeps_keys_and_the_ema_pairs():
+    """MoCo v3 converts the whole model; the converted modules must keep the parameters the EMA updates."""
+    model = tiny(fused_views=True)
+    keys = list(model.state_dict())
+    model.convert_sync_batchnorm()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) and m.views == 2 for m in norms)
+    assert list(model.state_dict()) == keys
+    before = model.momentum_projector[1].weight.clone()
+    model.update_momentum(0.5)
+    torch.testing.assert_close(model.momentum_projector[1].weight, (before + model.projector[1].weight) / 2)
+
+
+def test_views_of_different_shapes_are_refused():
+    with pytest.raises(ValueError, match="same shape"):
+        tiny()(views()[0], views(n=2)[1], m=0.9)
+
+
+def test_checkpoint_layout_is_w2ssl_s_and_the_trunk_extracts():
+    model = tiny()
+    state = model.state_dict()
+    assert {k.split(".")[0] for k in state} == {"base_encoder", "projector", "predictor", "momentum_encoder",
+                                                "momentum_projector"}
+    for ckpt in ({"state_dict": state}, {"state_dict": {f"module.{k}": v for k, v in state.items()}}):
+        trunk = extract_trunk(ckpt)
+        check_trunk(trunk, "resnet18")
+        for key, value in trunk.items():
+            assert torch.equal(value, state[f"base_encoder.{key}"]), key
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(extract_trunk({"state_dict": state}), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
+    model = tiny().float()
+    ckpt = tmp_path / "checkpoint_0000.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict()}, ckpt)
+    probe, _ = build_model("resnet18", 5, pretrained=ckpt)
+    assert torch.equal(probe.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
+    for target in TARGETS:
+        weights, _ = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
+        assert torch.equal(weights["conv1.weight"], model.base_encoder.conv1.weight)
+
+
+# --- two processes (gloo) against one --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gn_model() -> MoCoV3:
+    """GroupNorm trunk: no batch statistics there, so how the batch is split does not matter to it."""
+    return tiny(norm_layer=functools.partial(group_norm))
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = gn_model()
+    x1, x2 = views(2 * N)
+    half = slice(rank * N, (rank + 1) * N)
+    out = model(x1[half], x2[half], m=0.9)
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for g in grads.values():  # what DDP does
+        dist.all_reduce(g)
+        g /= world
+    losses = [torch.zeros_like(out["loss"]) for _ in range(world)]
+    dist.all_gather(losses, out["loss"].detach())
+    torch.save({"losses": losses, "grads": grads, "momentum": model.momentum_encoder.state_dict()},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """Without CUDA there is no SyncBatchNorm: each process's head BatchNorms see its own half of the batch,
+    so the one-process reference normalises the two halves apart (as SyncBN on GPUs would not); the loss's
+    gather, label offsets and normalisation are what this checks."""
+    model = gn_model()
+    for head in (model.projector, model.predictor, model.momentum_projector):
+        normalise_per_view(head, 2)
+    x1, x2 = views(2 * N)
+    ref = model(x1, x2, m=0.9)
+    ref["loss"].backward()
+
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(sum(res["losses"]) / 2, ref["loss"].detach(), rtol=1e-10, atol=0)
+        named = dict(model.named_parameters())
+        assert res["grads"].keys() == {n for n, p in named.items() if p.grad is not None}
+        for name, g in res["grads"].items():
+            torch.testing.assert_close(g, named[name].grad, rtol=1e-7, atol=1e-12, msg=name)
+        for key, value in res["momentum"].items():
+            torch.testing.assert_close(value, model.momentum_encoder.state_dict()[key], msg=key)
+
+
+# --- the two-crop transform --------------------------------------------------------------------------------
+
+
+def test_two_crop_size_and_recipe():
+    img = Image.new("RGB", (40, 30), (10, 200, 90))
+    crops = two_crop(tile_size=8, crop_min=0.3)(img)
+    assert len(crops) == 2 and all(c.shape == (3, 16, 16) for c in crops)
+    transform = two_crop(8, 0.3)
+    for v, blur in ((transform.view1, 1.0), (transform.view2, 0.1)):
+        crop, jitter, gray, blur_step = v.transforms[:4]
+        assert crop.size == (16, 16) and crop.scale == (0.3, 1.0)
+        assert jitter.p == 0.8 and gray.p == 0.2 and blur_step.p == blur
+
+
+def test_only_the_second_view_solarizes_one_time_in_five():
+    """A flat grey of 230 stays >= 138 through the colour jitter (and blur, crop, flip keep it flat), so a
+    pixel below 128 means the view was solarized."""
+    transform = two_crop(tile_size=2)
+    img = Image.new("RGB", (8, 8), (230, 230, 230))
+    random.seed(0)
+    torch.manual_seed(0)
+    counts = [0, 0]
+    for _ in range(400):
+        for i, crop in enumerate(transform(img)):
+            pixel = crop[0, 0, 0].item() * STD[0] + MEAN[0]
+            counts[i] += pixel < 128 / 255
+    assert counts[0] == 0 and 50 <= counts[1] <= 110, counts

@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from tests.helpers import random_views, tiny_model
+from w2ssl.methods.w2ssl import W2SSL
+
+
+def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
+    model = tiny_model()
+    for base, mom in model.momentum_pairs:
+        assert torch.equal(base, mom) and not mom.requires_grad
+
+
+def test_ema_closed_form():
+    model = tiny_model()
+    start = [mom.clone() for _, mom in model.momentum_pairs]
+    with torch.no_grad():
+        for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    m, k = 0.9, 3
+    for _ in range(k):
+        model.update_momentum(m)
+    for (base, mom), m0 in zip(model.momentum_pairs, start):
+        torch.testing.assert_close(mom, m ** k * m0 + (1 - m ** k) * base)
+
+
+def test_resnet50_forward_backward_at_tile_32():
+    torch.manual_seed(0)
+    model = W2SSL("resnet50")
+    view1, view2 = random_views(4, 32)
+    out = model(view1, view2, m=0.99)
+    assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"].detach(), out["loss_what"] + out["loss_where"])
+    out["loss"].backward()
+    momentum = {id(p) for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]}
+    for name, p in model.named_parameters():
+        if id(p) in momentum:
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    keys = model.state_dict()
+    assert "base_encoder.layer4.2.conv3.weight" in keys and "base_encoder.fc.weight" not in keys
+
+
+def test_loss_magnitudes_and_weights():
+    torch.manual_seed(0)
+    model = tiny_model(loss_where_weight=0.5, loss_what_weight=2.0)
+    out = model(*random_views(8, 16), m=0.99)
+    torch.testing.assert_close(out["loss"].detach(), 0.5 * out["loss_where"] + 2.0 * out["loss_what"])
+    # At initialisation the where head is near chance and SupCon near (τ/τ_b)·log(4N−1) per view pair.
+    assert abs(out["loss_where"].item() - 0.693) < 0.3
+    assert 0.5 < out["loss_what"].item() / (2 * 0.3 / 0.07 * torch.log(torch.tensor(31.0)).item()) < 1.5
+
+
+def test_permutation_is_shared_by_both_views():
+    # Identical views and an identity permutation-invariant check: with view2 == view1 the two
+    # SupCon terms see the same montages, so swapping the views leaves the loss unchanged.
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    v1, v2 = random_views(4, 16)
+    perm = torch.randperm(8)
+    a = model(v1, v2, m=1.0, perm=perm)["loss_what"]
+    b = model(v2, v1, m=1.0, perm=perm)["loss_what"]
+    torch.testing.assert_close(a, b)
+
+
+def test_fused_views_equal_a_call_per_view():
+    """Both views in one call per encoder and head: same losses, gradients and BatchNorm statistics."""
+    torch.manual_seed(0)
+    separate = tiny_model().double()
+    fused = tiny_model(fused_views=True).double()
+    fused.load_state_dict(separate.state_dict())
+    view1, view2 = random_views(8, 16, dtype=torch.float64)
+    perm = torch.randperm(16)
+    outs = [model(view1, view2, m=0.9, perm=perm) for model in (separate, fused)]
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-9, atol=1e-12, msg=key)
+    for out in outs:
+        out["loss"].backward()
+    grads = dict(separate.named_parameters())
+    for name, p in fused.named_parameters():
+        if p.grad is None:
+            assert grads[name].grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-7, atol=1e-10, msg=name)
+    buffers = dict(separate.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert fused.base_encoder.bn1.num_batches_tracked.item() == 2
+    # The momentum encoder's statistics moved too (it runs in training mode, as in MoCo v3).
+    assert not torch.equal(fused.momentum_encoder.bn1.running_mean, torch.zeros(64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("views, message", [
+    (lambda: random_views(3, 16), "odd number"),
+    (lambda: ([torch.zeros(4, 3, 16, 16), torch.zeros(4, 3, 8, 8)], [torch.zeros(4, 3, 16, 16)] * 2), "same shape"),
+    (lambda: ([torch.zeros(4, 3, 16, 16)], [torch.zeros(4, 3, 16, 16)] * 2), "pair"),
+])
+def test_bad_input_raises_value_error(views, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(*views(), m=0.99)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_loss_matches_cpu_and_bf16_channels_last_is_close():
+    torch.manual_seed(0)
+    model = tiny_model()
+    view1, view2 = random_views(8, 32)
+    perm = torch.randperm(16)
+    ref = model(view1, view2, m=0.99, perm=perm)["loss"].item()
+    gpu = tiny_model().cuda()
+    gpu.load_state_dict(model.state_dict())
+    cuda = [[t.cuda() for t in v] for v in (view1, view2)]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    assert gpu(*cuda, m=0.99, perm=perm.cuda())["loss"].item() == pytest.approx(ref, rel=1e-4)
+    gpu.load_state_dict(model.state_dict())
+    gpu.to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = gpu(*cuda, m=0.99, perm=perm.cuda())["loss"].item()
+    assert fast == pytest.approx(ref, rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_training_step_makes_no_host_sync(fused):
+    from w2ssl.train.optim import LARS
+
+    torch.manual_seed(0)
+    model = tiny_model(fused_views=fused).cuda().to(memory_format=torch.channels_last)
+    opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
+    view1, view2 = [[t.cuda() for t in v] for v in random_views(8, 32)]
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        perm = torch.randperm(16, generator=gen)  # on the host, as the trainer draws it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(view1, view2, m=0.99, perm=perm)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    step()  # warm-up: cuDNN plans, cached pooling matrices, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.heads import head_flops
+
+    torch.manual_seed(0)
+    model, n = tiny_model(), 8
+    q1, q2 = [torch.randn(2 * n, 512).requires_grad_() for _ in range(2)]
+    f1, f2 = [torch.randn(2 * n, 512) for _ in range(2)]
+    with FlopCounterMode(display=False) as counter:
+        model.heads(q1, q2, f1, f2, torch.randperm(2 * n), n)["loss"].backward()
+    assert counter.get_total_flops() == head_flops(n, 1, width=512, hidden=32, dim=16)

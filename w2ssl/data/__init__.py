@@ -1,0 +1,1 @@
+"""Data: image folders, samplers and loaders, and the augmentations (PIL and GPU)."""

@@ -1,0 +1,331 @@
+"""Pre-training data: dataset checks, bad-image tolerance, deterministic per-sample augmentation,
+a resumable sampler and the loader.
+
+Augmentation randomness is a function of ``(seed, epoch, sample index)`` only, so a run gives the
+same batches whatever the number of workers, and a resumed run continues with the very batches the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from w2ssl.checkpoint import key_list
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.dist import distributed as D
+from w2ssl.errors import UserError
+from w2ssl.train import stopsignals
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixing ``seed``, ``epoch`` and ``index`` (SplitMix64-style constants)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def image_folder(root: str | Path, what: str = "training", transform: Callable | None = None,
+                 warn: Callable[[str], None] | None = None) -> ImageFolder:
+    """An ``ImageFolder`` at ``root``, checked with clear errors; without ``transform`` its items are
+    file paths (the folder is only listed). Class folders without images are warned about (``warn``,
+    default: a ``WARNING:`` line on stderr from the main process), not refused."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} folder {root} does not exist: pass DATA whose {root.name}/ holds one "
+                        f"sub-folder of images per class (ImageNet layout)")
+    try:
+        folder = ImageFolder(str(root), transform, allow_empty=True) if transform \
+            else ImageFolder(str(root), loader=_path_only, allow_empty=True)
+    except FileNotFoundError as e:  # not even one class sub-folder
+        raise UserError(f"{what} folder {root} has no class sub-folders ({e}); expected "
+                        f"{root}/<class>/<image>.jpg") from None
+    if not folder.samples:
+        raise UserError(f"{what} folder {root} has no images in its {len(folder.classes)} class sub-folders; "
+                        f"expected {root}/<class>/<image>.jpg")
+    counts = Counter(folder.targets)
+    empty = [name for i, name in enumerate(folder.classes) if counts[i] == 0]
+    if empty:
+        (warn or warn_main)(f"{what} folder {root}: class folder(s) {key_list(empty)} hold no images; going on with "
+                            f"the {len(folder.samples)} images of the other {len(folder.classes) - len(empty)}")
+    return folder
+
+
+def warn_main(line: str) -> None:
+    """A ``WARNING:`` line on stderr, from the main process only."""
+    if D.is_main():
+        print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+
+def check_same_classes(train: list[str], val: list[str], root: str | Path) -> None:
+    """Raise :class:`UserError` unless the train and val folders of ``root`` have the same class folders."""
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise UserError(f"{root}/train and {root}/val need the same class sub-folders: only in train "
+                        f"{key_list(only_train) or 'none'} ({len(train)} classes), only in val "
+                        f"{key_list(only_val) or 'none'} ({len(val)} classes)")
+
+
+def _path_only(path: str) -> str:
+    return path
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class PretrainDataset(Dataset):
+    """Images of an ``ImageFolder`` through ``transform``; items are requested as ``(index, epoch)``.
+
+    Without ``transform`` an item is ``((loaded, index, epoch), bad)``, for augmentation in the main process.
+
+    An unreadable file is replaced by the next readable one and reported in the item's ``bad``
+    field (the main process counts them and, with ``strict``, stops).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None, seed: int,
+                 loader: Callable[[str], Any] = load_rgb):
+        self.samples = [path for path, _ in image_folder(root).samples]
+        self.transform, self.seed, self.loader = transform, seed, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def check_readable(self) -> None:
+        """Fail at start when not a single image can be read."""
+        for path in self.samples:
+            try:
+                load_rgb(path)
+                return
+            except (OSError, ValueError, SyntaxError):
+                continue
+        raise UserError(f"none of the {len(self.samples)} image files under the training folder can be "
+                        f"read (first: {self.samples[0]}): check the dataset")
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, str]:
+        index, epoch = key
+        bad = []
+        for offset in range(len(self.samples)):
+            path = self.samples[(index + offset) % len(self.samples)]
+            try:
+                img = self.loader(path)
+                break
+            except (OSError, ValueError, SyntaxError):
+                bad.append(path)
+        else:
+            raise RuntimeError("no readable image left in the dataset")
+        if self.transform is None:  # --gpu-aug: augmented on the device, keyed by (index, epoch)
+            return (img, index, epoch), "\n".join(bad)
+        s = sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        torch.manual_seed(s)
+        return self.transform(img), "\n".join(bad)
+
+
+class ResumableSampler(Sampler):
+    """Distributed shuffling sampler over a span of epochs that can start part-way through one.
+
+    Yields ``(index, epoch)`` for this rank: each epoch's permutation (seeded by ``seed + epoch``) is
+    cut into whole global batches of ``batch_size x num_replicas`` and rank ``r`` takes the ``r``-th
+    slice of each, so the global batch, in order, is the same whatever the number of processes (the
+    montages and hence the whole run are world-size invariant, METHOD §9); the first
+    ``start_batch`` batches of the first epoch are skipped, and the epochs up to ``until`` follow one
+    another in one stream. One loader iterator then spans the run, so its workers keep prefetching
+    across epoch boundaries instead of starting each epoch's first batches from nothing.
+    """
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.batch_size = size, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch, self.start_batch, self.until = 0, 0, 1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // (self.batch_size * self.num_replicas)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, until: int | None = None) -> None:
+        """Start at batch ``start_batch`` of ``epoch``; end with epoch ``until - 1`` (default: ``epoch``)."""
+        self.epoch, self.start_batch = epoch, start_batch
+        self.until = epoch + 1 if until is None else until
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices of a whole ``epoch``: whole batches, the same on every call."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        b, world = self.batch_size, self.num_replicas
+        batches = order[: self.batches_per_epoch * b * world].view(-1, world, b)  # [batch, rank, b]
+        return batches[:, self.rank].reshape(-1).tolist()
+
+    def indices(self) -> list[int]:
+        """The first epoch's indices after its ``start_batch`` skipped batches."""
+        return self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for epoch in range(self.epoch, self.until):
+            yield from ((i, epoch) for i in (self.indices() if epoch == self.epoch else self.epoch_indices(epoch)))
+
+    def __len__(self) -> int:
+        return ((self.until - self.epoch) * self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGTERM, SIGINT and SIGUSR1.
+
+    SLURM and a terminal's Ctrl-C signal the whole process group; a worker killed by them would make
+    the main process's next batch fail before it could save. The main process decides when to stop
+    and then shuts its workers down (they also exit on their own once it is gone).
+    """
+    stopsignals.ignore()
+
+
+def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,
+                collate_fn: Callable | None = None) -> DataLoader:
+    """Batches of ``sampler.batch_size``; workers persist across iterators and prefetch 4 batches each."""
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
+                      worker_init_fn=leave_stop_signals_to_main)
+
+
+def eval_transform(size: int = 224) -> transforms.Compose:
+    """Resize to ``size·256/224`` then center-crop ``size`` (the usual ImageNet evaluation)."""
+    return transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def train_transform(size: int = 224) -> transforms.Compose:
+    """RandomResizedCrop + flip, as in the linear-probe protocol."""
+    return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+class LabelledFolder(Dataset):
+    """An ImageFolder's images and labels, tolerant of unreadable files.
+
+    Items are ``(image or None, class index, index, bad)``, ``bad`` the unreadable paths met ("\\n"-joined).
+    With ``substitute`` (training) an unreadable image is replaced by the next readable one, with its own
+    label, so that batches keep their size and processes their step count; without (evaluation) the
+    image is None and :func:`collate_readable` drops the sample.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable, what: str, substitute: bool,
+                 warn: Callable[[str], None] | None = None):
+        folder = image_folder(root, what, warn=warn)
+        self.samples, self.classes = folder.samples, folder.classes
+        self.transform, self.substitute = transform, substitute
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int, str]:
+        bad = []
+        for offset in range(len(self.samples) if self.substitute else 1):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+            except (OSError, ValueError, SyntaxError):
+                bad.append(path)
+                continue
+            return self.transform(img), target, index, "\n".join(bad)
+        return None, self.samples[index][1], index, "\n".join(bad)
+
+
+def collate_readable(items: list[tuple[Any, int, int, str]]) -> tuple[Tensor | None, Tensor, Tensor, list[str]]:
+    """:class:`LabelledFolder` items -> ``(images [b, ...], targets [b], indices [b], unreadable paths)``,
+    the unreadable samples dropped (``images`` is None when none is left)."""
+    kept = [item for item in items if item[0] is not None]
+    bad = [path for *_, joined in items if joined for path in joined.split("\n")]
+    images = torch.stack([item[0] for item in kept]) if kept else None
+    return (images, torch.tensor([item[1] for item in kept], dtype=torch.long),
+            torch.tensor([item[2] for item in kept], dtype=torch.long), bad)
+
+
+class BadImages:
+    """Unreadable image files met by labelled loaders: counted, each warned about once; with ``strict``
+    the first one stops the run (:class:`UserError`, exit 2), as pre-training's ``--strict-data``."""
+
+    def __init__(self, strict: bool = False, warn: Callable[[str], None] | None = None):
+        self.strict, self.warn, self.paths = strict, warn or _warn_stderr, set()
+
+    def note(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            if self.strict:
+                raise UserError(f"unreadable image file {path}: remove or replace it (or drop --strict-data "
+                                f"to skip bad files)")
+            if path not in self.paths:
+                self.paths.add(path)
+                self.warn(f"unreadable image file {path} skipped ({len(self.paths)} so far)")
+
+
+def _warn_stderr(line: str) -> None:
+    print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+
+class LabelledLoader:
+    """Batches ``(images [b, 3, H, W], targets [b], dataset indices [b])`` of a :class:`LabelledFolder`.
+
+    Unreadable files go to ``bad`` (:class:`BadImages`), never into a batch; a batch with no readable
+    image is left out.
+    """
+
+    def __init__(self, loader: DataLoader, bad: BadImages):
+        self.loader, self.bad = loader, bad
+
+    @property
+    def dataset(self) -> LabelledFolder:
+        return self.loader.dataset
+
+    @property
+    def sampler(self) -> Any:
+        return self.loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for images, targets, indices, bad in self.loader:
+            self.bad.note(bad)
+            if images is not None:
+                yield images, targets, indices
+
+
+def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
+                    what: str, training: bool | None = None, bad: BadImages | None = None,
+                    warn: Callable[[str], None] | None = None) -> tuple[LabelledLoader, int]:
+    """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes.
+
+    ``training`` (default: ``shuffle``) substitutes unreadable images and pads the shards to equal length
+    (every process takes the same steps); evaluation drops unreadable images and gives each image to
+    exactly one process, unpadded. ``bad`` counts the unreadable files (default: warn, never stop).
+    """
+    training = shuffle if training is None else training
+    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn)
+    if not D.is_dist():
+        sampler = None
+    elif training:
+        sampler = DistributedSampler(dataset, shuffle=shuffle)
+    else:
+        sampler = range(D.rank(), len(dataset), D.world_size())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                        persistent_workers=workers > 0, collate_fn=collate_readable,
+                        worker_init_fn=leave_stop_signals_to_main)
+    return LabelledLoader(loader, bad or BadImages(warn=warn)), len(dataset.classes)

@@ -1,0 +1,134 @@
+"""The random parameters of ``--gpu-aug``, drawn on the host from (seed, epoch, sample index) alone.
+
+Every parameter of a sample's four tiles (crop box, colour-jitter coin, factors and order, grayscale,
+blur and its σ, solarize, flip) is a function of the run's seed, the epoch and the sample's index in the
+dataset: a sample gets the same tiles whatever the number of processes, the batch it falls in or its
+place there, and two processes share draws only where they hold the same sample. The draws come from
+SplitMix64 (Steele, Lea and Flood 2014), a counter-based generator: output ``j`` for the key ``k`` is
+``mix(k + (j + 1)·γ)``, so a whole batch is drawn at once in numpy, without generator state and
+without touching the device. Distributions are those of the PIL pipeline (torchvision's
+``RandomResizedCrop.get_params``, ``ColorJitter``, ``RandomGrayscale``, ``RandomHorizontalFlip``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from w2ssl.data.datasets import sample_seed
+from w2ssl.data.gpu_ops import BLUR_SIGMA, JITTER
+
+AUG_STREAM = 0x6770752D61756721  # b"gpu-aug!": keys of --gpu-aug's draws, apart from the PIL path's seeds
+GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (and its two mixing constants below)
+CROP_ATTEMPTS = 10  # RandomResizedCrop's attempts before its central-crop fallback
+# A tile's uniforms, column by column; a sample draws its four tiles' rows in one go.
+AREA, RATIO, PLACE = slice(0, 10), slice(10, 20), slice(20, 22)  # crop: area and log-ratio per attempt, top/left
+JITTER_COIN, FACTORS, ORDER = 22, slice(23, 27), slice(27, 31)  # colour jitter: p, factors, op order keys
+GRAY, BLUR, SIGMA, SOLARIZE, FLIP = 31, 32, 33, 34, 35
+DRAWS_PER_TILE = 36
+TILES = 4  # per sample: view 1 left, view 1 right, view 2 left, view 2 right
+
+
+def sample_keys(seed: int, epochs: Sequence[int], indices: Sequence[int]) -> np.ndarray:
+    """``[b]`` uint64 keys of the samples ``indices`` in ``epochs`` (``sample_seed`` in the ``AUG_STREAM``)."""
+    return np.array([sample_seed(seed, e, i) ^ AUG_STREAM for e, i in zip(epochs, indices)], dtype=np.uint64)
+
+
+def uniforms(keys: np.ndarray, count: int) -> np.ndarray:
+    """``[b, count]`` float64 in ``[0, 1)``: the first ``count`` SplitMix64 outputs for each of ``keys [b]``."""
+    z = keys.astype(np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None] * GAMMA  # wraps mod 2^64
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def tile_uniforms(keys: np.ndarray) -> Tensor:
+    """``[4b, DRAWS_PER_TILE]`` float64 uniforms of the ``4b`` tiles of the samples ``keys [b]`` (image-major)."""
+    return torch.from_numpy(uniforms(keys, TILES * DRAWS_PER_TILE).reshape(-1, DRAWS_PER_TILE))
+
+
+def crop_boxes(width: Tensor, height: Tensor, u: Tensor, scale: tuple[float, float] = (0.2, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """RandomResizedCrop boxes ``[n, 4]`` int64 ``(top, left, h, w)`` for regions ``width, height [n]``.
+
+    ``u [n, 2·a + 2]``: per attempt an area and a log-ratio uniform, then top and left (``AREA``,
+    ``RATIO``, ``PLACE`` with ``a = CROP_ATTEMPTS``). As ``RandomResizedCrop.get_params``: area fraction
+    ``U(scale)`` and log aspect ratio ``U(log ratio)``, rounded half to even; the first attempt that fits is
+    placed uniformly; if none fits, the central crop with the aspect ratio clamped to ``ratio``.
+    """
+    attempts = (u.shape[1] - 2) // 2
+    width, height, u = width.double(), height.double(), u.double()
+    area = (width * height)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[:, attempts:2 * attempts])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = (fits.cumsum(dim=1) == 0).sum(dim=1, keepdim=True).clamp(max=attempts - 1)  # first fitting attempt
+    found = fits.any(dim=1)
+    in_ratio = width / height
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
+    place = u[:, 2 * attempts:]
+    top = torch.where(found, torch.floor(place[:, 0] * (height - h + 1)).clamp(max=height - h),
+                      torch.floor((height - h) / 2))
+    left = torch.where(found, torch.floor(place[:, 1] * (width - w + 1)).clamp(max=width - w),
+                       torch.floor((width - w) / 2))
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def jitter_params(u: Tensor, p: float = 0.8) -> tuple[Tensor, Tensor, Tensor]:
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability ``p``, from uniforms ``u [n, 9]``.
+
+    Returns ``applied [n]`` bool, ``factors [n, 4]`` float32 (brightness and contrast in ``[0.6, 1.4]``,
+    saturation in ``[0.8, 1.2]``, hue in ``[-0.1, 0.1]``) and ``order [n, 4]``: a uniform random
+    permutation of the four ops (0 brightness, 1 contrast, 2 saturation, 3 hue) per tile.
+    """
+    b, c, s, h = JITTER
+    low = torch.tensor([1 - b, 1 - c, 1 - s, -h], dtype=torch.float64)
+    high = torch.tensor([1 + b, 1 + c, 1 + s, h], dtype=torch.float64)
+    factors = (low + (high - low) * u[:, 1:5]).float()
+    return u[:, 0] < p, factors, u[:, 5:9].argsort(dim=1)
+
+
+def jitter_plan(applied: Tensor, order: Tensor) -> tuple[Tensor, list[list[int]]]:
+    """Which tiles each colour op takes at each step: ``index [4, m]`` int64 and ``counts`` (4 x 4 ints).
+
+    Row ``s`` of ``index`` lists the ``m`` jittered tiles (``applied [n]``) sorted by the op ``order [n, 4]``
+    puts at step ``s``: the first ``counts[s][0]`` take op 0, the next ``counts[s][1]`` op 1, and so on.
+    """
+    tiles = applied.nonzero().flatten()
+    ops = order[tiles]
+    rows, counts = [], []
+    for step in range(order.shape[1]):
+        sorted_ops, perm = ops[:, step].sort(stable=True)
+        rows.append(tiles[perm])
+        counts.append(torch.bincount(sorted_ops, minlength=order.shape[1]).tolist())
+    return torch.stack(rows), counts
+
+
+def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float) -> tuple[dict[str, Tensor], list]:
+    """Host parameters of the ``4b`` tiles of the samples ``keys [b]``, image-major.
+
+    ``width, height [4b]`` are the tiles' regions. Returns ``{"boxes": [4b, 4] int64 (top, left, h, w) in
+    region coordinates, "factors": [4b, 4] float32, "jitter_index": [4, m] int64, "sigma": [4b] float32,
+    "gray", "blur", "solarize", "flip": [4b] bool}`` and the jitter plan's counts (:func:`jitter_plan`).
+    Grayscale p = 0.2; blur p = 1.0 (view 1) / 0.1 (view 2) with ``σ ~ U(0.1, 2)``; solarize p = 0 / 0.2;
+    flip p = 0.5.
+    """
+    u = tile_uniforms(keys)
+    view2 = torch.arange(u.shape[0]) % TILES >= 2
+    applied, factors, order = jitter_params(u[:, JITTER_COIN:ORDER.stop])
+    index, counts = jitter_plan(applied, order)
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, SIGMA]
+    return {"boxes": crop_boxes(width, height, u[:, AREA.start:PLACE.stop], (crop_min, 1.0)),
+            "factors": factors, "jitter_index": index, "sigma": sigma.float(),
+            "gray": u[:, GRAY] < 0.2, "blur": u[:, BLUR] < torch.where(view2, 0.1, 1.0),
+            "solarize": view2 & (u[:, SOLARIZE] < 0.2), "flip": u[:, FLIP] < 0.5}, counts

@@ -1,0 +1,1 @@
+"""Processes: launch modes, collectives, synchronised BatchNorm and the tile exchange."""

@@ -1,0 +1,1 @@
+"""Evaluation of a pre-trained trunk: kNN and the linear probe."""

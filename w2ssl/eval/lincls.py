@@ -1,0 +1,323 @@
+"""The linear probe (METHOD §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
+
+MoCo v3's protocol: SGD on ``fc`` only with lr = ``--lr`` × batch / 256 on a per-epoch half-cosine,
+the trunk in ``eval()`` mode (BatchNorm statistics frozen), top-1/top-5 on val after every epoch,
+the best kept, and a check that no trunk weight moved. ``--cached`` trains on features extracted
+once (:mod:`w2ssl.eval.probe_cache`); ``--knn`` runs a weighted kNN evaluation instead.
+"""
+from __future__ import annotations
+
+import math
+import time
+from argparse import Namespace
+from collections.abc import Callable, Iterable
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from w2ssl import checkpoint as ckpt_io
+from w2ssl.data.datasets import (
+    BadImages,
+    LabelledLoader,
+    check_same_classes,
+    eval_transform,
+    labelled_loader,
+    seed_everything,
+    train_transform,
+)
+from w2ssl.dist import distributed as D
+from w2ssl.errors import UserError
+from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
+from w2ssl.eval.metrics import stats_text, topk_hits
+from w2ssl.eval.probe_cache import FeatureCache
+from w2ssl.eval.probe_folder import (
+    BEST,
+    CHECKPOINT,
+    describe_record,
+    load_probe,
+    no_weights_message,
+    pretrained_record,
+    resume_path,
+)
+from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
+from w2ssl.train.guard import Guard
+from w2ssl.train.monitor import ETA, AverageMeter, Logger, format_duration
+from w2ssl.train.optim import lr_at, scaled_lr, set_lr
+from w2ssl.train.runstate import plain_args, shared_seed
+from w2ssl.train.speed import PRECISIONS, autocast, prepare_model, to_memory_format
+
+
+class LinearProbe:
+    """One process's share of a linear evaluation (full protocol, or ``--cached``)."""
+
+    def __init__(self, ctx: D.Context, args: Namespace):
+        self.ctx, self.args, self.device = ctx, args, ctx.device
+        self.logger = Logger(args.save_dir, ctx.is_main)
+        self.seed = shared_seed(args.seed, self.device)
+        seed_everything(self.seed)
+        self.precision = args.precision or "fp32"  # the published probe runs in float32
+        self.local_batch = args.batch_size // ctx.world_size
+        self.workers = math.ceil(args.workers / ctx.local_world_size)
+        self.root = Path(args.data)
+        self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
+        self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
+        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        self.model.to(self.device)
+        self.channels_last = self.device.type == "cuda"
+        prepare_model(self.model, self.channels_last)
+        self.fc: nn.Module = self.model.fc
+        if ctx.world_size > 1:  # only fc trains, so only fc needs gradient averaging
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fc = nn.parallel.DistributedDataParallel(self.model.fc, device_ids=ids)
+        self.lr = scaled_lr(args.lr, args.batch_size)
+        self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay)
+        self.epoch, self.best_acc1 = args.start_epoch, 0.0
+        self.iteration = 0  # batches of epoch ``self.epoch`` done (a run stopped by a signal saves mid-epoch)
+        self.guard = Guard(max_nonfinite=0)
+        self.train_loader = None
+        self.cache: FeatureCache | None = None
+        self.record = pretrained_record(args)
+
+    def _loader(self, split: str, transform: Callable, what: str, shuffle: bool = False,
+                training: bool = True) -> tuple[LabelledLoader, int]:
+        """Training loaders replace an unreadable image by another (equal steps on every process); the
+        validation loader leaves it out (accuracy is over the readable images)."""
+        return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
+                               training=training, bad=self.bad)
+
+    # ----------------------------------------------------------------- features and data
+    @torch.no_grad()
+    def trunk_features(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 average-pooled layer4 features (no gradient)."""
+        images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
+        with autocast(self.device, self.precision):
+            return pooled_features(self.model, images).float()
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Images through the trunk, or cached ``[B, C]`` features as float32."""
+        return self.trunk_features(x) if self.cache is None else x.to(self.device).float()
+
+    def prepare(self) -> None:
+        """The training data: an augmenting loader, or (``--cached``) the features extracted once."""
+        if self.args.evaluate:
+            return
+        size, classes = self.args.input_size, self.val_loader.dataset.classes
+        if self.args.cached:
+            views = [self._loader("train", eval_transform(size), "training")[0]]
+            views += [self._loader("train", train_transform(size), "training")[0] for _ in range(self.args.cached_aug)]
+            start = time.perf_counter()
+            self.cache = FeatureCache.extract(self.trunk_features, views, self.val_loader, self.model.fc.in_features,
+                                              self.device)
+            self.logger.info(f"=> cached {self.cache.describe()} in {format_duration(time.perf_counter() - start)}")
+            train_classes = views[0].dataset.classes
+        else:
+            self.train_loader, _ = self._loader("train", train_transform(size), "training", shuffle=True)
+            train_classes = self.train_loader.dataset.classes
+        check_same_classes(train_classes, classes, self.root)
+
+    def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+        """The rest of this epoch's batches (after the ``self.iteration`` done) and the epoch's length."""
+        if self.cache is not None:
+            batches, n = self.cache.train_batches(self.local_batch, self.seed, self.epoch, self.ctx.rank)
+            return islice(batches, self.iteration, None), n  # the same order: skip those done
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        n = len(self.train_loader)
+        # Skipping would decode the images done once more: a resumed epoch draws as many as were left.
+        return islice(self.train_loader, n - self.iteration), n
+
+    def _val_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+        if self.cache is not None:
+            return self.cache.val_batches(self.local_batch)
+        return self.val_loader, len(self.val_loader)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self, is_best: bool) -> None:
+        self.guard.flush()  # never write a checkpoint from a non-finite state
+        if self.ctx.is_main:
+            state = {"epoch": self.epoch, "iteration": self.iteration, "arch": self.args.arch,
+                     "state_dict": self.model.state_dict(), "best_acc1": self.best_acc1,
+                     "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args),
+                     "pretrained": self.record}
+            save_dir = Path(self.args.save_dir)
+            ckpt_io.save_all(state, [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
+        D.barrier()
+
+    def resume(self) -> None:
+        path = resume_path(self.args)
+        if path is not None:
+            state = load_probe(path, self.args.trust_checkpoint)
+            if state.get("arch", self.args.arch) != self.args.arch:
+                raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
+                                f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
+                                f"{state['arch']}")
+            self.record = self.record or state.get("pretrained")
+            ckpt_io.load_into(self.model, state["state_dict"], path,
+                              f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
+            self.iteration = int(state.get("iteration", 0))
+            self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
+                             f"(best Acc@1 {self.best_acc1:.3f})")
+        if self.reference is None:
+            if path is None:
+                raise UserError(no_weights_message(self.args))
+            self.reference = trunk_state(self.model)
+        elif path is not None and changed_weights(self.model.state_dict(), self.reference):
+            raise UserError(f"--resume {path} holds another trunk than --pretrained {self.args.pretrained}: "
+                            f"pass the pair from the same run (or drop --pretrained)")
+
+    def sanity_check(self) -> None:
+        """Fail loudly if any trunk parameter or BatchNorm statistic moved (a bug, not bad input)."""
+        changed = changed_weights(self.model.state_dict(), self.reference)
+        if changed:
+            raise RuntimeError(f"trunk weights changed during linear evaluation: {changed[:3]}")
+        self.logger.info("=> sanity check passed: every trunk weight equals the pre-trained one")
+
+    # ----------------------------------------------------------------- loops
+    def run(self) -> None:
+        args = self.args
+        try:
+            self.resume()
+            probed = describe_record(self.record)
+            self.logger.info(f"=> probing {probed}")
+            self.logger.text("probe/pretrained", probed)
+            mode = "cached features" if args.cached else "full protocol"
+            self.logger.info(f"=> linear probe ({mode}): {args.arch}, {self.model.fc.out_features} classes, "
+                             f"{self.ctx.world_size} process(es) on {self.device.type}, {self.precision}, batch "
+                             f"{args.batch_size}, lr {self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256), "
+                             f"input {args.input_size}, seed {self.seed}")
+            self.prepare()
+            if args.evaluate:
+                self.validate()
+                return
+            if self.epoch >= args.epochs:
+                self.logger.info(f"=> the probe in {args.save_dir} already ran its {args.epochs} epochs: nothing to "
+                                 f"train (raise --epochs to go on, or -e to evaluate it)")
+            first, self.eta = self.epoch, ETA(args.epochs - self.epoch, 0)
+            while self.epoch < args.epochs:
+                self._train_epoch()
+                acc1, acc5 = self.validate()
+                self.epoch, self.iteration = self.epoch + 1, 0
+                is_best = acc1 > self.best_acc1
+                self.best_acc1 = max(acc1, self.best_acc1)
+                self.save(is_best)
+                self.logger.scalars(self.epoch, {"acc1": acc1, "acc5": acc5, "best_acc1": self.best_acc1},
+                                    prefix="eval/")
+                self.logger.info(f"=> epoch {self.epoch - 1}: Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}, best Acc@1 "
+                                 f"{self.best_acc1:.3f}; saved {CHECKPOINT}; ETA {self.eta.step(self.epoch - first)}")
+                if self.epoch - 1 == first and self.epoch < args.epochs:  # MoCo v3's check after the first epoch
+                    self.sanity_check()
+                if self.epoch < args.epochs:
+                    self.guard.check_now(self.device)  # a signal during validation stops here, all saved
+                    if self.guard.stop:
+                        raise self.guard.stopped(Path(args.save_dir) / CHECKPOINT, self.epoch, 0)
+            self.sanity_check()
+            self.logger.info(f"=> best Acc@1 {self.best_acc1:.3f}")
+        finally:
+            self.logger.close()
+
+    def _train_epoch(self) -> None:
+        args, device = self.args, self.device
+        lr = lr_at(self.epoch, self.lr, 0, args.epochs)
+        set_lr(self.optimizer, lr)
+        batches, n = self._train_batches()
+        start = self.iteration
+        batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+        total = torch.zeros(4, device=device)
+        end = time.perf_counter()
+        for i, (x, target, *_) in enumerate(batches, start=start):
+            data_time.update(time.perf_counter() - end)
+            target = target.to(device, non_blocking=True)
+            logits = self.fc(self._features(x))
+            loss = F.cross_entropy(logits, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.iteration = i + 1
+            self.guard.push(self.epoch, i, self.epoch * n + i, {"loss": loss.detach()})
+            rows = torch.tensor(float(len(target)), device=device)
+            last = torch.cat([(loss.detach() * rows)[None], topk_hits(logits.detach(), target).float(), rows[None]])
+            total += last
+            batch_time.update(time.perf_counter() - end)
+            if i % args.print_freq == 0 and self.ctx.is_main:
+                last_l, total_l = last.tolist(), total.tolist()
+                self.logger.info(f"Epoch: [{self.epoch}][{i:>{len(str(n))}}/{n}]\t{batch_time}\t{data_time}\t"
+                                 f"{stats_text(last_l, total_l)}")
+                self.logger.scalars(self.epoch * n + i, {"loss": last_l[0] / last_l[3],
+                                                         "acc1": 100 * last_l[1] / last_l[3]})
+            end = time.perf_counter()
+            if self.guard.stop:
+                break
+        self.guard.flush()
+        if self.guard.stop and self.iteration < n:  # stopped mid-epoch: save what this epoch did so far
+            self.save(is_best=False)
+            raise self.guard.stopped(Path(args.save_dir) / CHECKPOINT, self.epoch, self.iteration)
+        self.logger.scalars(self.epoch, {"lr": lr})
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Top-1 and top-5 (%) over the readable val images, each counted once over all processes."""
+        batches, n = self._val_batches()
+        size = len(self.val_loader.dataset)
+        batch_time = AverageMeter("Time", ":6.3f")
+        total = torch.zeros(4, device=self.device)
+        end = time.perf_counter()
+        for i, (x, target, *_) in enumerate(batches):
+            target = target.to(self.device, non_blocking=True)
+            logits = self.model.fc(self._features(x))
+            last = torch.cat([F.cross_entropy(logits, target, reduction="sum")[None],
+                              topk_hits(logits, target).float(), logits.new_tensor([len(target)])])
+            total += last
+            batch_time.update(time.perf_counter() - end)
+            if i % self.args.print_freq == 0 and self.ctx.is_main:
+                stats = stats_text(last.tolist(), total.tolist())
+                self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{stats}")
+            end = time.perf_counter()
+        loss, hits1, hits5, rows = D.gather(total[None]).sum(dim=0).tolist()
+        if rows == 0:
+            raise UserError(f"none of the {size} images of {self.root}/val could be read: check the dataset")
+        acc1, acc5 = 100.0 * hits1 / rows, 100.0 * hits5 / rows
+        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} over {coverage(int(rows), size)}")
+        return acc1, acc5
+
+
+def coverage(rows: int, size: int) -> str:
+    """``100 val images``, or ``98 of 100 val images (2 unreadable skipped)``."""
+    return f"{size} val images" if rows == size else f"{rows} of {size} val images ({size - rows} unreadable skipped)"
+
+
+def knn_probe(ctx: D.Context, args: Namespace) -> None:
+    """Weighted kNN (k = 20 and 200, T = 0.07) of the pre-trained trunk: train bank -> val accuracy."""
+    logger = Logger(args.save_dir, ctx.is_main)
+    try:
+        batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
+        train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
+                                             BadImages(args.strict_data, logger.warn if ctx.is_main else None))
+        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        model.to(ctx.device)
+        channels_last = ctx.device.type == "cuda"
+        prepare_model(model, channels_last)
+        start = time.perf_counter()
+        result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
+                          autocast_dtype=PRECISIONS[args.precision or "fp32"])
+        logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
+        logger.scalars(0, knn_scalars(result), prefix="eval/")
+    finally:
+        logger.close()
+
+
+def worker(ctx: D.Context, args: Namespace) -> None:
+    """What :func:`w2ssl.dist.distributed.launch` runs in every process of ``main_lincls.py``."""
+    torch.backends.cudnn.benchmark = True
+    if args.knn:
+        knn_probe(ctx, args)  # nothing to save: a signal ends it at once
+    else:
+        probe = LinearProbe(ctx, args)
+        with probe.guard:  # stop signals are caught while it trains, and handed back after
+            probe.run()

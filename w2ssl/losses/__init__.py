@@ -1,0 +1,1 @@
+"""Loss functions, each a pure function in its own module."""

@@ -1,0 +1,151 @@
+"""The W2SSL model: base and momentum encoders, montages, heads and one step's losses (METHOD §2–§5)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from w2ssl.dist import distributed as D
+from w2ssl.dist import syncbn
+from w2ssl.dist.exchange import montage_tiles
+from w2ssl.losses.supcon import supcon_loss
+from w2ssl.methods.heads import predictor, projector, where_head
+from w2ssl.methods.momentum import MomentumPairs
+from w2ssl.methods.montage import arrange, local_indices, random_permutation, split_grid, tile_labels
+from w2ssl.methods.viewnorm import normalise_per_view, per_view
+from w2ssl.trunks.resnet import GridTrunk
+
+
+class W2SSL(nn.Module):
+    """Learning what (which image a tile comes from) and where (left or right crop).
+
+    ``forward(view1, view2, m)`` takes each view as ``[left, right]`` tile batches of this process,
+    each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
+    ``where_acc`` (detached) for logging, the global values on every process (see :meth:`forward`).
+    With several processes, call :meth:`convert_sync_batchnorm` first: each process's BatchNorms see
+    only its own montages and tiles.
+
+    With ``fused_views`` each encoder and head runs once on both views, every BatchNorm still taking
+    each view's statistics on their own (:mod:`w2ssl.methods.viewnorm`): the same math in half the calls.
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096,
+                 temperature: float = 0.3, base_temperature: float = 0.07,
+                 loss_where_weight: float = 1.0, loss_what_weight: float = 1.0,
+                 norm_layer: Callable[[int], nn.Module] | None = None, fused_views: bool = False):
+        super().__init__()
+        self.fused_views = fused_views
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.loss_where_weight, self.loss_what_weight = loss_where_weight, loss_what_weight
+        self.base_encoder = GridTrunk(arch, norm_layer)
+        width = self.base_encoder.num_features
+        self.projector = projector(width, mlp_dim, dim)
+        self.predictor = predictor(dim, mlp_dim)
+        self.where_head = where_head(width)
+        self.momentum_encoder = GridTrunk(arch, norm_layer)
+        self.momentum_projector = projector(width, mlp_dim, dim)
+        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
+                                            [self.momentum_encoder, self.momentum_projector])
+        if fused_views:
+            normalise_per_view(self, 2)
+
+    def convert_sync_batchnorm(self) -> None:
+        """Synchronise every BatchNorm, trunks and heads (:mod:`w2ssl.dist.syncbn`): with several processes each
+        runs on its own montages and tiles, and the statistics must be those of the global batch."""
+        syncbn.convert(self)
+
+    def update_momentum(self, m: float) -> None:
+        """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
+        self.momentum_pairs.update(m)
+
+    def _per_view(self, fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
+        return per_view(fn, xs, self.fused_views)
+
+    def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
+                perm: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``perm [2N]`` fixes the tile permutation and must be the same on every process (pass it on the
+        CPU: with several processes its values are read on the host); otherwise rank 0 draws it (from
+        ``generator`` if given) and broadcasts it.
+
+        Each process runs trunks and heads on its own montages only, and takes its own rows as the
+        anchors of the losses (against the gathered rows for "what"). Its loss is its anchors' share of
+        the global loss times ``W``, so that DDP's average of the gradients is the one-process gradient;
+        the returned values are the global ones (identical on every process).
+        """
+        tiles, n = self._local_tiles(view1, view2)
+        if perm is None:
+            perm = D.broadcast(random_permutation(2 * n, tiles.device, generator))
+        mine = montage_tiles(tiles, perm)  # [2b, 2 views, 3, t, t]
+        montages = [arrange(mine[:, 0]), arrange(mine[:, 1])]
+        q1, q2 = [split_grid(g) for g in self._per_view(self.base_encoder, montages)]
+        with torch.no_grad():
+            self.update_momentum(m)
+            f1, f2 = [split_grid(g) for g in self._per_view(self.momentum_encoder, montages)]
+        return self.heads(q1, q2, f1, f2, perm, n)
+
+    def heads(self, q1: Tensor, q2: Tensor, f1: Tensor, f2: Tensor, perm: Tensor, n: int) -> dict[str, Tensor]:
+        """Heads and losses on this process's tiles: base features ``q1, q2`` and momentum features
+        ``f1, f2`` (no gradient) of views 1 and 2, each ``[2b, C]`` in ``split_grid`` order of the local
+        montages; ``perm [2N]`` the step's permutation, ``n`` = N. Returns :meth:`forward`'s dict."""
+        world = D.world_size()
+        # Global tile ids of the rows of every process, in rank order (local_indices is split_grid's order).
+        ids = torch.cat([local_indices(perm, r, world) for r in range(world)]).to(q1.device, non_blocking=True)
+        _, where = tile_labels(ids.view(world, -1)[D.rank()], n)
+        where_logits = self.where_head(q1)
+        loss_where = F.cross_entropy(_at_least_float32(where_logits), where)  # local mean = global share x W
+        where_acc = (where_logits.argmax(dim=1) == where).float().mean()
+        p1, p2 = self._per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
+        with torch.no_grad():
+            k1, k2 = self._per_view(self.momentum_projector, [f1, f2])
+
+        source, _ = tile_labels(ids, n)
+        loss_what = self._what(p1, p2, k1, k2, torch.cat([source, source])) * world
+        loss = self.loss_where_weight * loss_where + self.loss_what_weight * loss_what
+        logged = D.all_reduce_mean(torch.stack([loss, loss_what, loss_where, where_acc]).detach())
+        # The local loss's gradient with the global loss's value: logs, the fp16 scaler and the
+        # non-finite guard see the same number on every process.
+        return {"loss": loss + (logged[0] - loss).detach(), "loss_what": logged[1], "loss_where": logged[2],
+                "where_acc": logged[3]}
+
+    def _what(self, p1: Tensor, p2: Tensor, k1: Tensor, k2: Tensor, labels: Tensor) -> Tensor:
+        """This process's share of ``SupCon(A) + SupCon(B)``, ``A = [p1; k2]``, ``B = [p2; k1]`` over all
+        processes' rows (METHOD §5): local ``[r, d]`` inputs, ``labels [4N]`` of the gathered rows
+        ``[p of every process; k of every process]``. Predictions are gathered with gradient, keys without."""
+        p = D.gather_with_grad(torch.cat([_unit_rows(p1), _unit_rows(p2)]))
+        k = D.gather(torch.cat([_unit_rows(k2), _unit_rows(k1)]))
+        r, world = len(p1), D.world_size()
+        # Rows in the gathered tensors: process by process, each [view-1 rows; view-2 rows].
+        p, k = p.view(world, 2, r, -1), k.view(world, 2, r, -1)
+        mine = D.rank() * r + torch.arange(r, device=p.device)
+        total = p.new_zeros(())
+        for v in range(2):
+            z = torch.cat([p[:, v].reshape(world * r, -1), k[:, v].reshape(world * r, -1)])
+            anchors = torch.cat([mine, world * r + mine])
+            total = total + supcon_loss(z, labels, self.temperature, self.base_temperature, anchors=anchors)
+        return total
+
+    @staticmethod
+    def _local_tiles(view1: Sequence[Tensor], view2: Sequence[Tensor]) -> tuple[Tensor, int]:
+        """Check the inputs and stack them: ``[2b, 2, 3, t, t]`` (left tiles first; view 1, view 2), N."""
+        if len(view1) != 2 or len(view2) != 2:
+            raise ValueError("each view must be a pair [left, right] of tile batches")
+        shapes = {tuple(t.shape) for t in (*view1, *view2)}
+        if len(shapes) != 1:
+            raise ValueError(f"all four tile batches must have the same shape; got {sorted(shapes)}")
+        b = view1[0].shape[0]
+        world = D.world_size()
+        if b % 2:
+            raise ValueError(f"the global batch ({b * world} source images) must be divisible by "
+                             f"2 x world size ({2 * world}): got {b} images on this process, an odd number")
+        return torch.stack([torch.cat(list(view1)), torch.cat(list(view2))], dim=1), b * world
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision (autocast) outputs in float32 for the losses; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return F.normalize(_at_least_float32(x), dim=1)

@@ -1,0 +1,321 @@
+"""Pre-training in one process of a run: build data, model and optimiser, resume, loop, checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from argparse import Namespace
+from collections import deque
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from w2ssl import checkpoint as ckpt_io
+from w2ssl.data.augment import MEAN, STD, FourCrop
+from w2ssl.data.datasets import BadImages, PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
+from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
+from w2ssl.dist import distributed as D
+from w2ssl.errors import UserError
+from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
+from w2ssl.methods.montage import assemble, random_permutation
+from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.train.disk import DiskPlan, checkpoint_bytes
+from w2ssl.train.guard import Guard
+from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration
+from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
+from w2ssl.train.runstate import plain_args, resolve_precision, rng_state, set_rng_state, shared_seed
+from w2ssl.train.speed import PRECISIONS, prepare_model
+
+
+class Pretrainer:
+    """One process's share of a W2SSL pre-training run."""
+
+    def __init__(self, ctx: D.Context, args: Namespace):
+        self.ctx, self.args = ctx, args
+        self.device = ctx.device
+        self.logger = Logger(args.save_dir, ctx.is_main)
+        self.seed = shared_seed(args.seed, self.device)
+        seed_everything(self.seed)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.local_batch = args.batch_size // ctx.world_size
+
+        train_dir = Path(args.data) / "train"
+        if args.gpu_aug:
+            # Workers only read bytes; decoding and the four crops run batched on the device.
+            self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
+            self.gpu_crop: GpuFourCrop | None = GpuFourCrop(args.tile_size, args.crop_min)
+        else:
+            self.dataset = PretrainDataset(train_dir, FourCrop(args.tile_size, args.crop_min), self.seed)
+            self.gpu_crop = None
+        if ctx.is_main:
+            self.dataset.check_readable()
+        self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        if self.iters_per_epoch == 0:
+            raise UserError(f"the training folder has {len(self.dataset)} images, fewer than one batch of "
+                            f"{args.batch_size}: lower --batch-size")
+        workers = math.ceil(args.workers / ctx.local_world_size)
+        self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
+                                  collate_fn=collate_pretrain if args.gpu_aug else None)
+
+        self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
+                           loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop,
+                           fused_views=args.fused_views).to(self.device)
+        if ctx.world_size > 1:  # each process's heads see only its own tiles: statistics over all of them
+            self.model.convert_sync_batchnorm()
+        self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
+        prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
+        self.lr = scaled_lr(args.lr, args.batch_size)
+        self.optimizer = build_optimizer(args.optimizer, self.model, self.lr, args.weight_decay, args.momentum)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.net: nn.Module = self.model
+        if ctx.world_size > 1:
+            # No device_ids: the inputs are already on the device, and DDP would also move the host-side
+            # permutation to the GPU, where the all-to-all plan would have to read it back.
+            self.net = D.ddp(self.model)
+        self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
+        self.epoch, self.iteration, self.step = args.start_epoch, 0, args.start_epoch * self.iters_per_epoch
+        self.bad_files: set[str] = set()
+        # Tile permutations come from (seed, epoch, iteration) alone, so every process draws the same one on
+        # the host, where the all-to-all plan needs it (no broadcast, no GPU read).
+        self.perm_gen = torch.Generator()
+        # --max-iters (benchmarks): seconds of the newest steps (data wait + step, no checkpoint writes or
+        # epoch ends), and the data wait of the newest epochs' first batches after the run's first step.
+        self.step_seconds: deque[float] = deque(maxlen=max(args.max_iters // 2, 1))
+        self.epoch_start_data: deque[float] = deque(maxlen=16)
+        self._knn_loaders: tuple | None = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "iteration": self.iteration, "global_step": self.step,
+                "arch": self.args.arch, "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "args": plain_args(self.args),
+                "seed": self.seed, "rng": rng_state(), "bad_files": sorted(self.bad_files)}
+
+    def save(self, epoch_end: bool) -> None:
+        """Checkpoint on rank 0: ``checkpoint_last`` always, ``checkpoint_%04d`` at an epoch's end."""
+        self.guard.flush()  # never write a checkpoint from a non-finite state
+        if self.ctx.is_main:
+            save_dir = Path(self.args.save_dir)
+            state = self.state()
+            epoch_file = [save_dir / ckpt_io.epoch_name(self.epoch - 1)] if epoch_end else []
+            ckpt_io.save_all(state, [*epoch_file, save_dir / ckpt_io.LAST])
+            ckpt_io.prune(save_dir, self.args.keep)
+        D.barrier()
+
+    def resume(self) -> None:
+        found = self._find_checkpoint()
+        if found is None:
+            return
+        path, state = found
+        ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iteration = state["epoch"], state.get("iteration", 0)
+        self.step = state.get("global_step", self.epoch * self.iters_per_epoch + self.iteration)
+        old_batch = state.get("args", {}).get("batch_size", self.args.batch_size)
+        if old_batch != self.args.batch_size:
+            self._continue_with_batch(old_batch)
+        # Saved after an epoch's last step: the loop then ends that epoch and writes its checkpoint.
+        self.iteration = min(self.iteration, self.iters_per_epoch)
+        self.bad_files = set(state.get("bad_files", []))
+        if self.args.seed is None and "seed" in state:
+            # The run's own seed decides its batches and augmentations: keep it across restarts.
+            self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
+                         f"(global step {self.step})")
+
+    def _continue_with_batch(self, old_batch: int) -> None:
+        """Resuming with another ``--batch-size``: go on from the same number of source images seen in
+        the epoch (each epoch's global order does not depend on the batch), rounded down to whole new
+        batches, so no image is skipped; the step count and schedule follow the new batch."""
+        seen = self.iteration * old_batch
+        self.iteration = min(seen // self.args.batch_size, self.iters_per_epoch)
+        self.step = self.epoch * self.iters_per_epoch + self.iteration
+        self.logger.warn(f"the checkpoint was written with --batch-size {old_batch}, this run has "
+                         f"{self.args.batch_size}: epoch {self.epoch} goes on from image {seen} at iteration "
+                         f"{self.iteration} of {self.iters_per_epoch} (global step {self.step}) with the new batch")
+
+    def _log_disk_plan(self) -> None:
+        """Say what the checkpoints still to come will take, and warn when the disk cannot hold them."""
+        per_file = checkpoint_bytes(self.model, self.args.optimizer)
+        plan = DiskPlan.of(self.args.save_dir, per_file, self.args.epochs - self.epoch, self.args.keep)
+        (self.logger.info if plan.fits else self.logger.warn)(plan.message())
+
+    def _find_checkpoint(self) -> tuple[Path, dict] | None:
+        resume = self.args.resume
+        if resume in ("", "none"):
+            return None
+        if resume == "auto":
+            found = ckpt_io.find_resumable(self.args.save_dir, self.args.trust_checkpoint, warn=self.logger.warn)
+            if found is None:
+                self.logger.info(f"=> no checkpoint in {self.args.save_dir}: starting from scratch")
+            return found
+        return Path(resume), ckpt_io.load_pretraining(resume, self.args.trust_checkpoint)
+
+    # ----------------------------------------------------------------- training
+    def run(self) -> None:
+        args = self.args
+        self.resume()
+        if self.ctx.is_main and not args.max_iters and self.epoch < args.epochs:
+            self._log_disk_plan()
+        self.logger.info(f"=> {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
+                         f"{self.device.type}, batch {args.batch_size} images = {args.batch_size // 2} montages "
+                         f"per view, lr {self.lr:.4g}, {self.iters_per_epoch} iterations per epoch, seed {self.seed}")
+        total = args.epochs * self.iters_per_epoch
+        self.eta = ETA(total, self.step)
+        # One stream of batches for the rest of the run: the workers prefetch across epoch boundaries.
+        self.sampler.set_epoch(self.epoch, self.iteration, until=args.epochs)
+        self.batches = iter(self.loader) if self.epoch < args.epochs else iter(())
+        try:
+            while self.epoch < args.epochs and not self._iteration_budget_spent():
+                self._train_epoch()
+                if self.iteration < self.iters_per_epoch:
+                    break  # --max-iters reached mid-epoch
+                self.epoch, self.iteration = self.epoch + 1, 0
+                self.save(epoch_end=True)
+                self.logger.info(f"=> epoch {self.epoch - 1} done; bad image files so far: {len(self.bad_files)}; "
+                                 f"saved {ckpt_io.epoch_name(self.epoch - 1)}")
+                if self.guard.stop:  # signalled in the epoch's last step: its checkpoint is written
+                    self._stop_on_signal(saved=True)
+                if args.knn_every and self.epoch % args.knn_every == 0:
+                    self._knn()
+            if args.max_iters:
+                self._report_throughput()
+        finally:
+            self.logger.close()
+
+    def _iteration_budget_spent(self) -> bool:
+        return bool(self.args.max_iters) and self.step >= self.args.max_iters
+
+    def _report_throughput(self) -> None:
+        """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps, from their
+        own durations, so that checkpoint writes and epoch ends do not count as training time."""
+        if not self.step_seconds:
+            return
+        if self.device.type == "cuda":
+            start = time.perf_counter()
+            torch.cuda.synchronize()
+            self.step_seconds[-1] += time.perf_counter() - start  # the last step's queued GPU work
+        img_s = len(self.step_seconds) * self.args.batch_size / sum(self.step_seconds)
+        self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": self.step,
+                                     "window_iters": len(self.step_seconds), "batch_size": self.args.batch_size,
+                                     "device": str(self.device), "gpu_aug": self.args.gpu_aug,
+                                     "precision": self.precision,
+                                     "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data]}))
+
+    def _train_epoch(self) -> None:
+        args = self.args
+        start = self.iteration
+        progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch)
+        self.logger.start_bar(self.iters_per_epoch - start, f"epoch {self.epoch}")
+        end = time.perf_counter()
+        for batch, bad in islice(self.batches, self.iters_per_epoch - start):
+            data_s = time.perf_counter() - end
+            if self.iteration == start and self.step_seconds:
+                self.epoch_start_data.append(data_s)
+            tiles, decode_bad = self._tiles(batch)
+            self._note_bad([*bad, *decode_bad])
+            if self.iteration == start and self.ctx.is_main:
+                self._log_montages(tiles)
+            t = self.epoch + self.iteration / self.iters_per_epoch
+            lr = lr_at(t, self.lr, args.warmup_epochs, args.epochs)
+            m = momentum_at(t, args.epochs, args.moco_m, args.moco_m_cos)
+            parts = self._step(tiles, lr, m)
+            self.iteration += 1
+            self.step += 1
+            self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
+            batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
+            self.step_seconds.append(batch_s)
+            progress.record(parts, lr, m, data_s, batch_s)
+            self.logger.advance_bar()
+            if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
+                progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
+            if self.guard.stop and self.iteration < self.iters_per_epoch:
+                self._stop_on_signal()
+            if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
+                self.save(epoch_end=False)
+                self.logger.info(f"=> saved {ckpt_io.LAST} at epoch {self.epoch} iteration {self.iteration}")
+            if self._iteration_budget_spent():
+                break
+            end = time.perf_counter()
+        self.guard.flush()
+        if self.guard.stop and self.iteration < self.iters_per_epoch:
+            self._stop_on_signal()
+        self.logger.close_bar()
+
+    def _tiles(self, batch: object) -> tuple[list[Tensor], list[str]]:
+        """The four ``[b, 3, t, t]`` tile batches on the device, and files that failed to decode."""
+        if self.gpu_crop is None:
+            return [t.to(self.device, non_blocking=True) for t in batch], []
+        return augment_batch(batch, self.gpu_crop, self.seed, self.device)
+
+    def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
+        set_lr(self.optimizer, lr)
+        self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration))
+        perm = random_permutation(2 * self.args.batch_size, generator=self.perm_gen)
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            parts = self.net(tiles[:2], tiles[2:], m, perm=perm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return parts
+
+    def _note_bad(self, bad: list[str]) -> None:
+        new = [p for joined in bad if joined for p in joined.split("\n")]
+        if not new:
+            return
+        if self.args.strict_data:  # stop every process at the same step (the others may not see it)
+            self.guard.fail(UserError(f"unreadable image file {new[0]}: remove or replace it (or drop "
+                                      f"--strict-data to skip bad files)"))
+            return
+        for path in new:
+            if path not in self.bad_files:
+                self.bad_files.add(path)
+                self.logger.warn(f"unreadable image file {path} replaced by another sample "
+                                 f"({len(self.bad_files)} bad so far)")
+
+    def _log_montages(self, tiles: list[Tensor]) -> None:
+        n = min(8, tiles[0].shape[0] // 2 * 2)
+        if n < 2:
+            return
+        perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(self.epoch)).to(tiles[0].device)
+        for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:])):
+            montages = assemble(torch.cat([left[:n], right[:n]]), perm)
+            self.logger.images(self.step, f"montages/{name}", montages, MEAN, STD)
+        self.logger.flush()
+
+    def _knn(self) -> None:
+        """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""
+        if self._knn_loaders is None:
+            self._knn_loaders = folder_loaders(self.args.knn_data, self.args.knn_size, 256, min(self.args.workers, 8),
+                                               BadImages(self.args.strict_data, self.logger.warn))
+        train, val, classes = self._knn_loaders
+        result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
+                          channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])
+        self.logger.info(f"=> epoch {self.epoch - 1} {format_knn(result)}")
+        self.logger.scalars(self.step, knn_scalars(result), prefix="eval/")
+
+    def _stop_on_signal(self, saved: bool = False) -> None:
+        """Every process agreed on a stop signal: save ``checkpoint_last`` (unless just done) and exit 128+signal."""
+        if not saved:
+            self.save(epoch_end=False)
+        raise self.guard.stopped(Path(self.args.save_dir) / ckpt_io.LAST, self.epoch, self.iteration)
+
+
+def train(ctx: D.Context, args: Namespace) -> None:
+    """The worker that :func:`w2ssl.dist.distributed.launch` runs in every process."""
+    start = time.perf_counter()
+    torch.backends.cudnn.benchmark = True
+    trainer = Pretrainer(ctx, args)
+    with trainer.guard:  # stop signals are caught while it trains, and handed back after
+        trainer.run()
+    if ctx.is_main:
+        print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)

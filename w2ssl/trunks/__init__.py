@@ -1,0 +1,1 @@
+"""Backbones that map images to feature maps."""
