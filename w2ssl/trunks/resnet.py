@@ -6,11 +6,13 @@ state dict loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from w2ssl.trunks.registry import register_trunk
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -54,23 +56,37 @@ def grid_pool(fmap: Tensor) -> Tensor:
     return torch.einsum("ih,bchw,jw->bcij", rows, fmap, cols)
 
 
-class GridTrunk(nn.Module):
-    """torchvision ResNet without ``avgpool``/``fc``; ``forward`` returns the ``[B, C, 2, 2]`` grid."""
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet without ``avgpool``/``fc``: ``[B, 3, H, W] -> [B, C, H/32, W/32]`` (layer4 output).
 
-    def __init__(self, arch: str = "resnet50", norm_layer: Callable[[int], nn.Module] | None = None):
+    ``zero_init_residual`` is torchvision's (MoCo v3 passes it): each residual branch's last norm starts at 0.
+    """
+
+    def __init__(self, arch: str = "resnet50", norm_layer: Callable[[int], nn.Module] | None = None,
+                 zero_init_residual: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        net = torchvision.models.__dict__[arch](norm_layer=norm_layer)
+        net = torchvision.models.__dict__[arch](norm_layer=norm_layer, zero_init_residual=zero_init_residual)
         for name in TRUNK_LAYERS:
             self.add_module(name, getattr(net, name))
         self.num_features: int = net.fc.in_features
 
-    def features(self, x: Tensor) -> Tensor:
-        """``[B, 3, H, W] -> [B, C, H/32, W/32]`` (layer4 output)."""
+    def forward(self, x: Tensor) -> Tensor:
         for name in TRUNK_LAYERS:
             x = getattr(self, name)(x)
         return x
+
+
+for _arch in ARCHS:
+    register_trunk(_arch, "resnet")(partial(ResNetTrunk, _arch))
+
+
+class GridTrunk(ResNetTrunk):
+    """:class:`ResNetTrunk` whose ``forward`` returns the ``[B, C, 2, 2]`` grid (``features``: the map)."""
+
+    def features(self, x: Tensor) -> Tensor:
+        return super().forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return grid_pool(self.features(x))
