@@ -9,6 +9,9 @@ fields, stripes and noise, written once into ``--root`` or a temporary folder) i
 * ``gpu``: ``EncodedImageFolder`` (workers only read bytes), ``decode_batch`` and ``GpuFourCrop`` on
   ``--device`` (runs on CPU too, slowly, so that it can be tested).
 
+The trainer wraps the same transforms and decode in ``w2ssl.data.datasets.PretrainDataset`` (with
+``--gpu-aug``: ``encoded_with_path``, ``collate_pretrain``, ``augment_batch``), adding bad-file tolerance.
+
 It also times the GPU pipeline's two stages alone on one fixed batch (decode; four crops). The files
 sit in the page cache after they are written: this measures decoding and augmentation, not the disk.
 Prints a table, then one JSON line. Example (GPU): ``python bench/data.py --workers 16``.

@@ -1,4 +1,4 @@
-"""Synchronised BatchNorm without host syncs, on any device and backend (METHOD §6: SyncBN when distributed).
+"""Synchronised BatchNorm without host syncs, on any device and backend (METHOD §9.2).
 
 PyTorch's ``nn.SyncBatchNorm`` indexes with a boolean mask in its forward (the host waits for the GPU at
 every call), runs on CUDA only, and splits ``torch.compile`` graphs at every call. This one exchanges
