@@ -26,12 +26,13 @@ import torchvision  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from bench import common  # noqa: E402
-from w2ssl.cli import run_main  # noqa: E402
+from w2ssl.cli import add_precision, run_main  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.methods.mocov3 import MoCoV3  # noqa: E402
 from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
 from w2ssl.train.optim import LARS  # noqa: E402
-from w2ssl.train.speed import PRECISIONS, autocast, grad_scaler, prepare_model, to_memory_format  # noqa: E402
+from w2ssl.train.speed import prepare_model, to_memory_format  # noqa: E402
+from w2ssl.train.step import TrainStep, resolve_precision  # noqa: E402
 from w2ssl.trunks.resnet import ARCHS  # noqa: E402
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
@@ -45,22 +46,8 @@ def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, 
 
     Returns the loss tensor (never read on the host in the timed loop).
     """
-    scaler = grad_scaler(device, precision)
-
-    def step() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = loss_fn()
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss.detach()
-
-    return step
+    one_step = TrainStep(optimizer, device, precision, zero_grad_first=True)
+    return lambda: one_step(loss_fn).detach()
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Tensor]:
@@ -122,8 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet50", choices=ARCHS)
     p.add_argument("--batch-size", type=int, default=256, help="source images per step (even)")
     p.add_argument("--tile-size", type=int, default=112, help="W2SSL tile side; MoCo v3/supervised get 2x")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="autocast dtype; fp16 adds a GradScaler (default: bf16 on GPU, fp32 on CPU)")
+    add_precision(p, "autocast dtype; fp16 adds a GradScaler (default: bf16 on GPUs that support it, else fp16 on "
+                     "GPU, fp32 on CPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks (supervised: the model)")
     p.add_argument("--fused-views", action=argparse.BooleanOptionalAction, default=False,
@@ -148,8 +135,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     device = common.resolve_device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    args.precision = precision
+    precision = args.precision = resolve_precision(args.precision, device)
     torch.backends.cudnn.benchmark = True
     names = [n for n in STEPS if not args.only or n in args.only]
     load_before = os.getloadavg()[0]

@@ -16,7 +16,7 @@ from tests.helpers import TINY, cpu_env
 from w2ssl import cli
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
-from w2ssl.train.speed import autocast, grad_scaler, prepare_model
+from w2ssl.train.speed import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -129,17 +129,6 @@ def test_prepare_model_compiles_named_children_in_place():
     assert model.projector._compiled_call_impl is None
     assert list(model.state_dict()) == keys
     assert model.base_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_precision_helpers():
-    assert isinstance(grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
-    assert grad_scaler(CPU, "bf16") is None and grad_scaler(CPU, "fp32") is None
-    with autocast(CPU, "bf16"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with autocast(CPU, "fp32"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    with pytest.raises(UserError, match="unknown precision"):
-        autocast(CPU, "fp8")
 
 
 def test_gpu_scripts_parse_and_refuse_unknown_parts():

@@ -19,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from transfer import coco_data, coco_eval, detector, engine
 from w2ssl.checkpoint import extract_trunk, load_trunk
 from w2ssl.data.augment import MEAN, STD
+from w2ssl.train.step import PRECISIONS, TrainStep
 
 # pycocotools' mask decoding under numpy 2 warns about __array__; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = ROOT / "transfer"
 CONFIGS = TRANSFER / "configs"
+CPU = torch.device("cpu")
 
 
 def _import_script(name: str):
@@ -363,7 +365,6 @@ def test_lr_schedule_hand_values():
                 0.0002, 0.0002]
     assert lr == pytest.approx(expected)
     assert engine.lr_at(0, 0.1, [], 0) == 0.1
-    assert engine.eta(1.5, 7201) == "3:00:02"
 
 
 @pytest.mark.parametrize("norm", ["frozen", "sync"])
@@ -408,6 +409,10 @@ SMALL = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_b
          "box_batch_size_per_image": 64, "min_size": (64,), "max_size": 96}
 
 
+def _sgd(model: torch.nn.Module) -> TrainStep:
+    return TrainStep(engine.build_optimizer(model, 0.01, 0.9, 0.0), CPU, "fp32")
+
+
 def _batch(dataset, n: int):
     return coco_data.collate([dataset[i] for i in range(n)])[:2]
 
@@ -418,7 +423,7 @@ def test_faster_rcnn_losses_finite_and_decreasing_on_a_repeated_batch(det_data, 
     images, targets = _batch(data, 3)
     torch.manual_seed(0)
     model = detector.build_detector(r18, data.num_classes, arch="resnet18", trainable_layers=1, **SMALL)
-    optimizer = engine.build_optimizer(model, lr=5e-3, momentum=0.9, weight_decay=1e-4)
+    step = TrainStep(engine.build_optimizer(model, lr=5e-3, momentum=0.9, weight_decay=1e-4), CPU, "fp32")
 
     def losses_at_fixed_sampling() -> dict[str, float]:
         torch.manual_seed(123)  # the same anchors and proposals are sampled before and after
@@ -426,7 +431,7 @@ def test_faster_rcnn_losses_finite_and_decreasing_on_a_repeated_batch(det_data, 
             return {k: float(v) for k, v in model.train()(images, targets).items()}
 
     before = losses_at_fixed_sampling()
-    steps = [engine.train_step(model, optimizer, images, targets) for _ in range(4)]
+    steps = [engine.train_step(model, step, images, targets) for _ in range(4)]
     after = losses_at_fixed_sampling()
     assert all(np.isfinite(list(s.values())).all() for s in steps)
     assert set(steps[0]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "total"}
@@ -441,7 +446,7 @@ def test_mask_rcnn_step_and_mask_results(det_data, r18):
     images, targets = _batch(data, 2)
     torch.manual_seed(0)
     model = detector.build_detector(r18, data.num_classes, model="mask", arch="resnet18", trainable_layers=0, **SMALL)
-    losses = engine.train_step(model, engine.build_optimizer(model, 0.01, 0.9, 0.0), images, targets)
+    losses = engine.train_step(model, _sgd(model), images, targets)
     assert "loss_mask" in losses and np.isfinite(list(losses.values())).all()
     model.roi_heads.score_thresh = 0.0  # an untrained head: keep every box so that masks come out
     out = model.eval()(images[:1])[0]
@@ -459,7 +464,7 @@ def test_train_step_refuses_a_non_finite_loss(det_data, r18):
         model.roi_heads.box_predictor.cls_score.bias.fill_(float("nan"))
     before = model.rpn.head.conv[0][0].weight.clone()
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        engine.train_step(model, engine.build_optimizer(model, 0.01, 0.9, 0.0), images, targets)
+        engine.train_step(model, _sgd(model), images, targets, lr=0.5)
     assert torch.equal(model.rpn.head.conv[0][0].weight, before)
 
 
@@ -539,6 +544,25 @@ def test_finetune_cli_user_errors(det_data, r18_ckpt, tmp_path, capsys):
         assert finetune.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+
+
+def test_finetune_precision_flags_are_the_shared_ones(capsys):
+    base = ["--checkpoint", "c.pth"]
+    assert finetune.parse_args(base).precision == "fp32"
+    assert [finetune.parse_args([*base, "--amp", v]).precision for v in ("off", "fp16", "bf16")] == \
+        ["fp32", "fp16", "bf16"]
+    assert [finetune.parse_args([*base, "--precision", v]).precision for v in PRECISIONS] == list(PRECISIONS)
+    with pytest.raises(SystemExit):
+        finetune.parse_args([*base, "--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_transfer_keeps_no_copy_of_the_shared_pieces():
+    """Step, precision, lr setting, ETA, process-group init and the trust flag come from w2ssl."""
+    source = "\n".join(p.read_text() for p in TRANSFER.glob("*.py"))
+    for copy in ("GradScaler", "torch.autocast", "def set_lr", "def eta", "init_process_group", '"--trust-checkpoint"',
+                 "float16"):
+        assert copy not in source, copy
 
 
 @pytest.mark.slow

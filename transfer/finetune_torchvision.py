@@ -31,12 +31,13 @@ from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
 from w2ssl.checkpoint import read_trunk
+from w2ssl.cli import add_precision, add_trust_checkpoint
 from w2ssl.data.datasets import BadImages
-from w2ssl.dist.distributed import is_dist, is_main, rank, world_size
+from w2ssl.dist.distributed import init_torchrun, is_dist, is_main, rank, world_size
 from w2ssl.errors import TrainingStopped, UserError
+from w2ssl.train.monitor import ETA
+from w2ssl.train.step import PRECISIONS, TrainStep
 from w2ssl.trunks.resnet import ARCHS
-
-AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,8 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="pre-training checkpoint: ours, the authors' W2SSL or MoCo v3 (also needed with --eval-only)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of checkpoints (can run code: only for files you trust)")
+    add_trust_checkpoint(g)
     g.add_argument("--arch", default=None, choices=ARCHS,
                    help="trunk architecture (default: the checkpoint's own, read from its weights)")
     g.add_argument("--model", default="faster", choices=sorted(MODELS), help="Faster R-CNN or Mask R-CNN")
@@ -77,7 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="outputs/finetune_torchvision")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", default="off", choices=sorted(AMP), help="autocast dtype on CUDA")
+    add_precision(g, "autocast dtype on CUDA; fp16 adds loss scaling", default="fp32")
+    g.add_argument("--amp", dest="precision", default=argparse.SUPPRESS, choices=tuple(PRECISIONS),
+                   type=lambda v: "fp32" if v == "off" else v, metavar="{off,fp16,bf16}",
+                   help="the same as --precision (off: fp32)")
     g.add_argument("--print-freq", type=int, default=20)
     g.add_argument("--ckpt-period", type=int, default=5000, help="iterations between detector_last.pth saves")
     g.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations (0: at the end)")
@@ -105,8 +108,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--steps {args.steps} must be increasing positive iterations")
     if args.lr <= 0 or args.warmup_iters < 0 or args.workers < 0 or args.eval_period < 0:
         raise UserError("--lr must be positive; --warmup-iters, --workers, --eval-period not negative")
-    if args.amp != "off" and not args.device.startswith("cuda"):
-        raise UserError(f"--amp {args.amp} needs a CUDA --device; use --amp off on {args.device}")
+    if args.precision != "fp32" and not args.device.startswith("cuda"):
+        raise UserError(f"--precision {args.precision} needs a CUDA --device; use --precision fp32 on {args.device}")
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
@@ -117,10 +120,7 @@ def setup_device(args: argparse.Namespace) -> torch.device:
         cuda = args.device.startswith("cuda")
         if args.norm == "sync" and not cuda:
             raise UserError("--norm sync across processes needs GPUs: use --norm bn or frozen on CPU")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            return torch.device("cuda", torch.cuda.current_device())
+        return init_torchrun(cuda=cuda).device
     return torch.device(args.device)
 
 
@@ -167,16 +167,16 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
     """Iterations ``start..--iters`` (resuming if asked), checkpoints, evaluations; returns the last metrics."""
     bare = model
     optimizer = engine.build_optimizer(bare, args.lr, args.momentum, args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    step = TrainStep(optimizer, device, args.precision)
     start, saved = 0, engine.newest(out_dir) if args.resume else None
     if saved is not None:
-        start = engine.resume(saved, bare, optimizer, scaler, args.trust_checkpoint)
+        start = engine.resume(saved, bare, step, args.trust_checkpoint)
         log(f"resumed from {saved} at iteration {start}", out_dir)
     if is_dist():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loader = train_loader(train_set, args.batch_size, args.workers, is_dist(), args.seed)
     metrics: dict[str, float] = {}
-    it, epoch, tic, last_log = start, 0, time.perf_counter(), start
+    it, epoch, tic, last_log, eta = start, 0, time.perf_counter(), start, ETA(args.iters, start)
     while it < args.iters:
         if is_dist():
             loader.sampler.set_epoch(epoch)
@@ -184,10 +184,10 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
             if it >= args.iters:
                 break
             bad.note(unreadable)
-            engine.set_lr(optimizer, engine.lr_at(it, args.lr, args.steps, args.warmup_iters))
+            lr = engine.lr_at(it, args.lr, args.steps, args.warmup_iters)
             try:
-                losses = engine.train_step(model, optimizer, [i.to(device, non_blocking=True) for i in images],
-                                           engine.to_device(targets, device), scaler, AMP[args.amp])
+                losses = engine.train_step(model, step, [i.to(device, non_blocking=True) for i in images],
+                                           engine.to_device(targets, device), lr)
             except FloatingPointError as e:
                 raise TrainingStopped(f"iteration {it + 1}: {e}, then --resume (stopped without saving: the newest "
                                       f"checkpoint in {out_dir} is unchanged)", code=3) from None
@@ -197,14 +197,14 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
                 tic, last_log = time.perf_counter(), it
                 parts = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
                 log(f"iter {it}/{args.iters}  lr {optimizer.param_groups[0]['lr']:.6f}  {parts}  "
-                    f"{pace:.3f} s/it  eta {engine.eta(pace, args.iters - it)}", out_dir)
+                    f"{pace:.3f} s/it  eta {eta.step(it)}", out_dir)
             if is_main() and it % args.ckpt_period == 0 and it < args.iters:
-                engine.save(out_dir / engine.LAST, bare, optimizer, scaler, it, vars(args))
+                engine.save(out_dir / engine.LAST, bare, step, it, vars(args))
             if val_set is not None and args.eval_period and it % args.eval_period == 0 and it < args.iters:
                 metrics = run_eval(bare, val_set, args, device, out_dir, bad)
         epoch += 1
     if is_main():
-        engine.save(out_dir / engine.FINAL, bare, optimizer, scaler, it, vars(args))
+        engine.save(out_dir / engine.FINAL, bare, step, it, vars(args))
     if val_set is not None:
         metrics = run_eval(bare, val_set, args, device, out_dir, bad)
     return metrics
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     saved = engine.newest(out_dir)
     if saved is None:
         raise UserError(f"--eval-only found neither {engine.FINAL} nor {engine.LAST} in {out_dir}")
-    engine.resume(saved, model, None, None, args.trust_checkpoint)
+    engine.resume(saved, model, None, args.trust_checkpoint)
     return run_eval(model, val_set, args, device, out_dir, bad)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from w2ssl.errors import UserError
+from w2ssl.train.step import PRECISIONS
 from w2ssl.trunks.resnet import ARCHS
 
 
@@ -48,9 +49,8 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
                              "(default: %(default)s)")
     parser.add_argument("--save-dir", default=save_dir, metavar="PATH", help="checkpoints, log.txt and tb/ go here")
     parser.add_argument("--seed", default=None, type=int, help="seed for initialisation and augmentation")
-    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
-                        help="pre-training default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU; "
-                             "the linear probe defaults to fp32")
+    add_precision(parser, "pre-training default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU; "
+                          "the linear probe defaults to fp32")
     add_trust_checkpoint(parser)
     dist = parser.add_argument_group("distributed")
     dist.add_argument("--world-size", default=-1, type=int, help="number of nodes (with --multiprocessing-distributed)")
@@ -60,6 +60,12 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     dist.add_argument("--gpu", default=None, type=int, help="GPU id for a one-process run")
     dist.add_argument("--multiprocessing-distributed", action="store_true",
                       help="spawn one process per GPU of this node (the authors' launch); torchrun works too")
+
+
+def add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str,
+                  default: str | None = None) -> None:
+    """``--precision`` with the names of :data:`w2ssl.train.step.PRECISIONS`."""
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=default, help=help)
 
 
 def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:

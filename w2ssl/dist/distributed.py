@@ -127,10 +127,13 @@ def _cuda_device(index: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _init_torchrun(args: Namespace) -> Context:
+def init_torchrun(cuda_backend: str = "nccl", cuda: bool | None = None) -> Context:
+    """Join torchrun's process group (``env://``) on GPU ``LOCAL_RANK`` (with ``cuda_backend``) or the CPU
+    (gloo). ``cuda``: whether to use the GPUs (default: when one is visible)."""
     local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    device = _cuda_device(local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dist.init_process_group(_backend(args, device), init_method="env://")
+    use_cuda = torch.cuda.is_available() if cuda is None else cuda
+    device = _cuda_device(local_rank) if use_cuda else torch.device("cpu")
+    dist.init_process_group(cuda_backend if use_cuda else "gloo", init_method="env://")
     return Context(device, dist.get_rank(), dist.get_world_size(), local_rank, local_world)
 
 
@@ -181,7 +184,7 @@ def launch(worker: Callable[[Context, Namespace], None], args: Namespace) -> Non
     * otherwise a single process, on ``--gpu``, the first GPU, or the CPU, with no process group.
     """
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        _run_worker(worker, _init_torchrun(args), args)
+        _run_worker(worker, init_torchrun(args.dist_backend), args)
     elif args.multiprocessing_distributed:
         ngpus = torch.cuda.device_count()
         if ngpus == 0:

@@ -11,6 +11,7 @@ import math
 import time
 from argparse import Namespace
 from collections.abc import Callable, Iterable
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from w2ssl.data.datasets import (
 )
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
-from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
-from w2ssl.eval.metrics import stats_text, topk_hits
+from w2ssl.eval.knn import pooled_features
+from w2ssl.eval.knn_probe import knn_probe
+from w2ssl.eval.metrics import Tally, coverage
 from w2ssl.eval.probe_cache import FeatureCache
 from w2ssl.eval.probe_folder import (
     BEST,
@@ -45,9 +47,10 @@ from w2ssl.eval.probe_folder import (
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, AverageMeter, Logger, format_duration
-from w2ssl.train.optim import lr_at, scaled_lr, set_lr
+from w2ssl.train.optim import lr_at, scaled_lr
 from w2ssl.train.runstate import plain_args, shared_seed
-from w2ssl.train.speed import PRECISIONS, autocast, prepare_model, to_memory_format
+from w2ssl.train.speed import prepare_model, to_memory_format
+from w2ssl.train.step import TrainStep, autocast
 
 
 class LinearProbe:
@@ -75,6 +78,7 @@ class LinearProbe:
         self.lr = scaled_lr(args.lr, args.batch_size)
         self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
                                          weight_decay=args.weight_decay)
+        self.train_step = TrainStep(self.optimizer, self.device, "fp32")  # fc trains in float32 (features: above)
         self.epoch, self.best_acc1 = args.start_epoch, 0.0
         self.iteration = 0  # batches of epoch ``self.epoch`` done (a run stopped by a signal saves mid-epoch)
         self.guard = Guard(max_nonfinite=0)
@@ -130,6 +134,11 @@ class LinearProbe:
         n = len(self.train_loader)
         # Skipping would decode the images done once more: a resumed epoch draws as many as were left.
         return islice(self.train_loader, n - self.iteration), n
+
+    def _fc_outputs(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``fc`` on the features of images (or cached features) ``x``: ``[B, K]`` logits, cross-entropy loss."""
+        logits = self.fc(self._features(x))
+        return {"logits": logits, "loss": F.cross_entropy(logits, target)}
 
     def _val_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
         if self.cache is not None:
@@ -225,32 +234,24 @@ class LinearProbe:
     def _train_epoch(self) -> None:
         args, device = self.args, self.device
         lr = lr_at(self.epoch, self.lr, 0, args.epochs)
-        set_lr(self.optimizer, lr)
         batches, n = self._train_batches()
         start = self.iteration
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
-        total = torch.zeros(4, device=device)
-        end = time.perf_counter()
+        tally, end = Tally(device), time.perf_counter()
         for i, (x, target, *_) in enumerate(batches, start=start):
             data_time.update(time.perf_counter() - end)
             target = target.to(device, non_blocking=True)
-            logits = self.fc(self._features(x))
-            loss = F.cross_entropy(logits, target)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            out = self.train_step(partial(self._fc_outputs, x, target), lr)
+            logits, loss = out["logits"].detach(), out["loss"].detach()
             self.iteration = i + 1
-            self.guard.push(self.epoch, i, self.epoch * n + i, {"loss": loss.detach()})
-            rows = torch.tensor(float(len(target)), device=device)
-            last = torch.cat([(loss.detach() * rows)[None], topk_hits(logits.detach(), target).float(), rows[None]])
-            total += last
+            self.guard.push(self.epoch, i, self.epoch * n + i, {"loss": loss})
+            tally.add(loss * len(target), logits, target)
             batch_time.update(time.perf_counter() - end)
             if i % args.print_freq == 0 and self.ctx.is_main:
-                last_l, total_l = last.tolist(), total.tolist()
+                last = tally.last.tolist()
                 self.logger.info(f"Epoch: [{self.epoch}][{i:>{len(str(n))}}/{n}]\t{batch_time}\t{data_time}\t"
-                                 f"{stats_text(last_l, total_l)}")
-                self.logger.scalars(self.epoch * n + i, {"loss": last_l[0] / last_l[3],
-                                                         "acc1": 100 * last_l[1] / last_l[3]})
+                                 f"{tally.text()}")
+                self.logger.scalars(self.epoch * n + i, {"loss": last[0] / last[3], "acc1": 100 * last[1] / last[3]})
             end = time.perf_counter()
             if self.guard.stop:
                 break
@@ -266,50 +267,21 @@ class LinearProbe:
         batches, n = self._val_batches()
         size = len(self.val_loader.dataset)
         batch_time = AverageMeter("Time", ":6.3f")
-        total = torch.zeros(4, device=self.device)
-        end = time.perf_counter()
+        tally, end = Tally(self.device), time.perf_counter()
         for i, (x, target, *_) in enumerate(batches):
             target = target.to(self.device, non_blocking=True)
             logits = self.model.fc(self._features(x))
-            last = torch.cat([F.cross_entropy(logits, target, reduction="sum")[None],
-                              topk_hits(logits, target).float(), logits.new_tensor([len(target)])])
-            total += last
+            tally.add(F.cross_entropy(logits, target, reduction="sum"), logits, target)
             batch_time.update(time.perf_counter() - end)
             if i % self.args.print_freq == 0 and self.ctx.is_main:
-                stats = stats_text(last.tolist(), total.tolist())
-                self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{stats}")
+                self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{tally.text()}")
             end = time.perf_counter()
-        loss, hits1, hits5, rows = D.gather(total[None]).sum(dim=0).tolist()
+        loss, hits1, hits5, rows = D.gather(tally.total[None]).sum(dim=0).tolist()
         if rows == 0:
             raise UserError(f"none of the {size} images of {self.root}/val could be read: check the dataset")
         acc1, acc5 = 100.0 * hits1 / rows, 100.0 * hits5 / rows
         self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} over {coverage(int(rows), size)}")
         return acc1, acc5
-
-
-def coverage(rows: int, size: int) -> str:
-    """``100 val images``, or ``98 of 100 val images (2 unreadable skipped)``."""
-    return f"{size} val images" if rows == size else f"{rows} of {size} val images ({size - rows} unreadable skipped)"
-
-
-def knn_probe(ctx: D.Context, args: Namespace) -> None:
-    """Weighted kNN (k = 20 and 200, T = 0.07) of the pre-trained trunk: train bank -> val accuracy."""
-    logger = Logger(args.save_dir, ctx.is_main)
-    try:
-        batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
-        train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
-                                             BadImages(args.strict_data, logger.warn if ctx.is_main else None))
-        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
-        model.to(ctx.device)
-        channels_last = ctx.device.type == "cuda"
-        prepare_model(model, channels_last)
-        start = time.perf_counter()
-        result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
-                          autocast_dtype=PRECISIONS[args.precision or "fp32"])
-        logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
-        logger.scalars(0, knn_scalars(result), prefix="eval/")
-    finally:
-        logger.close()
 
 
 def worker(ctx: D.Context, args: Namespace) -> None:

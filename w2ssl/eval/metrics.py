@@ -22,3 +22,26 @@ def stats_text(last: list[float], total: list[float]) -> str:
         return s[0] / n, 100.0 * s[1] / n, 100.0 * s[2] / n
     (l0, a0, b0), (l1, a1, b1) = fields(last), fields(total)
     return f"Loss {l0:.4e} ({l1:.4e})\tAcc@1 {a0:6.2f} ({a1:6.2f})\tAcc@5 {b0:6.2f} ({b1:6.2f})"
+
+
+class Tally:
+    """Running ``[loss sum, top-1 hits, top-5 hits, rows]`` of a probe's batches, kept on the device (no host
+    sync per batch): :attr:`last` is the newest batch's, :attr:`total` their sum."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros(4, device=device)
+        self.last = self.total.clone()
+
+    def add(self, loss_sum: Tensor, logits: Tensor, target: Tensor) -> None:
+        """One batch: its summed loss (0-d), ``[B, K]`` logits and ``[B]`` targets."""
+        self.last = torch.cat([loss_sum[None].float(), topk_hits(logits, target).float(),
+                               logits.new_tensor([len(target)], dtype=torch.float32)])
+        self.total += self.last
+
+    def text(self) -> str:
+        return stats_text(self.last.tolist(), self.total.tolist())
+
+
+def coverage(rows: int, size: int) -> str:
+    """``100 val images``, or ``98 of 100 val images (2 unreadable skipped)``."""
+    return f"{size} val images" if rows == size else f"{rows} of {size} val images ({size - rows} unreadable skipped)"

@@ -24,9 +24,10 @@ from w2ssl.methods.w2ssl import W2SSL
 from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration
-from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr, set_lr
-from w2ssl.train.runstate import plain_args, resolve_precision, rng_state, set_rng_state, shared_seed
-from w2ssl.train.speed import PRECISIONS, prepare_model
+from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
+from w2ssl.train.speed import prepare_model
+from w2ssl.train.step import PRECISIONS, TrainStep, resolve_precision
 
 
 class Pretrainer:
@@ -69,7 +70,8 @@ class Pretrainer:
         prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
         self.lr = scaled_lr(args.lr, args.batch_size)
         self.optimizer = build_optimizer(args.optimizer, self.model, self.lr, args.weight_decay, args.momentum)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.train_step = TrainStep(self.optimizer, self.device, self.precision)
+        self.scaler = self.train_step.scaler
         self.net: nn.Module = self.model
         if ctx.world_size > 1:
             # No device_ids: the inputs are already on the device, and DDP would also move the host-side
@@ -256,17 +258,9 @@ class Pretrainer:
         return augment_batch(batch, self.gpu_crop, self.seed, self.device)
 
     def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
-        set_lr(self.optimizer, lr)
         self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration))
         perm = random_permutation(2 * self.args.batch_size, generator=self.perm_gen)
-        dtype = PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            parts = self.net(tiles[:2], tiles[2:], m, perm=perm)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(parts["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return parts
+        return self.train_step(lambda: self.net(tiles[:2], tiles[2:], m, perm=perm), lr)
 
     def _note_bad(self, bad: list[str]) -> None:
         new = [p for joined in bad if joined for p in joined.split("\n")]

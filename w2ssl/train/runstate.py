@@ -1,5 +1,4 @@
-"""What a run needs to continue identically: the shared seed, RNG states, plain-value arguments,
-and the precision choice."""
+"""What a run needs to continue identically: the shared seed, RNG states and plain-value arguments."""
 from __future__ import annotations
 
 import os
@@ -10,15 +9,6 @@ import numpy as np
 import torch
 
 from w2ssl.dist import distributed as D
-
-
-def resolve_precision(name: str | None, device: torch.device) -> str:
-    """bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU (unless asked)."""
-    if name:
-        return name
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def shared_seed(seed: int | None, device: torch.device) -> int:

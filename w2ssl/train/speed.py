@@ -1,19 +1,13 @@
-"""Speed options that keep the math: memory format, torch.compile and mixed precision.
+"""Speed options that keep the math: memory format and torch.compile (mixed precision: :mod:`w2ssl.train.step`).
 
 Shared by the benchmarks and the training entry points, so that both measure and run the same thing.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-
-from w2ssl.errors import UserError
-
-# Autocast dtype per ``--precision``; ``None`` means plain float32.
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool = False,
@@ -40,21 +34,3 @@ def to_memory_format(x: Tensor, channels_last: bool) -> Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
 
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` (a key of :data:`PRECISIONS`) on ``device``."""
-    dtype = check_precision(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """A ``GradScaler`` for fp16 (its range needs loss scaling); None for bf16 and fp32."""
-    return torch.amp.GradScaler(device.type) if check_precision(precision) == torch.float16 else None
-
-
-def check_precision(precision: str) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]

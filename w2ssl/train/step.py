@@ -1,0 +1,89 @@
+"""Mixed precision and the one optimiser step every training loop takes.
+
+Precision names and their defaults live here once; :class:`TrainStep` runs a step (learning rate,
+zeroed gradients, forward under autocast, scaled backward, optimiser, scaler update) for pre-training,
+the linear probe, the step benchmark and detection fine-tuning alike.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from w2ssl.errors import UserError
+from w2ssl.train.optim import set_lr
+
+# Autocast dtype per ``--precision``; ``None`` means plain float32.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Out = TypeVar("Out")
+
+
+def check_precision(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (a key of :data:`PRECISIONS`); ``UserError`` for another name."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """``name`` if given; else bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if name:
+        check_precision(name)
+        return name
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` on ``device`` (none for fp32)."""
+    dtype = check_precision(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_of(outputs: Any) -> Tensor:
+    """The loss in a model's outputs: the ``"loss"`` entry of a mapping, or the tensor itself."""
+    return outputs["loss"] if isinstance(outputs, Mapping) else outputs
+
+
+class TrainStep:
+    """One optimiser step of ``optimizer`` in ``precision`` on ``device``.
+
+    fp16 scales the loss (its range needs it: a ``GradScaler`` that skips a step with a non-finite
+    gradient and halves its scale); bf16 and fp32 use a disabled scaler, which changes nothing, so
+    :attr:`scaler` can always be checkpointed. ``zero_grad_first`` frees the old gradients before the
+    forward (lower peak memory) instead of after it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
+                 zero_grad_first: bool = False):
+        self.optimizer, self.device, self.precision = optimizer, device, precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=check_precision(precision) == torch.float16)
+        self.zero_grad_first = zero_grad_first
+
+    def __call__(self, forward: Callable[[], Out], lr: float | None = None,
+                 loss: Callable[[Out], Tensor] = loss_of) -> Out:
+        """Run ``forward()`` under autocast, back-propagate ``loss(outputs)`` and step; return the outputs.
+
+        ``loss`` runs outside autocast, before any gradient is touched: an exception there leaves the
+        model and optimiser as they were. ``lr`` (if given) is set on every parameter group first.
+        """
+        if lr is not None:
+            set_lr(self.optimizer, lr)
+        if self.zero_grad_first:
+            self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            outputs = forward()
+        total = loss(outputs)
+        if not self.zero_grad_first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return outputs
