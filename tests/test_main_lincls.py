@@ -15,11 +15,12 @@ from main_lincls import build_parser, main, split_joined_dist_url
 from tests.conftest import write_folder
 from tests.helpers import TINY, run_script
 from w2ssl import cli
-from w2ssl.checkpoint import load_trunk, save_atomic
+from w2ssl.checkpoint import save_atomic
 from w2ssl.dist.distributed import Context
 from w2ssl.eval.lincls import LinearProbe
 from w2ssl.eval.metrics import stats_text, topk_hits
 from w2ssl.eval.probe_model import build_model, changed_weights
+from w2ssl.trunk_weights import load_trunk
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"

@@ -14,13 +14,13 @@ from PIL import Image
 from torch import nn
 
 from tests.helpers import group_norm
-from w2ssl.checkpoint import check_trunk, extract_trunk
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.twocrop import two_crop
 from w2ssl.eval.probe_model import build_model
 from w2ssl.export import TARGETS, export
 from w2ssl.methods.mocov3 import MoCoV3, infonce
 from w2ssl.methods.viewnorm import normalise_per_view
+from w2ssl.trunk_weights import check_trunk, extract_trunk
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 

@@ -1,4 +1,4 @@
-"""The linear probe (METHOD §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
+"""The linear probe (METHOD §7, §11) in one process of a run: frozen registered trunk, trained ``fc``.
 
 MoCo v3's protocol: SGD on ``fc`` only with lr = ``--lr`` × batch / 256 on a per-epoch half-cosine,
 the trunk in ``eval()`` mode (BatchNorm statistics frozen), top-1/top-5 on val after every epoch,
@@ -30,7 +30,7 @@ from w2ssl.data.datasets import (
 )
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
-from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars, pooled_features
+from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.eval.metrics import stats_text, topk_hits
 from w2ssl.eval.probe_cache import FeatureCache
 from w2ssl.eval.probe_folder import (
@@ -64,7 +64,8 @@ class LinearProbe:
         self.root = Path(args.data)
         self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
         self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
-        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
+                                                 args.vit_feature)
         self.model.to(self.device)
         self.channels_last = self.device.type == "cuda"
         prepare_model(self.model, self.channels_last)
@@ -92,10 +93,10 @@ class LinearProbe:
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
     def trunk_features(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 average-pooled layer4 features (no gradient)."""
+        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 trunk features (:meth:`Probe.features`, no gradient)."""
         images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
         with autocast(self.device, self.precision):
-            return pooled_features(self.model, images).float()
+            return self.model.features(images).float()
 
     def _features(self, x: Tensor) -> Tensor:
         """Images through the trunk, or cached ``[B, C]`` features as float32."""
@@ -156,6 +157,11 @@ class LinearProbe:
                 raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
                                 f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
                                 f"{state['arch']}")
+            feature = (state.get("args") or {}).get("vit_feature", "avg")
+            if feature != self.args.vit_feature:
+                raise UserError(f"--resume {path} is a probe of --vit-feature {feature} but --vit-feature "
+                                f"{self.args.vit_feature} was given: pass --vit-feature {feature} or another "
+                                f"--save-dir")
             self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
@@ -299,13 +305,13 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
         batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
         train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
                                              BadImages(args.strict_data, logger.warn if ctx.is_main else None))
-        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint, args.vit_feature)
         model.to(ctx.device)
         channels_last = ctx.device.type == "cuda"
         prepare_model(model, channels_last)
         start = time.perf_counter()
-        result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
-                          autocast_dtype=PRECISIONS[args.precision or "fp32"])
+        result = knn_eval(model.trunk, train, val, ctx.device, classes, channels_last=channels_last,
+                          autocast_dtype=PRECISIONS[args.precision or "fp32"], vit_feature=args.vit_feature)
         logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
         logger.scalars(0, knn_scalars(result), prefix="eval/")
     finally:
