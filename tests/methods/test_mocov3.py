@@ -202,7 +202,7 @@ def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint_0000.pth.tar"
     torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict()}, ckpt)
     probe, _ = build_model("resnet18", 5, pretrained=ckpt)
-    assert torch.equal(probe.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
+    assert torch.equal(probe.trunk.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
     for target in TARGETS:
         weights, _ = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
         assert torch.equal(weights["conv1.weight"], model.base_encoder.conv1.weight)
