@@ -283,7 +283,7 @@ def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, c
             "--save-dir", tmp_path]
     probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
     forwards = []
-    probe.model.layer4.register_forward_hook(lambda *_: forwards.append(1))
+    probe.model.trunk.layer4.register_forward_hook(lambda *_: forwards.append(1))
     probe.run()
     stdout = capsys.readouterr().out
     # 24 train images / 8 = 3 batches for each of 2 views (center + 1 augmented), 12 val / 8 = 2 batches,
