@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from w2ssl import cli
-from w2ssl.checkpoint import DEFAULT_ARCH, check_resume_path, file_sha256
+from w2ssl.checkpoint import check_resume_path, file_sha256
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import worker
 from w2ssl.eval.probe_folder import check_probe_folder, load_probe, no_weights_message, resume_path
 from w2ssl.eval.probe_model import load_pretrained
+from w2ssl.trunk_weights import DEFAULT_ARCH
+from w2ssl.trunks import trunk_spec
+from w2ssl.trunks.vit import FEATURES
 
 JOINED_FLAG = "--multiprocessing-distributed"
 
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extract frozen features once, then train fc on them (fast; no per-epoch augmentation)")
     mode.add_argument("--knn", action="store_true",
                       help="weighted kNN accuracy (k=20 and 200, T=0.07) of the --pretrained trunk instead of a probe")
+    probe.add_argument("--vit-feature", default="avg", choices=FEATURES,
+                       help="a ViT's vector for the probe and --knn: avg, the mean of the patch tokens (default: the "
+                            "tokens W2SSL's losses train; its tile read-out never uses the class token, which "
+                            "stays near its initialisation), or cls, the class token (MoCo v3's probe; for MoCo v3 "
+                            "checkpoints); ResNets use the global average of their last map")
     probe.add_argument("--strict-data", action="store_true",
                        help="stop at the first unreadable image instead of skipping it (and counting it)")
     probe.add_argument("--cached-aug", default=0, type=int, metavar="K",
@@ -91,6 +99,9 @@ def check(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(no_weights_message(args))
     else:
         args.arch = args.arch or load_probe(resume, args.trust_checkpoint).get("arch") or DEFAULT_ARCH
+    if args.vit_feature != "avg" and trunk_spec(args.arch).family != "vit":
+        raise UserError(f"--vit-feature {args.vit_feature} reads a ViT's class token; --arch {args.arch} has none: "
+                        f"drop --vit-feature")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

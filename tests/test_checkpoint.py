@@ -18,21 +18,15 @@ from w2ssl import cli
 from w2ssl.checkpoint import (
     LAST,
     check_resume_path,
-    check_trunk,
     epoch_name,
-    extract_trunk,
     find_resumable,
     kind,
     load,
     load_into,
     load_pretraining,
-    load_trunk,
     prune,
-    read_trunk,
     save_all,
     save_atomic,
-    stored_arch,
-    trunk_arch,
 )
 from w2ssl.errors import UserError
 
@@ -60,40 +54,6 @@ def layouts():
                              "module.base_encoder.fc.0.weight": torch.zeros(4096, 512),
                              "module.predictor.0.weight": torch.zeros(4096, 256)}}
     return trunk, {"ours": ours, "authors": authors, "mocov3": mocov3}
-
-
-@pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
-def test_extract_trunk_from_every_layout(layout, tmp_path):
-    trunk, ckpts = layouts()
-    save_atomic(ckpts[layout], tmp_path / "c.pth.tar")
-    got = load_trunk(tmp_path / "c.pth.tar", "resnet18")
-    assert got.keys() == trunk.keys()
-    assert all(torch.equal(got[k], trunk[k]) for k in trunk)
-
-
-def test_linear_probe_and_wrong_arch_are_refused():
-    trunk, _ = layouts()
-    probe = {"state_dict": {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}
-    with pytest.raises(UserError, match="linear-probe"):
-        extract_trunk(probe)
-    with pytest.raises(UserError, match="trunk is a resnet18 but --arch resnet50 was given"):
-        check_trunk(trunk, "resnet50")
-    with pytest.raises(UserError, match=r"does not match --arch resnet18 \(missing 'layer1.0.conv1.weight'"):
-        check_trunk({k: v for k, v in trunk.items() if not k.startswith("layer1.0.conv1")}, "resnet18")
-
-
-@pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
-def test_arch_is_the_checkpoints_own(layout, tmp_path):
-    """The weights' shapes decide; the arch field or the saved arguments only when they cannot."""
-    trunk, ckpts = layouts()
-    save_atomic({**ckpts[layout], "arch": "resnet50"}, tmp_path / "c.pth.tar")  # a wrong field is overruled
-    assert read_trunk(tmp_path / "c.pth.tar")[1] == "resnet18"
-    assert stored_arch({"arch": "resnet34"}) == "resnet34"
-    assert stored_arch({"args": {"arch": "resnet101"}}) == "resnet101"
-    assert stored_arch({"args": argparse.Namespace(arch="resnet152")}) == "resnet152"
-    assert stored_arch({"arch": "vit_base", "args": {}}) is None
-    odd = {**trunk, "extra.weight": torch.zeros(1)}  # no torchvision trunk: fall back to what the file says
-    assert trunk_arch(odd, {"args": {"arch": "resnet34"}}) == "resnet34" and trunk_arch(odd, {}) is None
 
 
 def test_unsafe_pickle_is_refused_unless_trusted(tmp_path):

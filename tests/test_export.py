@@ -12,6 +12,8 @@ import torch
 import torchvision
 
 from w2ssl.export import main
+from w2ssl.trunks import build_trunk
+from w2ssl.trunks.vit import ConvStem
 
 ROOT = Path(__file__).resolve().parents[1]
 FC = ["fc.bias", "fc.weight"]
@@ -154,3 +156,71 @@ def test_module_cli_end_to_end(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     check_loads(tmp_path / "out.pth", trunk, "timm", "resnet18")
+
+
+# ----------------------------------------------------------------- ViT trunks
+def vit_checkpoint(path: Path, arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fake pre-training checkpoint of a real ``arch`` trunk, in MoCo v3's layout (``module.`` prefix, a
+    ``pos_embed`` weight and a projector under ``base_encoder.head``); returns the trunk's state."""
+    torch.manual_seed(seed)
+    trunk = build_trunk(arch).state_dict()
+    state = {f"module.base_encoder.{k}": v for k, v in trunk.items()}
+    state.update({"module.base_encoder.pos_embed": torch.zeros(1, 197, trunk["cls_token"].shape[-1]),
+                  "module.base_encoder.head.0.weight": torch.zeros(8, trunk["cls_token"].shape[-1])})
+    torch.save({"epoch": 300, "arch": arch, "state_dict": state}, path)
+    return trunk
+
+
+@pytest.fixture(scope="module")
+def vit_small_ckpt(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = tmp_path_factory.mktemp("vit") / "vit_small.pth.tar"
+    return path, vit_checkpoint(path, "vit_small")
+
+
+def test_export_vit_small_loads_into_timm_with_only_head_missing(vit_small_ckpt, tmp_path, capsys):
+    ckpt, trunk = vit_small_ckpt
+    assert main([str(ckpt), str(tmp_path / "out.pth"), "--to", "timm"]) == 0
+    assert ("(vit_small trunk, timm keys)" in (out := capsys.readouterr().out)
+            and 'timm.create_model("vit_small_patch16_224", num_heads=12)' in out
+            and "only head.weight and head.bias are missing" in out), out
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert exported.keys() == {*trunk, "pos_embed"} and exported["pos_embed"].shape == (1, 197, 384)
+    with torch.device("meta"):  # timm's vit_small has 6 heads: the same weight shapes
+        model = timm.create_model("vit_small_patch16_224", pretrained=False)
+    missing, unexpected = model.load_state_dict(exported, strict=False, assign=True)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+    assert all(torch.equal(exported[k], v) for k, v in trunk.items())
+
+
+def test_export_vit_to_torchvision_is_refused_naming_timm(vit_small_ckpt, tmp_path, capsys):
+    err = run_error([vit_small_ckpt[0], tmp_path / "out.pth", "--to", "torchvision"], capsys)
+    assert "a vit_small trunk has no torchvision counterpart with these weights: export --to timm" in err
+    err = run_error([vit_small_ckpt[0], tmp_path / "out.pth", "--to", "timm", "--arch", "vit_base"], capsys)
+    assert "trunk is a vit_small but --arch vit_base was given" in err
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.slow  # two full ViT-B builds and a 224-px forward
+def test_export_vit_base_computes_the_same_features_in_timm(tmp_path, capsys):
+    trunk = vit_checkpoint(tmp_path / "vit_base.pth.tar", "vit_base")
+    assert main([str(tmp_path / "vit_base.pth.tar"), str(tmp_path / "out.pth"), "--to", "timm"]) == 0
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    missing, unexpected = model.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+    ours = build_trunk("vit_base").eval()
+    ours.load_state_dict(trunk)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), ours.forward_tokens(x), atol=1e-4, rtol=1e-4)
+
+
+def test_export_conv_stem_vit_keeps_proj_names_and_says_timm_needs_the_stem(tmp_path, capsys):
+    trunk = vit_checkpoint(tmp_path / "conv.pth.tar", "vit_conv_small")
+    assert main([str(tmp_path / "conv.pth.tar"), str(tmp_path / "out.pth"), "--to", "timm"]) == 0
+    assert "embed_layer=ConvStem" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert "patch_embed.proj.0.weight" in exported and exported.keys() == {*trunk, "pos_embed"}
+    with torch.device("meta"):
+        model = timm.models.VisionTransformer(embed_dim=384, depth=11, num_heads=12, embed_layer=ConvStem)
+    missing, unexpected = model.load_state_dict(exported, strict=False, assign=True)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []

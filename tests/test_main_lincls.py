@@ -15,11 +15,13 @@ from main_lincls import build_parser, main, split_joined_dist_url
 from tests.conftest import write_folder
 from tests.helpers import TINY, run_script
 from w2ssl import cli
-from w2ssl.checkpoint import load_trunk, save_atomic
+from w2ssl.checkpoint import save_atomic
 from w2ssl.dist.distributed import Context
 from w2ssl.eval.lincls import LinearProbe
 from w2ssl.eval.metrics import stats_text, topk_hits
 from w2ssl.eval.probe_model import build_model, changed_weights
+from w2ssl.trunk_weights import load_trunk
+from w2ssl.trunks import build_trunk
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED = ("-a resnet50 --batch-size 256 --epochs 100  --dist-url 'tcp://localhost:10016'--multiprocessing-"
@@ -281,7 +283,7 @@ def test_cached_probe_extracts_features_once(image_root, pretrained, tmp_path, c
             "--save-dir", tmp_path]
     probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
     forwards = []
-    probe.model.layer4.register_forward_hook(lambda *_: forwards.append(1))
+    probe.model.trunk.layer4.register_forward_hook(lambda *_: forwards.append(1))
     probe.run()
     stdout = capsys.readouterr().out
     # 24 train images / 8 = 3 batches for each of 2 views (center + 1 augmented), 12 val / 8 = 2 batches,
@@ -301,7 +303,7 @@ def test_sanity_check_catches_a_moved_statistic(image_root, pretrained, tmp_path
     argv = [image_root, *PROBE, "--pretrained", pretrained, "--save-dir", tmp_path]
     probe = LinearProbe(Context(torch.device("cpu")), cli.parse(build_parser(), [str(a) for a in argv]))
     probe.sanity_check()
-    probe.model.layer2[0].bn1.running_mean += 1e-3
+    probe.model.trunk.layer2[0].bn1.running_mean += 1e-3
     with pytest.raises(RuntimeError, match=r"layer2\.0\.bn1\.running_mean"):
         probe.sanity_check()
 
@@ -431,3 +433,49 @@ def test_gpu_flag_without_a_gpu_exits_2(image_root, synthetic, tmp_path, capsys)
     code, _, err = run_inprocess(capsys, image_root, *PROBE, "--gpu", "0", "--knn", "--pretrained", synthetic,
                                  "--save-dir", tmp_path)
     assert code == 2 and err == "error: --gpu 0 but no GPU is visible: drop --gpu to run on the CPU\n"
+
+
+# ----------------------------------------------------------------- ViT trunks
+@pytest.fixture(scope="module")
+def vit_pretrained(tmp_path_factory) -> Path:
+    """A fake pre-training checkpoint of a real vit_small trunk (its arch is read from the weights)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        trunk = build_trunk("vit_small").state_dict()
+    path = tmp_path_factory.mktemp("vit") / "vit_small.pth.tar"
+    save_atomic({"epoch": 1, "state_dict": {f"base_encoder.{k}": v for k, v in trunk.items()}}, path)
+    return path
+
+
+VIT_PROBE = ["--input-size", "32", "-b", "8", "--workers", "0", "--seed", "0", "--print-freq", "1"]
+
+
+@pytest.mark.slow  # two vit_small probes in this process: several seconds
+def test_a_vit_probe_trains_fc_on_the_patch_token_average(image_root, vit_pretrained, tmp_path, capsys):
+    code, out, err = run_inprocess(capsys, image_root, *VIT_PROBE, "--epochs", "1", "--pretrained", vit_pretrained,
+                                   "--save-dir", tmp_path)
+    assert code == 0, err
+    assert "linear probe (full protocol): vit_small, 3 classes" in out and len(ACC.findall(out)) == 1
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["arch"] == "vit_small" and ckpt["args"]["vit_feature"] == "avg"
+    sd = ckpt["state_dict"]
+    assert sd["fc.weight"].shape == (3, 384) and "cls_token" in sd and "pos_embed" not in sd
+    assert changed_weights(sd, load_trunk(vit_pretrained)) == [] and sd["fc.bias"].abs().sum() > 0
+    # the same folder with the class token: refused, a probe reads one feature
+    code, _, err = run_inprocess(capsys, image_root, *VIT_PROBE, "--epochs", "2", "--vit-feature", "cls",
+                                 "--pretrained", vit_pretrained, "--save-dir", tmp_path)
+    assert code == 2 and "is a probe of --vit-feature avg but --vit-feature cls was given" in err, err
+
+
+def test_knn_of_a_vit_reads_the_class_token_when_asked(image_root, vit_pretrained, tmp_path, capsys):
+    code, out, err = run_inprocess(capsys, image_root, *VIT_PROBE, "--knn", "--vit-feature", "cls",
+                                   "--pretrained", vit_pretrained, "--save-dir", tmp_path)
+    assert code == 0, err
+    assert re.search(r"kNN k=20 acc1 \d+\.\d+ .*\(24 train, 12 val images\) of ", out), out
+
+
+def test_vit_feature_cls_on_a_resnet_is_refused(image_root, synthetic, tmp_path, capsys):
+    code, _, err = run_inprocess(capsys, image_root, *PROBE, "--knn", "--vit-feature", "cls",
+                                 "--pretrained", synthetic, "--save-dir", tmp_path)
+    assert code == 2 and err == ("error: --vit-feature cls reads a ViT's class token; --arch resnet18 has none: "
+                                 "drop --vit-feature\n"), err

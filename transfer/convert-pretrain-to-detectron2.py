@@ -22,10 +22,11 @@ from torch import Tensor
 # Run as `python transfer/convert-pretrain-to-detectron2.py`: the repo root must be importable for `w2ssl`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from w2ssl.checkpoint import read_trunk, save_all
+from w2ssl.checkpoint import save_all
 from w2ssl.cli import add_trust_checkpoint, run_main
 from w2ssl.errors import UserError
-from w2ssl.trunks.resnet import ARCHS
+from w2ssl.trunk_weights import read_trunk
+from w2ssl.trunks import trunk_names
 
 AUTHOR = "W2SSL"
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Convert a pre-training checkpoint's ResNet trunk to detectron2 weights.")
     p.add_argument("checkpoint", help="pre-training checkpoint (.pth.tar): ours, the authors' W2SSL or MoCo v3")
     p.add_argument("output", help="detectron2 weight file to write; must end in .pkl")
-    p.add_argument("--arch", default=None, choices=ARCHS,
+    p.add_argument("--arch", default=None, choices=trunk_names("resnet"),
                    help="trunk the checkpoint was trained with (default: the checkpoint's own, read from its weights)")
     add_trust_checkpoint(p)
     return p.parse_args(argv)
@@ -94,7 +95,7 @@ def run(argv: list[str] | None = None) -> None:
         raise UserError(f"output {out} must end in .pkl so that detectron2 reads it as converted weights")
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist: create it first")
-    trunk, arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
+    trunk, arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint, family="resnet")
     model = convert(trunk)
     save_all({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, [out], dump=pickle.dump)
     print(f"wrote {len(model)} {arch} trunk tensors in detectron2 names to {out}")

@@ -1,6 +1,6 @@
 """torchvision Faster / Mask R-CNN on a ResNet-FPN backbone initialised from a pre-trained trunk.
 
-The trunk is the torchvision-named dict from :func:`w2ssl.checkpoint.load_trunk`; every one of its
+The trunk is the torchvision-named dict from :func:`w2ssl.trunk_weights.load_trunk`; every one of its
 tensors is loaded into the backbone and compared back after loading (:func:`verify_backbone`).
 """
 from __future__ import annotations

@@ -30,14 +30,14 @@ from transfer import engine
 from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
-from w2ssl.checkpoint import read_trunk
 from w2ssl.cli import add_precision, add_trust_checkpoint
 from w2ssl.data.datasets import BadImages
 from w2ssl.dist.distributed import init_torchrun, is_dist, is_main, rank, world_size
 from w2ssl.errors import TrainingStopped, UserError
 from w2ssl.train.monitor import ETA
 from w2ssl.train.step import PRECISIONS, TrainStep
-from w2ssl.trunks.resnet import ARCHS
+from w2ssl.trunk_weights import read_trunk
+from w2ssl.trunks import trunk_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--checkpoint", required=True,
                    help="pre-training checkpoint: ours, the authors' W2SSL or MoCo v3 (also needed with --eval-only)")
     add_trust_checkpoint(g)
-    g.add_argument("--arch", default=None, choices=ARCHS,
+    g.add_argument("--arch", default=None, choices=trunk_names("resnet"),
                    help="trunk architecture (default: the checkpoint's own, read from its weights)")
     g.add_argument("--model", default="faster", choices=sorted(MODELS), help="Faster R-CNN or Mask R-CNN")
     g.add_argument("--norm", default="sync", choices=sorted(NORMS),
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if train_set is not None and val_set is not None and train_set.label_of != val_set.label_of:
         raise UserError("--train-json and --val-json list different category ids: use one label set")
     num_classes = (train_set if train_set is not None else val_set).num_classes
-    trunk, args.arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint)
+    trunk, args.arch = read_trunk(args.checkpoint, args.arch, args.trust_checkpoint, family="resnet")
     model = build_detector(trunk, num_classes, model=args.model, arch=args.arch, norm=args.norm,
                            trainable_layers=args.trainable_layers, min_size=tuple(args.min_size),
                            max_size=args.max_size, box_batch_size_per_image=args.roi_batch_size).to(device)

@@ -1,13 +1,10 @@
-"""Checkpoint I/O: atomic saves, safe loads, resume discovery, and trunk extraction.
+"""Checkpoint I/O: atomic saves, safe loads, what a file is, and resume discovery.
 
-Our pre-training checkpoints hold ``state_dict`` with trunk keys ``base_encoder.<torchvision key>``.
-The authors' W2SSL checkpoints and MoCo v3's use ``module.base_encoder.<key>`` plus heads
-(``fc``, ``fc_crop``, ``fc_loc``); all three yield the same torchvision trunk here.
+The trunk inside a checkpoint (extraction, architecture, checks) is :mod:`w2ssl.trunk_weights`.
 """
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import os
 import pickle
@@ -19,15 +16,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-import torchvision
 from torch import Tensor
 
 from w2ssl.errors import UserError
 from w2ssl.train.disk import format_bytes, free_bytes
-from w2ssl.trunks.resnet import ARCHS, TRUNK_LAYERS
 
 LAST = "checkpoint_last.pth.tar"
-DEFAULT_ARCH = "resnet50"  # when a checkpoint says nothing about its architecture
 
 
 def epoch_name(epoch: int) -> str:
@@ -304,97 +298,3 @@ def prune(save_dir: str | Path, keep: int) -> None:
     epochs = sorted(p for p in Path(save_dir).glob("checkpoint_[0-9][0-9][0-9][0-9].pth.tar"))
     for old in epochs[:-keep]:
         old.unlink(missing_ok=True)
-
-
-def _model_weights(ckpt: dict) -> dict[str, Tensor]:
-    for key in ("state_dict", "model"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    raise UserError(f"no weights found: top-level keys are {key_list(sorted(map(str, ckpt)), 8)}")
-
-
-def extract_trunk(ckpt: dict) -> dict[str, Tensor]:
-    """torchvision-named trunk weights (no ``fc``) from our, the authors' or MoCo v3's checkpoint."""
-    weights = _model_weights(ckpt)
-    trunk = {}
-    for key, value in weights.items():
-        key = key.removeprefix("module.")
-        if not key.startswith("base_encoder."):
-            continue
-        key = key.removeprefix("base_encoder.")
-        if key.split(".")[0] in TRUNK_LAYERS:
-            trunk[key] = value
-    if not trunk:
-        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {kind(ckpt)} "
-                        f"with keys like {key_list(sorted(weights), 4)}: pass a W2SSL, MoCo v3 or w2ssl "
-                        f"pre-training checkpoint")
-    return trunk
-
-
-@functools.cache
-def _trunk_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
-        model = torchvision.models.__dict__[arch]()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
-
-
-def trunk_mismatch(trunk: dict[str, Tensor], arch: str) -> str | None:
-    """How ``trunk`` differs from ``arch``'s torchvision trunk (first difference), or None if it is one."""
-    expected = _trunk_shapes(arch)
-    missing = [k for k in expected if k not in trunk]
-    extra = [k for k in trunk if k not in expected]
-    wrong = [k for k in expected if k in trunk and tuple(trunk[k].shape) != expected[k]]
-    if missing:
-        return f"missing {key_list(missing, 2)}"
-    if extra:
-        return f"unexpected {key_list(extra, 2)}"
-    if wrong:
-        return f"shape of {wrong[0]} is {tuple(trunk[wrong[0]].shape)}, {arch} has {expected[wrong[0]]}"
-    return None
-
-
-def stored_arch(ckpt: dict) -> str | None:
-    """The architecture a checkpoint names: its ``arch`` field, else that of its saved arguments."""
-    args = ckpt.get("args")
-    for value in (ckpt.get("arch"), args.get("arch") if isinstance(args, dict) else getattr(args, "arch", None)):
-        if value in ARCHS:
-            return value
-    return None
-
-
-def trunk_arch(trunk: dict[str, Tensor], ckpt: dict | None = None) -> str | None:
-    """The torchvision architecture whose trunk ``trunk`` is exactly (its names and shapes decide), else the
-    one ``ckpt`` names, else None."""
-    found = next((arch for arch in ARCHS if trunk_mismatch(trunk, arch) is None), None)
-    return found or (stored_arch(ckpt) if ckpt is not None else None)
-
-
-def check_trunk(trunk: dict[str, Tensor], arch: str, ckpt: dict | None = None) -> None:
-    """Raise :class:`UserError` unless ``trunk`` is exactly ``arch``'s torchvision trunk, naming the
-    architecture the checkpoint holds when it is another."""
-    problem = trunk_mismatch(trunk, arch)
-    if problem is None:
-        return
-    own = trunk_arch(trunk, ckpt)
-    if own is not None:
-        raise UserError(f"checkpoint trunk is a {own} but --arch {arch} was given: drop --arch (it defaults to the "
-                        f"checkpoint's own) or pass --arch {own}")
-    raise UserError(f"checkpoint trunk does not match --arch {arch} ({problem}) nor any of {', '.join(ARCHS)}: "
-                    f"pass the arch it was trained with")
-
-
-def read_trunk(path: str | Path, arch: str | None = None, trust: bool = False) -> tuple[dict[str, Tensor], str]:
-    """Load ``path``; return its trunk with torchvision keys and its architecture: ``arch`` if given
-    (checked), else the checkpoint's own (from the trunk's shapes, then its ``arch`` field, then resnet50)."""
-    ckpt = load(path, trust)
-    trunk = extract_trunk(ckpt)
-    arch = arch or trunk_arch(trunk, ckpt) or DEFAULT_ARCH
-    check_trunk(trunk, arch, ckpt)
-    return trunk, arch
-
-
-def load_trunk(path: str | Path, arch: str | None = None, trust: bool = False) -> dict[str, Tensor]:
-    """Load ``path`` and return its trunk with torchvision keys, checked (see :func:`read_trunk`)."""
-    return read_trunk(path, arch, trust)[0]

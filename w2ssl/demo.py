@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from w2ssl import cli
-from w2ssl.checkpoint import LAST, load, load_trunk
+from w2ssl.checkpoint import LAST, load
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.errors import UserError
 from w2ssl.eval.knn import extract_features, knn_accuracy
+from w2ssl.trunk_weights import load_trunk
+from w2ssl.trunks import build_trunk
 
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
           "coffee.png", "coins.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg",
@@ -108,10 +110,8 @@ def report(args: argparse.Namespace) -> None:
     """Print kNN top-1 of the pre-trained trunk next to a randomly initialised one."""
     data = Path(args.data)
     torch.manual_seed(0)
-    random_trunk = torchvision.models.__dict__[args.arch]()
-    random_trunk.fc = torch.nn.Identity()
-    learned = torchvision.models.__dict__[args.arch]()
-    learned.fc = torch.nn.Identity()
+    random_trunk = build_trunk(args.arch)
+    learned = build_trunk(args.arch)
     learned.load_state_dict(load_trunk(Path(args.save_dir) / LAST, args.arch))
     before, after = knn_top1(random_trunk, data), knn_top1(learned, data)
     print(f"=> demo kNN top-1 (k=20, {len(PHOTOS)} photos, {EVAL_SIZE}px crops): random trunk {before:.1f} %, "

@@ -3,8 +3,9 @@
     python -m w2ssl.export CKPT OUT --to {torchvision,timm} [--arch ARCH] [--trust-checkpoint]
 
 CKPT may be ours, the authors' W2SSL or MoCo v3's pre-training checkpoint. OUT is a ``torch.save``'d
-dict of tensors that ``torchvision.models.<arch>()`` or ``timm.create_model("<arch>")`` loads with
-``strict=False``, reporting only the classifier ``fc.weight`` and ``fc.bias`` missing.
+dict of tensors that the target library's model loads with ``strict=False``, reporting only its
+classifier missing: ``torchvision.models.<arch>()`` or ``timm.create_model("<arch>")`` for a ResNet
+(``fc.*``), timm's ``VisionTransformer`` for a ViT (``head.*``; METHOD §11).
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from w2ssl.checkpoint import read_trunk, save_all
+from w2ssl.checkpoint import save_all
 from w2ssl.cli import add_trust_checkpoint, run_main
 from w2ssl.errors import UserError
-from w2ssl.trunks.resnet import ARCHS
+from w2ssl.trunk_weights import read_trunk
+from w2ssl.trunks import trunk_names, trunk_spec
+from w2ssl.trunks.vit import timm_loading, to_timm_state_dict
 
 TARGETS = ("torchvision", "timm")
 
 
-def to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
-    """torchvision-named trunk -> timm ``arch`` names.
+def resnet_to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
+    """torchvision-named ResNet trunk -> timm ``arch`` names.
 
     timm's ResNet keeps torchvision's parameter and buffer names (``conv1``, ``bn1``, ``layer1.0.downsample.0``
     … checked for timm 1.0), so the map is the identity; this verifies it against the installed timm.
@@ -44,6 +47,22 @@ def to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
     return dict(trunk)
 
 
+def convert(trunk: dict[str, Tensor], arch: str, to: str) -> dict[str, Tensor]:
+    """The trunk in ``to``'s names: ResNets as they are (checked for timm), ViTs with timm's ``pos_embed``."""
+    if trunk_spec(arch).family == "vit":
+        if to != "timm":
+            raise UserError(f"a {arch} trunk has no torchvision counterpart with these weights: export --to timm")
+        return to_timm_state_dict(trunk)
+    return resnet_to_timm(trunk, arch) if to == "timm" else trunk
+
+
+def loading_hint(arch: str) -> str:
+    """How to load the exported file, and what is missing then."""
+    if trunk_spec(arch).family == "vit":
+        return f"load into {timm_loading(arch)} with strict=False: only head.weight and head.bias are missing"
+    return "load with strict=False: only fc.weight and fc.bias are missing"
+
+
 def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str | None = None,
            trust: bool = False) -> tuple[dict[str, Tensor], str]:
     """Write ``ckpt``'s trunk to ``out`` with ``to``'s key names; return what was written and the
@@ -58,8 +77,7 @@ def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str
     if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
         raise UserError(f"output {out} is the input checkpoint: choose another file name")
     trunk, arch = read_trunk(ckpt, arch, trust)
-    weights = to_timm(trunk, arch) if to == "timm" else trunk
-    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    weights = {k: v.detach().contiguous() for k, v in convert(trunk, arch, to).items()}
     save_all(weights, [out])
     return weights, arch
 
@@ -67,9 +85,9 @@ def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m w2ssl.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", help="pre-training checkpoint (ours, the authors' W2SSL or MoCo v3)")
-    parser.add_argument("out", help="output file: a plain state dict of the trunk, without fc")
-    parser.add_argument("--to", required=True, choices=TARGETS, help="key layout of the output")
-    parser.add_argument("--arch", default=None, choices=ARCHS,
+    parser.add_argument("out", help="output file: a plain state dict of the trunk, without a classifier")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="key layout of the output (ViTs: timm only)")
+    parser.add_argument("--arch", default=None, choices=trunk_names(),
                         help="trunk architecture (default: the checkpoint's own, read from its weights)")
     add_trust_checkpoint(parser)
     return parser.parse_args(argv)
@@ -78,8 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     weights, arch = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
-    print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; "
-          f"load with strict=False: only fc.weight and fc.bias are missing")
+    print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; {loading_hint(arch)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from w2ssl.eval.knn import (
     knn_predict,
     pooled_features,
 )
-from w2ssl.trunks.resnet import GridTrunk
+from w2ssl.trunks import build_trunk
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
@@ -144,12 +144,16 @@ def tiny_data(n=10, size=32, seed=0):
 
 def resnet18(seed=0):
     torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=5)
+    return build_trunk("resnet18")
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return build_trunk("vit_small", embed_dim=32, depth=1, num_heads=2).eval()
 
 
 def test_extract_features_shapes_norms_and_modes():
     model = resnet18()
-    model.fc = nn.Identity()
     model.train()
     model.layer1.eval()  # a mixed state (e.g. a frozen block) must come back as it was
     data = tiny_data()
@@ -160,33 +164,44 @@ def test_extract_features_shapes_norms_and_modes():
     assert model.training and model.layer2.training and not model.layer1.training
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(feats, F.normalize(model(data.tensors[0]), dim=1))
+        torch.testing.assert_close(feats, F.normalize(model(data.tensors[0]).mean(dim=(2, 3)), dim=1))
 
 
 def test_extract_features_image_folder(image_root):
     tf = torchvision.transforms.Compose([torchvision.transforms.Resize((32, 32)), torchvision.transforms.ToTensor()])
     data = torchvision.datasets.ImageFolder(str(image_root / "val"), transform=tf)
-    feats, labels = extract_features(GridTrunk("resnet18"), DataLoader(data, batch_size=5), "cpu")
+    feats, labels = extract_features(resnet18(), DataLoader(data, batch_size=5), "cpu")
     assert feats.shape == (12, 512)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(12))
     assert labels.tolist() == data.targets
 
 
-def test_pooled_features_same_for_gridtrunk_resnet_with_fc_and_identity_fc():
-    model = resnet18().eval()
-    trunk = GridTrunk("resnet18").eval()
-    trunk.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+def test_pooled_features_of_a_resnet_trunk_are_torchvisions_pooled_features():
+    trunk = resnet18().eval()
+    model = torchvision.models.resnet18().eval()
+    model.load_state_dict({**model.state_dict(), **trunk.state_dict()})
+    model.fc = nn.Identity()
     x = tiny_data(n=2).tensors[0]
     with torch.no_grad():
-        with_fc = pooled_features(model, x)  # the classifier is skipped
-        model.fc = nn.Identity()
-        torch.testing.assert_close(with_fc, model(x))
-        torch.testing.assert_close(pooled_features(trunk, x), with_fc)
-    assert with_fc.shape == (2, 512)
+        feats = pooled_features(trunk, x)
+        torch.testing.assert_close(feats, model(x))
+    assert feats.shape == (2, 512)
+
+
+def test_pooled_features_of_a_vit_are_its_patch_token_average_or_class_token():
+    trunk, x = tiny_vit(), tiny_data(n=2).tensors[0]
+    with torch.no_grad():
+        tokens = trunk.forward_tokens(x)  # [2, 1 + 2·2, 32]
+        torch.testing.assert_close(pooled_features(trunk, x), tokens[:, 1:].mean(dim=1))
+        torch.testing.assert_close(pooled_features(trunk, x, "cls"), tokens[:, 0])
+    feats, _ = extract_features(trunk, DataLoader(tiny_data(n=2), batch_size=1), "cpu", vit_feature="cls")
+    torch.testing.assert_close(feats, F.normalize(tokens[:, 0], dim=1))
+    with pytest.raises(ValueError, match="unknown ViT feature 'max'"):
+        pooled_features(trunk, x, "max")
 
 
 def test_extract_features_autocast_and_channels_last():
-    trunk = GridTrunk("resnet18")
+    trunk = resnet18()
     loader = DataLoader(tiny_data(n=3), batch_size=2)
     ref, _ = extract_features(trunk, loader, "cpu")
     feats, _ = extract_features(trunk, loader, "cpu", channels_last=True, autocast_dtype=torch.bfloat16)

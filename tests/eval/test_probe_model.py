@@ -1,7 +1,12 @@
-"""The linear-probe network: frozen trunk, fresh ``fc``, and the moved-weights check."""
+"""The linear-probe network: frozen registered trunk, its read-out, a fresh ``fc``; the moved-weights check."""
+import pytest
 import torch
+import torchvision
 
-from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
+from w2ssl.checkpoint import save_atomic
+from w2ssl.errors import UserError
+from w2ssl.eval.probe_model import Probe, build_model, changed_weights, trunk_state
+from w2ssl.trunks import build_trunk
 
 
 def test_changed_weights():
@@ -20,5 +25,49 @@ def test_random_model_is_frozen_but_fc_and_its_trunk_state_has_no_fc():
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
     assert not changed_weights(model.state_dict(), state)
     with torch.no_grad():
-        model.layer1[0].bn1.running_mean.add_(1.0)
+        model.trunk.layer1[0].bn1.running_mean.add_(1.0)
     assert changed_weights(model.state_dict(), state) == ["layer1.0.bn1.running_mean"]
+
+
+def test_a_resnet_probe_is_torchvisions_resnet_key_for_key_and_logit_for_logit():
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", 5)
+    reference = torchvision.models.resnet18(num_classes=5).eval()
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in reference.state_dict().items()}
+    model.load_state_dict(reference.state_dict())  # torchvision -> probe
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+        probe = torchvision.models.resnet18(num_classes=5).eval()
+        probe.load_state_dict(model.state_dict())  # probe -> torchvision (users load probe checkpoints there)
+        torch.testing.assert_close(probe(x), reference(x))
+
+
+def vit_checkpoint(path, arch="vit_small", seed=0):
+    """A fake pre-training checkpoint of a real ``arch`` trunk; returns the trunk's state."""
+    torch.manual_seed(seed)
+    trunk = build_trunk(arch).state_dict()
+    save_atomic({"epoch": 1, "arch": arch, "state_dict": {f"base_encoder.{k}": v for k, v in trunk.items()}}, path)
+    return trunk
+
+
+@pytest.mark.parametrize("feature", ["avg", "cls"])
+def test_a_vit_probe_reads_the_patch_token_average_or_the_class_token(tmp_path, feature):
+    trunk = vit_checkpoint(tmp_path / "vit.pth.tar")
+    torch.manual_seed(1)
+    model, reference = build_model("vit_small", 3, tmp_path / "vit.pth.tar", vit_feature=feature)
+    assert isinstance(model, Probe) and not changed_weights(model.state_dict(), trunk)
+    assert list(model.state_dict()) == [*trunk, "fc.weight", "fc.bias"]  # timm names, then the linear head
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.trunk.forward_tokens(x)  # [2, 1 + 2·2, 384]
+        feature_ref = tokens[:, 1:].mean(dim=1) if feature == "avg" else tokens[:, 0]
+        torch.testing.assert_close(model(x), feature_ref @ model.fc.weight.T + model.fc.bias)
+
+
+def test_a_probe_of_another_arch_names_the_checkpoints_own(tmp_path):
+    vit_checkpoint(tmp_path / "vit.pth.tar")
+    with pytest.raises(UserError, match="--pretrained .*trunk is a vit_small but --arch resnet18 was given"):
+        build_model("resnet18", 3, tmp_path / "vit.pth.tar")

@@ -14,13 +14,13 @@ from PIL import Image
 from torch import nn
 
 from tests.helpers import group_norm
-from w2ssl.checkpoint import check_trunk, extract_trunk
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.twocrop import two_crop
 from w2ssl.eval.probe_model import build_model
 from w2ssl.export import TARGETS, export
 from w2ssl.methods.mocov3 import MoCoV3, infonce
 from w2ssl.methods.viewnorm import normalise_per_view
+from w2ssl.trunk_weights import check_trunk, extract_trunk
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 
@@ -202,7 +202,7 @@ def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint_0000.pth.tar"
     torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict()}, ckpt)
     probe, _ = build_model("resnet18", 5, pretrained=ckpt)
-    assert torch.equal(probe.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
+    assert torch.equal(probe.trunk.layer4[1].bn2.weight, model.base_encoder.layer4[1].bn2.weight)
     for target in TARGETS:
         weights, _ = export(ckpt, tmp_path / f"{target}.pth", target, "resnet18")
         assert torch.equal(weights["conv1.weight"], model.base_encoder.conv1.weight)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from w2ssl.methods.vit_heads import predictor, projector
+from w2ssl.trunks import build_trunk, trunk_names, trunk_spec
 from w2ssl.trunks.resnet import grid_pool
 from w2ssl.trunks.vit import (
     ConvStem,
@@ -92,6 +93,23 @@ def test_tile_vectors_pool_each_quadrants_tokens_only():
         for j in range(2):
             quadrant = fmap[:, :, 7 * i:7 * i + 7, 7 * j:7 * j + 7]
             expected = torch.einsum("h,bchw,w->bc", weights, quadrant, weights)
+            torch.testing.assert_close(cells[:, :, i, j], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_64_px_montage_gives_one_vector_per_tile_from_its_own_quadrant_and_a_sixteenth_spill():
+    # 64 px -> 4 x 4 tokens, each tile a 2 x 2 quadrant. Bilinear 4 -> 8 then the mean of 4 weighs the token
+    # rows (columns) by [8, 7, 1, 0] / 16 for the top (left) tiles and [0, 1, 7, 8] / 16 for the others:
+    # 1/16 falls on the neighbouring quadrant's nearest row (METHOD §11: exact split from 224 px on).
+    weights = torch.tensor([[8, 7, 1, 0], [0, 1, 7, 8]], dtype=torch.float32) / 16
+    x = torch.randn(2, 3, 64, 64)
+    trunk = tiny()
+    with torch.no_grad():
+        tokens = trunk.forward_tokens(x)[:, 1:].reshape(2, 4, 4, 32)  # row-major patch tokens
+        cells = grid_pool(trunk(x))
+    assert cells.shape == (2, 32, 2, 2)
+    for i in range(2):
+        for j in range(2):
+            expected = torch.einsum("h,bhwc,w->bc", weights[i], tokens, weights[j])
             torch.testing.assert_close(cells[:, :, i, j], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -204,3 +222,10 @@ def test_vit_small_at_224_shape():
     torch.manual_seed(0)
     with torch.no_grad():
         assert vit_small().eval()(torch.randn(1, 3, 224, 224)).shape == (1, 384, 14, 14)
+
+
+def test_the_vits_are_registered_trunks_of_family_vit():
+    assert trunk_names("vit") == ("vit_small", "vit_base", "vit_conv_small", "vit_conv_base")
+    assert all(trunk_spec(name).family == "vit" for name in trunk_names("vit"))
+    trunk = build_trunk("vit_conv_small", depth=1)
+    assert isinstance(trunk, ViTTrunk) and isinstance(trunk.patch_embed, ConvStem) and trunk.num_features == 384

@@ -1,6 +1,7 @@
 """Weighted k-nearest-neighbour evaluation on frozen trunk features (InstDisc / DINO protocol).
 
-Features are the global average pool of the trunk's layer4 output, L2-normalised. A test image's
+Features are the global average pool of the trunk's feature map (a ViT: its patch-token average or its
+class token), L2-normalised. A test image's
 class scores sum ``exp(sim / T)`` over its ``k`` most similar training images per label.
 """
 from __future__ import annotations
@@ -17,26 +18,22 @@ from torch.utils.data.distributed import DistributedSampler
 
 from w2ssl.data.datasets import BadImages, LabelledLoader, check_same_classes, eval_transform, labelled_loader
 from w2ssl.dist import distributed as D
-from w2ssl.trunks.resnet import TRUNK_LAYERS
 
 KS = (20, 200)
 TEMPERATURE = 0.07
 CHUNK = 256
 
 
-def pooled_features(model: nn.Module, x: Tensor) -> Tensor:
-    """``[B, 3, H, W] -> [B, C]``: mean over H, W of the layer4 output.
+def pooled_features(trunk: nn.Module, x: Tensor, vit_feature: str = "avg") -> Tensor:
+    """``[B, 3, H, W] -> [B, C]``: one vector per image from a registered trunk (METHOD §7, §11).
 
-    Works for :class:`~w2ssl.trunks.resnet.GridTrunk` and any torchvision ResNet (its ``fc`` is skipped,
-    so a linear-probe model gives trunk features too); other modules must return ``[B, C]`` or
-    ``[B, C, H, W]``.
+    A ViT gives ``vit_feature(x, vit_feature)`` (the patch-token average, or the class token with ``"cls"``);
+    any other trunk the mean over ``h, w`` of its ``[B, C, h, w]`` map (a ``[B, C]`` output is kept as is).
     """
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    if all(hasattr(model, name) for name in TRUNK_LAYERS):
-        for name in TRUNK_LAYERS:
-            x = getattr(model, name)(x)
-    else:
-        x = model(x)
+    trunk = getattr(trunk, "module", trunk)  # DistributedDataParallel
+    if hasattr(trunk, "vit_feature"):
+        return trunk.vit_feature(x, vit_feature)
+    x = trunk(x)
     return x.mean(dim=(2, 3)) if x.dim() == 4 else x
 
 
@@ -76,9 +73,9 @@ def _merge_shards(idx: Tensor, feats: Tensor, labels: Tensor, size: int) -> tupl
 
 @torch.no_grad()
 def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | str, channels_last: bool = False,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                     autocast_dtype: torch.dtype | None = None, vit_feature: str = "avg") -> tuple[Tensor, Tensor]:
     """Features ``[n, C]`` (float32, unit L2 norm) and labels ``[n]`` (int64) of every ``(images, labels)``
-    or ``(images, labels, dataset indices)`` batch.
+    or ``(images, labels, dataset indices)`` batch (:func:`pooled_features`).
 
     Runs ``trunk`` in eval mode and restores each submodule's train/eval flag afterwards. Under
     torch.distributed, the shards of all processes are merged in dataset order (the indices come with
@@ -96,7 +93,7 @@ def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | 
             indices += index
             images = images.to(device, non_blocking=True, memory_format=fmt)
             with amp:
-                f = pooled_features(trunk, images)
+                f = pooled_features(trunk, images, vit_feature)
             feats.append(F.normalize(f.float(), dim=1))
             labels.append(torch.as_tensor(target).to(device, torch.long))
     finally:
@@ -201,10 +198,10 @@ class KnnResult:
 
 def knn_eval(trunk: nn.Module, train_loader: Iterable, test_loader: Iterable, device: torch.device | str,
              num_classes: int, ks: Iterable[int] = KS, temperature: float = TEMPERATURE, channels_last: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> KnnResult:
+             autocast_dtype: torch.dtype | None = None, vit_feature: str = "avg") -> KnnResult:
     """Extract both sets with :func:`extract_features` and return :func:`knn_accuracy` with its counts."""
-    train = extract_features(trunk, train_loader, device, channels_last, autocast_dtype)
-    test = extract_features(trunk, test_loader, device, channels_last, autocast_dtype)
+    train = extract_features(trunk, train_loader, device, channels_last, autocast_dtype, vit_feature)
+    test = extract_features(trunk, test_loader, device, channels_last, autocast_dtype, vit_feature)
     accuracy = knn_accuracy(train[0], train[1], test[0], test[1], num_classes, ks, temperature)
     sizes = [len(loader.dataset) for loader in (train_loader, test_loader) if hasattr(loader, "dataset")]
     unreadable = sum(sizes) - len(train[0]) - len(test[0]) if len(sizes) == 2 else 0

@@ -21,13 +21,13 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
         batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
         train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
                                              BadImages(args.strict_data, logger.warn if ctx.is_main else None))
-        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint, args.vit_feature)
         model.to(ctx.device)
         channels_last = ctx.device.type == "cuda"
         prepare_model(model, channels_last)
         start = time.perf_counter()
-        result = knn_eval(model, train, val, ctx.device, classes, channels_last=channels_last,
-                          autocast_dtype=PRECISIONS[args.precision or "fp32"])
+        result = knn_eval(model.trunk, train, val, ctx.device, classes, channels_last=channels_last,
+                          autocast_dtype=PRECISIONS[args.precision or "fp32"], vit_feature=args.vit_feature)
         logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
         logger.scalars(0, knn_scalars(result), prefix="eval/")
     finally:

@@ -1,4 +1,4 @@
-"""The linear probe (METHOD §7) in one process of a run: frozen torchvision trunk, trained ``fc``.
+"""The linear probe (METHOD §7, §11) in one process of a run: frozen registered trunk, trained ``fc``.
 
 MoCo v3's protocol: SGD on ``fc`` only with lr = ``--lr`` × batch / 256 on a per-epoch half-cosine,
 the trunk in ``eval()`` mode (BatchNorm statistics frozen), top-1/top-5 on val after every epoch,
@@ -31,7 +31,6 @@ from w2ssl.data.datasets import (
 )
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
-from w2ssl.eval.knn import pooled_features
 from w2ssl.eval.knn_probe import knn_probe
 from w2ssl.eval.metrics import Tally, coverage
 from w2ssl.eval.probe_cache import FeatureCache
@@ -67,7 +66,8 @@ class LinearProbe:
         self.root = Path(args.data)
         self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
         self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
-        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint)
+        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
+                                                 args.vit_feature)
         self.model.to(self.device)
         self.channels_last = self.device.type == "cuda"
         prepare_model(self.model, self.channels_last)
@@ -96,10 +96,10 @@ class LinearProbe:
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
     def trunk_features(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 average-pooled layer4 features (no gradient)."""
+        """``[B, 3, H, W]`` images -> ``[B, C]`` float32 trunk features (:meth:`Probe.features`, no gradient)."""
         images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
         with autocast(self.device, self.precision):
-            return pooled_features(self.model, images).float()
+            return self.model.features(images).float()
 
     def _features(self, x: Tensor) -> Tensor:
         """Images through the trunk, or cached ``[B, C]`` features as float32."""
@@ -165,6 +165,11 @@ class LinearProbe:
                 raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
                                 f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
                                 f"{state['arch']}")
+            feature = (state.get("args") or {}).get("vit_feature", "avg")
+            if feature != self.args.vit_feature:
+                raise UserError(f"--resume {path} is a probe of --vit-feature {feature} but --vit-feature "
+                                f"{self.args.vit_feature} was given: pass --vit-feature {feature} or another "
+                                f"--save-dir")
             self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")

@@ -1,4 +1,4 @@
-"""The linear-probe network (METHOD §7): torchvision ResNet, pre-trained trunk, only ``fc`` trainable.
+"""The linear-probe network (METHOD §7, §11): a frozen registered trunk, its one-vector read-out, a linear ``fc``.
 
 Also the check that closes a probe run: which trunk weights moved (none may).
 """
@@ -7,37 +7,74 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
-from w2ssl import checkpoint as ckpt_io
 from w2ssl.errors import UserError
+from w2ssl.eval.knn import pooled_features
+from w2ssl.trunk_weights import read_trunk
+from w2ssl.trunks import build_trunk
+
+
+class Probe(nn.Module):
+    """``[B, 3, H, W] -> [B, num_classes]``: ``fc(pooled_features(trunk(x)))``, no BatchNorm in the head.
+
+    The state dict is flat, the trunk's own keys plus ``fc.*``: for a ResNet exactly torchvision's
+    ``resnet*(num_classes)`` (probe checkpoints load there), for a ViT timm's names plus ``fc.*``.
+    ``vit_feature`` picks a ViT's vector (``avg`` patch tokens or ``cls``); ResNets ignore it.
+    """
+
+    def __init__(self, trunk: nn.Module, num_classes: int, vit_feature: str = "avg"):
+        super().__init__()
+        self.trunk, self.vit_feature = trunk, vit_feature
+        self.fc = nn.Linear(trunk.num_features, num_classes)
+        # ``trunk.`` is our module structure, not part of the weights' names
+        self.register_state_dict_post_hook(_drop_trunk_prefix)
+        self.register_load_state_dict_pre_hook(_add_trunk_prefix)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W] -> [B, C]`` (:func:`~w2ssl.eval.knn.pooled_features`)."""
+        return pooled_features(self.trunk, x, self.vit_feature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+def _drop_trunk_prefix(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    inner = prefix + "trunk."
+    items = list(state.items())
+    state.clear()
+    state.update((prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in items)
+
+
+def _add_trunk_prefix(module: nn.Module, state: dict, prefix: str, *_) -> None:
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "fc.")]:
+        state[prefix + "trunk." + key[len(prefix):]] = state.pop(key)
 
 
 def load_pretrained(path: str | Path, arch: str | None, trust: bool) -> tuple[dict[str, Tensor], str]:
-    """The trunk of pre-training checkpoint ``path`` (ours, the authors' or MoCo v3's) with torchvision keys,
-    and its architecture (``arch`` if given, checked; else the checkpoint's own)."""
+    """The trunk of pre-training checkpoint ``path`` (ours, the authors' or MoCo v3's) with the registered
+    trunk's keys, and its architecture (``arch`` if given, checked; else the checkpoint's own)."""
     try:
-        return ckpt_io.read_trunk(path, arch, trust)
+        return read_trunk(path, arch, trust)
     except UserError as e:
         where = "--pretrained: " if str(path) in str(e) else f"--pretrained {path}: "
         raise UserError(where + str(e)) from None
 
 
-def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None,
-                trust: bool = False) -> tuple[nn.Module, dict[str, Tensor] | None]:
-    """torchvision ``arch`` with only ``fc`` trainable, in eval mode, and the trunk it was loaded with.
+def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None, trust: bool = False,
+                vit_feature: str = "avg") -> tuple[Probe, dict[str, Tensor] | None]:
+    """:class:`Probe` of the registered trunk ``arch`` with only ``fc`` trainable, in eval mode, and the trunk
+    weights it was loaded with.
 
     ``fc.weight ~ N(0, 0.01)``, ``fc.bias = 0``. The second value is the loaded trunk (the reference
     of :func:`changed_weights`), or None without ``pretrained``.
     """
-    model = torchvision.models.__dict__[arch](num_classes=num_classes)
+    trunk = build_trunk(arch)
     reference = None
     if pretrained:
         reference, _ = load_pretrained(pretrained, arch, trust)
-        model.load_state_dict({**model.state_dict(), **reference})
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("fc.")
+        trunk.load_state_dict(reference)
+    model = Probe(trunk.requires_grad_(False), num_classes, vit_feature)
     nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model.eval(), reference

@@ -8,12 +8,14 @@ multiple of 16: 64-px montages on the CPU, 224-px montages on GPUs) and added to
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, partial
 
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from w2ssl.trunks.registry import register_trunk
 
 PATCH = 16
 VIT_CONFIGS = {  # MoCo v3's vits.py: 12 heads for the small model too (timm's vit_small has 6)
@@ -23,6 +25,7 @@ VIT_CONFIGS = {  # MoCo v3's vits.py: 12 heads for the small model too (timm's v
     "vit_conv_base": dict(embed_dim=768, depth=11, num_heads=12, conv_stem=True),
 }
 VIT_ARCHS = tuple(VIT_CONFIGS)
+TIMM_MODELS = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}  # same weight shapes
 FEATURES = ("avg", "cls")
 
 
@@ -160,6 +163,10 @@ def build_vit(arch: str, stop_grad_conv1: bool = False, **overrides) -> ViTTrunk
     return ViTTrunk(stop_grad_conv1=stop_grad_conv1, **{**VIT_CONFIGS[arch], **overrides})
 
 
+for _arch in VIT_ARCHS:
+    register_trunk(_arch, "vit")(partial(build_vit, _arch))
+
+
 def vit_small(**kwargs) -> ViTTrunk:
     return build_vit("vit_small", **kwargs)
 
@@ -193,3 +200,13 @@ def to_timm_state_dict(trunk_state: dict[str, Tensor], img_size: int = 224) -> d
     grid = img_size // PATCH
     pos = torch.cat([torch.zeros(1, cls.shape[-1]), sincos_2d(grid, grid, cls.shape[-1])]).unsqueeze(0)
     return {**trunk_state, "pos_embed": pos.to(cls.dtype)}
+
+
+def timm_loading(arch: str) -> str:
+    """How to build the timm model that loads :func:`to_timm_state_dict` of ``arch`` and computes its function."""
+    config = VIT_CONFIGS[arch]
+    if config.get("conv_stem"):
+        return (f"timm.models.VisionTransformer(embed_dim={config['embed_dim']}, depth={config['depth']}, "
+                f"num_heads={config['num_heads']}, embed_layer=ConvStem) with w2ssl.trunks.vit.ConvStem "
+                f"(the proj.* names are its layers)")
+    return f"timm.create_model(\"{TIMM_MODELS[arch]}\", num_heads={config['num_heads']})"
