@@ -157,6 +157,7 @@ def test_precision_helpers():
         autocast(CPU, "fp8")
 
 
+@pytest.mark.slow  # starts bash processes
 def test_gpu_scripts_parse_and_refuse_unknown_parts():
     for script in ("run_gpu.sh", "gpu_check.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)

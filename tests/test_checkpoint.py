@@ -1,5 +1,6 @@
 import argparse
 import errno
+import functools
 import io
 import os
 import pickle
@@ -44,8 +45,13 @@ class Exploit:
         return (os.system, ("touch /tmp/w2ssl_pwned",))
 
 
+@functools.cache  # one random resnet18 for the session: the tests only read it
+def resnet18_state() -> dict[str, torch.Tensor]:
+    return torchvision.models.resnet18().state_dict()
+
+
 def layouts():
-    sd = torchvision.models.resnet18().state_dict()
+    sd = resnet18_state()
     trunk = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     ours = {"state_dict": {**{f"base_encoder.{k}": v for k, v in trunk.items()},
                            "projector.0.weight": torch.zeros(4, 512),
@@ -73,7 +79,7 @@ def test_extract_trunk_from_every_layout(layout, tmp_path):
 
 def test_linear_probe_and_wrong_arch_are_refused():
     trunk, _ = layouts()
-    probe = {"state_dict": {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}
+    probe = {"state_dict": {f"module.{k}": v for k, v in resnet18_state().items()}}
     with pytest.raises(UserError, match="linear-probe"):
         extract_trunk(probe)
     with pytest.raises(UserError, match="trunk is a resnet18 but --arch resnet50 was given"):
@@ -222,7 +228,7 @@ def test_load_into_names_the_mismatch():
     # A wholly different model: a few key names, never the whole list.
     big = torchvision.models.resnet50()
     with pytest.raises(UserError) as e:
-        load_into(big, torchvision.models.resnet18().state_dict(), "c.pth", "resnet50")
+        load_into(big, resnet18_state(), "c.pth", "resnet50")
     assert len(str(e.value)) < 300 and "and 195 more" in str(e.value)
     load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
     assert torch.equal(model.weight, torch.ones(2, 3))
@@ -231,8 +237,7 @@ def test_load_into_names_the_mismatch():
 def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
     trunk, ckpts = layouts()
     save_atomic(trunk, tmp_path / "export.pth")
-    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {},
-                 "state_dict": torchvision.models.resnet50().state_dict()}
+    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": resnet18_state()}  # 122 keys
     save_atomic(big_probe, tmp_path / "probe.pth.tar")
     save_atomic(ckpts["authors"], tmp_path / "authors.pth.tar")
     with pytest.raises(UserError, match=r"--resume .*export.pth is an exported trunk .* not a pre-training checkpoint"):
@@ -255,10 +260,11 @@ def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
 
 @pytest.mark.parametrize("case", ["export", "probe", "directory"])
 def test_main_moco_resume_of_another_kind_of_file_is_one_line(image_root, tmp_path, capsys, case):
-    trunk, _ = layouts()
-    save_atomic(trunk, tmp_path / "export.pth")
-    probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": torchvision.models.resnet18().state_dict()}
-    save_atomic(probe, tmp_path / "probe.pth.tar")
+    if case == "export":
+        save_atomic(layouts()[0], tmp_path / "export.pth")
+    if case == "probe":
+        save_atomic({"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": resnet18_state()},
+                    tmp_path / "probe.pth.tar")
     resume, message = {"export": (tmp_path / "export.pth", "is an exported trunk"),
                        "probe": (tmp_path / "probe.pth.tar", "is a linear-probe checkpoint"),
                        "directory": (tmp_path, "is a directory")}[case]
