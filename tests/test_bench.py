@@ -1,5 +1,6 @@
 """The step benchmark and the speed options: every optimisation keeps the math."""
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ def bench_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+@functools.cache  # the plain run is the reference of two tests: made once
 def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
     """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
     torch.manual_seed(0)
