@@ -366,10 +366,16 @@ def one_epoch(image_root, tmp_path_factory):
     return out
 
 
+def copy_run(src, dst) -> None:
+    """``src``'s run folder at ``dst``, checkpoints as hard links: runs replace checkpoint files (write and
+    rename) or unlink them, never write into one; the log, which a run appends to, is copied."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (os.link if a.endswith(".pth.tar") else shutil.copy2)(a, b))
+
+
 def interrupted_copy(one_epoch, tmp_path, iteration: int, batch_size: int):
     """``one_epoch`` as if stopped during epoch 0 after ``iteration`` steps of ``batch_size`` images."""
     out = tmp_path / "run"
-    shutil.copytree(one_epoch, out)
+    copy_run(one_epoch, out)
     (out / epoch_name(0)).unlink()
     state = load(out / LAST)
     state["epoch"], state["iteration"], state["global_step"] = 0, iteration, iteration
@@ -403,7 +409,7 @@ def test_resume_after_an_epochs_last_step_writes_that_epochs_checkpoint(image_ro
 def test_full_disk_in_a_run_stops_with_one_line_and_keeps_the_last_checkpoints(image_root, one_epoch, tmp_path,
                                                                                monkeypatch, capsys):
     out = tmp_path / "run"
-    shutil.copytree(one_epoch, out)
+    copy_run(one_epoch, out)
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, errno.ENOSPC))
     assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "2", "--workers", "0", "--save-dir", out) == 2
     monkeypatch.undo()
