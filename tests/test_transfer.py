@@ -481,6 +481,7 @@ def _cli(det_data, ckpt, out, *extra, val: bool = True) -> list[str]:
             "--warmup-iters", "1", "--steps", "2", "--print-freq", "1", *extra]
 
 
+@pytest.mark.slow  # end to end: several whole finetune runs, checkpoints and evaluations in process
 def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, capsys, few_test_proposals):
     out = tmp_path / "run"
     assert finetune.main(_cli(det_data, r18_ckpt, out, "--iters", "2", "--ckpt-period", "1", val=False)) == 0
@@ -508,6 +509,7 @@ def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, cap
     assert "does not fit this run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end: several whole finetune runs, checkpoints and evaluations in process
 def test_finetune_skips_an_unreadable_image(det_data, r18_ckpt, tmp_path, capsys, few_test_proposals):
     ann, images = det_data
     copy = tmp_path / "images"
