@@ -1,5 +1,6 @@
 """The step benchmark and the speed options: every optimisation keeps the math."""
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ def bench_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+@functools.cache  # the plain run is the reference of two tests: made once
 def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
     """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
     torch.manual_seed(0)
@@ -120,17 +122,33 @@ def test_markdown_table():
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x | 1234.6 |", "| y | - |", "| z | 0.0123 |"]
 
 
-def test_prepare_model_compiles_named_children_in_place():
-    model = step.MoCoV3("resnet18", dim=8, mlp_dim=16)
+def test_prepare_model_compiles_named_children_in_place(monkeypatch):
+    """The named children run as compiled graphs (seen by a recording backend), the rest stays eager;
+    parameter names do not change and 4-D weights become NHWC."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(" ".join(str(node.target) for node in gm.graph.nodes))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": recording_backend}))
+    model = torch.nn.Module()
+    model.base_encoder, model.momentum_encoder = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 1)
+    model.projector = torch.nn.Linear(4, 2)
     keys = list(model.state_dict())
     prepare_model(model, channels_last=True, compile=True, compile_children=step.TRUNKS)
-    assert model.base_encoder._compiled_call_impl is not None
-    assert model.momentum_encoder._compiled_call_impl is not None
-    assert model.projector._compiled_call_impl is None
+    x = torch.randn(1, 3, 5, 5)
+    model.projector(model.base_encoder(x).mean(dim=(2, 3)))
+    assert len(graphs) == 1 and "conv2d" in graphs[0] and "linear" not in graphs[0]
+    model.momentum_encoder(x)
+    model.projector(torch.randn(1, 4))
+    assert len(graphs) == 2 and "conv2d" in graphs[1] and "linear" not in graphs[1]
     assert list(model.state_dict()) == keys
-    assert model.base_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.base_encoder.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow  # starts bash processes
 def test_gpu_scripts_parse_and_refuse_unknown_parts():
     for script in ("run_gpu.sh", "gpu_check.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)

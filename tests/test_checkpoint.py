@@ -1,5 +1,6 @@
 import argparse
 import errno
+import functools
 import io
 import os
 import pickle
@@ -38,8 +39,13 @@ class Exploit:
         return (os.system, ("touch /tmp/w2ssl_pwned",))
 
 
+@functools.cache  # one random resnet18 for the session: the tests only read it
+def resnet18_state() -> dict[str, torch.Tensor]:
+    return torchvision.models.resnet18().state_dict()
+
+
 def layouts():
-    sd = torchvision.models.resnet18().state_dict()
+    sd = resnet18_state()
     trunk = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     ours = {"state_dict": {**{f"base_encoder.{k}": v for k, v in trunk.items()},
                            "projector.0.weight": torch.zeros(4, 512),
@@ -182,7 +188,7 @@ def test_load_into_names_the_mismatch():
     # A wholly different model: a few key names, never the whole list.
     big = torchvision.models.resnet50()
     with pytest.raises(UserError) as e:
-        load_into(big, torchvision.models.resnet18().state_dict(), "c.pth", "resnet50")
+        load_into(big, resnet18_state(), "c.pth", "resnet50")
     assert len(str(e.value)) < 300 and "and 195 more" in str(e.value)
     load_into(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "c.pth", "--arch x")
     assert torch.equal(model.weight, torch.ones(2, 3))
@@ -191,8 +197,7 @@ def test_load_into_names_the_mismatch():
 def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
     trunk, ckpts = layouts()
     save_atomic(trunk, tmp_path / "export.pth")
-    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {},
-                 "state_dict": torchvision.models.resnet50().state_dict()}
+    big_probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": resnet18_state()}  # 122 keys
     save_atomic(big_probe, tmp_path / "probe.pth.tar")
     save_atomic(ckpts["authors"], tmp_path / "authors.pth.tar")
     with pytest.raises(UserError, match=r"--resume .*export.pth is an exported trunk .* not a pre-training checkpoint"):
@@ -215,10 +220,11 @@ def test_resume_of_another_kind_of_file_says_what_it_is(tmp_path):
 
 @pytest.mark.parametrize("case", ["export", "probe", "directory"])
 def test_main_moco_resume_of_another_kind_of_file_is_one_line(image_root, tmp_path, capsys, case):
-    trunk, _ = layouts()
-    save_atomic(trunk, tmp_path / "export.pth")
-    probe = {"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": torchvision.models.resnet18().state_dict()}
-    save_atomic(probe, tmp_path / "probe.pth.tar")
+    if case == "export":
+        save_atomic(layouts()[0], tmp_path / "export.pth")
+    if case == "probe":
+        save_atomic({"epoch": 90, "best_acc1": 1.0, "optimizer": {}, "state_dict": resnet18_state()},
+                    tmp_path / "probe.pth.tar")
     resume, message = {"export": (tmp_path / "export.pth", "is an exported trunk"),
                        "probe": (tmp_path / "probe.pth.tar", "is a linear-probe checkpoint"),
                        "directory": (tmp_path, "is a directory")}[case]
@@ -320,10 +326,16 @@ def one_epoch(image_root, tmp_path_factory):
     return out
 
 
+def copy_run(src, dst) -> None:
+    """``src``'s run folder at ``dst``, checkpoints as hard links: runs replace checkpoint files (write and
+    rename) or unlink them, never write into one; the log, which a run appends to, is copied."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (os.link if a.endswith(".pth.tar") else shutil.copy2)(a, b))
+
+
 def interrupted_copy(one_epoch, tmp_path, iteration: int, batch_size: int):
     """``one_epoch`` as if stopped during epoch 0 after ``iteration`` steps of ``batch_size`` images."""
     out = tmp_path / "run"
-    shutil.copytree(one_epoch, out)
+    copy_run(one_epoch, out)
     (out / epoch_name(0)).unlink()
     state = load(out / LAST)
     state["epoch"], state["iteration"], state["global_step"] = 0, iteration, iteration
@@ -357,7 +369,7 @@ def test_resume_after_an_epochs_last_step_writes_that_epochs_checkpoint(image_ro
 def test_full_disk_in_a_run_stops_with_one_line_and_keeps_the_last_checkpoints(image_root, one_epoch, tmp_path,
                                                                                monkeypatch, capsys):
     out = tmp_path / "run"
-    shutil.copytree(one_epoch, out)
+    copy_run(one_epoch, out)
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, errno.ENOSPC))
     assert pretrain(image_root, *TINY, "-b", "8", "--epochs", "2", "--workers", "0", "--save-dir", out) == 2
     monkeypatch.undo()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FC = ["fc.bias", "fc.weight"]
 
 
+@functools.cache  # built once per test session: the tests only read it
 def trunk_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random ``arch`` trunk (no fc) with non-default BN statistics, so that every tensor is distinctive."""
     torch.manual_seed(seed)
@@ -56,6 +58,7 @@ def mocov3(trunk):
     return {"epoch": 300, "arch": "resnet50", "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
 
 
+@functools.cache  # every load overwrites all trunk tensors and check_loads compares all of them
 def target_model(to, arch):
     return torchvision.models.__dict__[arch]() if to == "torchvision" else timm.create_model(arch, pretrained=False)
 

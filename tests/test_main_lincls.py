@@ -341,11 +341,12 @@ def test_torchrun_two_processes_count_every_val_image_once(image_root, pretraine
 
 
 # ----------------------------------------------------------------- unreadable images, probe folders, arch
-@pytest.fixture
-def synthetic(tmp_path) -> Path:
-    """A pre-training checkpoint of a random resnet18 trunk (no pre-training run needed)."""
-    save_atomic(layout("ours", random_trunk()), tmp_path / "synthetic.pth.tar")
-    return tmp_path / "synthetic.pth.tar"
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A pre-training checkpoint of a random resnet18 trunk (no pre-training run needed); read-only."""
+    path = tmp_path_factory.mktemp("synthetic") / "synthetic.pth.tar"
+    save_atomic(layout("ours", random_trunk()), path)
+    return path
 
 
 @pytest.fixture

@@ -407,6 +407,14 @@ def test_norm_params_get_no_weight_decay():
 # Fewer sampled anchors and proposals than torchvision's defaults: same code paths, a fraction of the CPU time.
 SMALL = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_batch_size_per_image": 64,
          "box_batch_size_per_image": 64, "min_size": (64,), "max_size": 96}
+FEW_TEST_PROPOSALS = {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}  # not 1000 per image
+
+
+@pytest.fixture
+def few_test_proposals(monkeypatch):
+    """finetune_torchvision.py's detectors evaluate 100 proposals per image: the box head's cost at test time."""
+    build = finetune.build_detector
+    monkeypatch.setattr(finetune, "build_detector", lambda *a, **kw: build(*a, **{**kw, **FEW_TEST_PROPOSALS}))
 
 
 def _sgd(model: torch.nn.Module) -> TrainStep:
@@ -445,7 +453,8 @@ def test_mask_rcnn_step_and_mask_results(det_data, r18):
     data = coco_data.CocoDetection(ann, images, train=True, masks=True)
     images, targets = _batch(data, 2)
     torch.manual_seed(0)
-    model = detector.build_detector(r18, data.num_classes, model="mask", arch="resnet18", trainable_layers=0, **SMALL)
+    model = detector.build_detector(r18, data.num_classes, model="mask", arch="resnet18", trainable_layers=0,
+                                    **SMALL, **FEW_TEST_PROPOSALS)
     losses = engine.train_step(model, _sgd(model), images, targets)
     assert "loss_mask" in losses and np.isfinite(list(losses.values())).all()
     model.roi_heads.score_thresh = 0.0  # an untrained head: keep every box so that masks come out
@@ -477,7 +486,8 @@ def _cli(det_data, ckpt, out, *extra, val: bool = True) -> list[str]:
             "--warmup-iters", "1", "--steps", "2", "--print-freq", "1", *extra]
 
 
-def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, capsys):
+@pytest.mark.slow  # end to end: several whole finetune runs, checkpoints and evaluations in process
+def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, capsys, few_test_proposals):
     out = tmp_path / "run"
     assert finetune.main(_cli(det_data, r18_ckpt, out, "--iters", "2", "--ckpt-period", "1", val=False)) == 0
     log = (out / "log.txt").read_text()
@@ -504,7 +514,8 @@ def test_finetune_cli_trains_resumes_evaluates(det_data, r18_ckpt, tmp_path, cap
     assert "does not fit this run" in capsys.readouterr().err
 
 
-def test_finetune_skips_an_unreadable_image(det_data, r18_ckpt, tmp_path, capsys):
+@pytest.mark.slow  # end to end: several whole finetune runs, checkpoints and evaluations in process
+def test_finetune_skips_an_unreadable_image(det_data, r18_ckpt, tmp_path, capsys, few_test_proposals):
     ann, images = det_data
     copy = tmp_path / "images"
     copy.mkdir()

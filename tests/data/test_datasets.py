@@ -56,6 +56,7 @@ class SlowItems(torch.utils.data.Dataset):
         return key[0]
 
 
+@pytest.mark.slow  # starts worker processes
 def test_loader_prefetches_the_next_epoch_while_this_one_trains():
     sampler = ResumableSampler(8, batch_size=4, seed=0)
     sampler.set_epoch(0, until=2)

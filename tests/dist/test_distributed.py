@@ -38,8 +38,17 @@ def close(actual, expected, name: str, **tol) -> None:
 
 
 def build(group_norm: bool, fused: bool) -> nn.Module:
+    """The momentum weights start away from the base ones, so that the step's EMA moves them."""
     torch.manual_seed(0)
-    return tiny_model(norm=group_norm, fused_views=fused).double()
+    model = tiny_model(norm=group_norm, fused_views=fused).double()
+    with torch.no_grad():
+        for p in momentum_state(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def momentum_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.startswith("momentum_")}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, group_norm: bool, fused: bool) -> None:
@@ -54,13 +63,15 @@ def worker(rank: int, world: int, port: int, out_dir: str, group_norm: bool, fus
     perm = torch.randperm(2 * N, generator=torch.Generator().manual_seed(1))
     out, grads = step(net, local1, local2, perm)  # DDP averages the gradients
     buffers = {n: b.clone() for n, b in model.named_buffers()}
+    momentum = {n: p.detach().clone() for n, p in momentum_state(model).items()}
     # Without an explicit permutation, rank 0's is broadcast: different seeds still agree.
     torch.manual_seed(100 + rank)
     model.zero_grad()
     loss_bcast = model(local1, local2, m=0.9)["loss"].detach()
     gathered = [torch.zeros_like(loss_bcast) for _ in range(world)]
     dist.all_gather(gathered, loss_bcast)
-    torch.save({"out": out, "grads": grads, "bcast": gathered, "buffers": buffers}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"out": out, "grads": grads, "bcast": gathered, "buffers": buffers, "momentum": momentum},
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -74,10 +85,13 @@ def worker(rank: int, world: int, port: int, out_dir: str, group_norm: bool, fus
 def test_processes_equal_one(tmp_path, monkeypatch, world, group_norm, fused):
     hide_gpus(monkeypatch)
     model = build(group_norm, fused=False)  # the reference runs a call per view
+    start = {n: p.clone() for n, p in momentum_state(model).items()}
     view1, view2 = random_views(N, TILE, dtype=torch.float64)
     perm = torch.randperm(2 * N, generator=torch.Generator().manual_seed(1))
     ref_out, ref_grads = step(model, view1, view2, perm)
     ref_buffers = dict(model.named_buffers())
+    ref_momentum = momentum_state(model)
+    assert all(not torch.equal(p, start[n]) for n, p in ref_momentum.items()), "the step's EMA must move them"
 
     args = (world, free_port(), str(tmp_path), group_norm, fused)
     mp.start_processes(worker, args=args, nprocs=world, start_method="spawn")
@@ -91,6 +105,9 @@ def test_processes_equal_one(tmp_path, monkeypatch, world, group_norm, fused):
         assert res["buffers"].keys() == ref_buffers.keys()
         for name, b in ref_buffers.items():
             close(res["buffers"][name], b, name, rtol=1e-9, atol=1e-12)
+        assert res["momentum"].keys() == ref_momentum.keys()
+        for name, p in ref_momentum.items():
+            close(res["momentum"][name], p, name, rtol=0, atol=0)
         assert all(torch.equal(b, res["bcast"][0]) for b in res["bcast"])
 
 

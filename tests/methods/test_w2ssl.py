@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.helpers import random_views, tiny_model
 from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks.resnet import TRUNK_LAYERS
 
 
 def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
@@ -53,16 +57,84 @@ def test_loss_magnitudes_and_weights():
     assert 0.5 < out["loss_what"].item() / (2 * 0.3 / 0.07 * torch.log(torch.tensor(31.0)).item()) < 1.5
 
 
-def test_permutation_is_shared_by_both_views():
-    # Identical views and an identity permutation-invariant check: with view2 == view1 the two
-    # SupCon terms see the same montages, so swapping the views leaves the loss unchanged.
+def _reference_grid(trunk, montages):
+    """METHOD §3 as the authors compute it: the trunk's layers in order, bilinear resize to 8x8, then a
+    2x2 average pool: ``[M, 3, 2t, 2t] -> [M, C, 2, 2]``."""
+    x = montages
+    for name in TRUNK_LAYERS:
+        x = getattr(trunk, name)(x)
+    return F.adaptive_avg_pool2d(F.interpolate(x, (8, 8), mode="bilinear", align_corners=False), 2)
+
+
+def _reference_supcon(z, labels, t=0.3, t0=0.07):
+    """METHOD §5's SupCon, a loop per anchor and positive."""
+    total = z.new_zeros(())
+    for i in range(len(z)):
+        s = z @ z[i] / t
+        log_denom = torch.logsumexp(torch.cat([s[:i], s[i + 1:]]), dim=0)
+        pos = [j for j in range(len(z)) if j != i and labels[j] == labels[i]]
+        total = total - t0 ** -1 * t * sum(s[j] - log_denom for j in pos) / len(pos)
+    return total / len(z)
+
+
+def reference_losses(model, view1, view2, m, perm):
+    """METHOD §2–§5 written out on a copy of ``model``'s modules: the EMA, montages by hand, the
+    resize-then-pool read-out, SupCon over ``[p1; k2]`` and ``[p2; k1]`` and the where cross-entropy."""
+    model = copy.deepcopy(model)
+    n = len(view1[0])
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # §4: the momentum weights move before they compute anything
+        for name, p in params.items():
+            for mom, base in (("momentum_encoder.", "base_encoder."), ("momentum_projector.", "projector.")):
+                if name.startswith(mom):
+                    p.copy_(m * p + (1 - m) * params[base + name.removeprefix(mom)])
+
+    def tile_features(trunk, view):  # §2–§3: row k is the feature of S[k] = T[perm[k]]
+        s = torch.cat(view)[perm]
+        mm = n // 2
+        montages = torch.stack([torch.cat([torch.cat([s[j], s[mm + j]], dim=2),
+                                           torch.cat([s[2 * mm + j], s[3 * mm + j]], dim=2)], dim=1)
+                                for j in range(mm)])
+        grid = _reference_grid(trunk, montages)
+        return torch.stack([grid[k % mm, :, k // mm // 2, k // mm % 2] for k in range(2 * n)])
+
+    q1, q2 = tile_features(model.base_encoder, view1), tile_features(model.base_encoder, view2)
+    with torch.no_grad():
+        f1, f2 = tile_features(model.momentum_encoder, view1), tile_features(model.momentum_encoder, view2)
+        k1, k2 = model.momentum_projector(f1), model.momentum_projector(f2)
+    p1, p2 = model.predictor(model.projector(q1)), model.predictor(model.projector(q2))
+    source, pos = perm % n, (perm >= n).long()
+    logits = model.where_head(q1)
+    loss_where = -sum(logits[i, pos[i]] - torch.logsumexp(logits[i], dim=0) for i in range(2 * n)) / (2 * n)
+    labels = torch.cat([source, source])
+    loss_what = (_reference_supcon(F.normalize(torch.cat([p1, k2]), dim=1), labels)
+                 + _reference_supcon(F.normalize(torch.cat([p2, k1]), dim=1), labels))
+    return {"loss": model.loss_where_weight * loss_where + model.loss_what_weight * loss_what,
+            "loss_what": loss_what, "loss_where": loss_where,
+            "where_acc": (logits.argmax(dim=1) == pos).double().mean()}
+
+
+def w2ssl_outputs(model, view1, view2, m, perm):
+    """One W2SSL forward (the call the reference is checked against)."""
+    return model(view1, view2, m=m, perm=perm)
+
+
+def test_losses_equal_a_direct_reference_implementation():
+    """Tile 32 -> 64 px montages -> 2x2 layer4 maps, so the four grid cells differ; momentum weights
+    moved away from the base ones so that the EMA's order matters."""
     torch.manual_seed(0)
-    model = tiny_model().eval()
-    v1, v2 = random_views(4, 16)
-    perm = torch.randperm(8)
-    a = model(v1, v2, m=1.0, perm=perm)["loss_what"]
-    b = model(v2, v1, m=1.0, perm=perm)["loss_what"]
-    torch.testing.assert_close(a, b)
+    model = tiny_model(loss_where_weight=0.7, loss_what_weight=1.3).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("momentum_"):
+                p.add_(0.05 * torch.randn_like(p))
+    view1, view2 = random_views(4, 32, dtype=torch.float64)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    ref = reference_losses(model, view1, view2, 0.9, perm)
+    out = w2ssl_outputs(model, view1, view2, 0.9, perm)
+    for key, value in ref.items():
+        torch.testing.assert_close(out[key].detach(), value.detach(), rtol=1e-10, atol=1e-12, msg=key)
+    assert 0 < ref["where_acc"] < 1  # a swapped where label would change it
 
 
 def test_fused_views_equal_a_call_per_view():
