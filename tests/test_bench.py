@@ -1,5 +1,6 @@
 """The step benchmark and the speed options: every optimisation keeps the math."""
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 import main_moco
-import w2ssl.trunks.resnet
+import w2ssl.methods.w2ssl
 from bench import common, e2e, step
 from tests.helpers import TINY, cpu_env
 from w2ssl import cli
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
 from w2ssl.train.speed import autocast, grad_scaler, prepare_model
+from w2ssl.trunks import build_trunk
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -38,13 +40,13 @@ def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
 def test_w2ssl_step_same_with_channels_last(monkeypatch):
     plain = w2ssl_losses()
     layouts = []
-    separable = w2ssl.trunks.resnet.grid_pool
+    separable = w2ssl.methods.w2ssl.grid_pool
 
     def recording_pool(fmap):
         layouts.append(fmap.is_contiguous(memory_format=torch.channels_last))
         return separable(fmap)
 
-    monkeypatch.setattr(w2ssl.trunks.resnet, "grid_pool", recording_pool)
+    monkeypatch.setattr(w2ssl.methods.w2ssl, "grid_pool", recording_pool)
     nhwc = w2ssl_losses(channels_last=True)
     assert layouts and all(layouts), "channels_last must reach the trunk's layer4 output"
     assert not torch.equal(plain[0], plain[-1]), "the steps must change the weights"
@@ -121,7 +123,7 @@ def test_markdown_table():
 
 
 def test_prepare_model_compiles_named_children_in_place():
-    model = step.MoCoV3("resnet18", dim=8, mlp_dim=16)
+    model = step.MoCoV3(functools.partial(build_trunk, "resnet18"), dim=8, mlp_dim=16)
     keys = list(model.state_dict())
     prepare_model(model, channels_last=True, compile=True, compile_children=step.TRUNKS)
     assert model.base_encoder._compiled_call_impl is not None

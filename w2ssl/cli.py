@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from w2ssl.errors import UserError
-from w2ssl.trunks.resnet import ARCHS
+from w2ssl.trunks import trunk_names
 
 
 def default_workers() -> int:
@@ -28,7 +28,7 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     """
     parser.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ (and val/) folders")
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values; the command line overrides it")
-    parser.add_argument("-a", "--arch", default=arch, choices=ARCHS,
+    parser.add_argument("-a", "--arch", default=arch, choices=trunk_names(),
                         help="trunk architecture" if arch else
                         "trunk architecture (default: the checkpoint's own, read from its weights)")
     parser.add_argument("-j", "--workers", default=default_workers(), type=int, metavar="N",

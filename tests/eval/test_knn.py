@@ -27,7 +27,7 @@ from w2ssl.eval.knn import (
     knn_predict,
     pooled_features,
 )
-from w2ssl.trunks.resnet import GridTrunk
+from w2ssl.trunks.resnet import ResNetTrunk
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
@@ -166,7 +166,7 @@ def test_extract_features_shapes_norms_and_modes():
 def test_extract_features_image_folder(image_root):
     tf = torchvision.transforms.Compose([torchvision.transforms.Resize((32, 32)), torchvision.transforms.ToTensor()])
     data = torchvision.datasets.ImageFolder(str(image_root / "val"), transform=tf)
-    feats, labels = extract_features(GridTrunk("resnet18"), DataLoader(data, batch_size=5), "cpu")
+    feats, labels = extract_features(ResNetTrunk("resnet18"), DataLoader(data, batch_size=5), "cpu")
     assert feats.shape == (12, 512)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(12))
     assert labels.tolist() == data.targets
@@ -174,7 +174,7 @@ def test_extract_features_image_folder(image_root):
 
 def test_pooled_features_same_for_gridtrunk_resnet_with_fc_and_identity_fc():
     model = resnet18().eval()
-    trunk = GridTrunk("resnet18").eval()
+    trunk = ResNetTrunk("resnet18").eval()
     trunk.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
     x = tiny_data(n=2).tensors[0]
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_pooled_features_same_for_gridtrunk_resnet_with_fc_and_identity_fc():
 
 
 def test_extract_features_autocast_and_channels_last():
-    trunk = GridTrunk("resnet18")
+    trunk = ResNetTrunk("resnet18")
     loader = DataLoader(tiny_data(n=3), batch_size=2)
     ref, _ = extract_features(trunk, loader, "cpu")
     feats, _ = extract_features(trunk, loader, "cpu", channels_last=True, autocast_dtype=torch.bfloat16)

@@ -1,34 +1,37 @@
+import functools
+
 import pytest
 import torch
 
 from tests.helpers import random_views, tiny_model
 from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks import build_trunk
 
 
 def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
     model = tiny_model()
-    for base, mom in model.momentum_pairs:
+    for base, mom in zip(model.momentum_pairs.base, model.momentum_pairs.momentum):
         assert torch.equal(base, mom) and not mom.requires_grad
 
 
 def test_ema_closed_form():
     model = tiny_model()
-    start = [mom.clone() for _, mom in model.momentum_pairs]
+    start = [mom.clone() for _, mom in zip(model.momentum_pairs.base, model.momentum_pairs.momentum)]
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.add_(torch.randn_like(p))
     m, k = 0.9, 3
     for _ in range(k):
         model.update_momentum(m)
-    for (base, mom), m0 in zip(model.momentum_pairs, start):
+    for (base, mom), m0 in zip(zip(model.momentum_pairs.base, model.momentum_pairs.momentum), start):
         torch.testing.assert_close(mom, m ** k * m0 + (1 - m ** k) * base)
 
 
 def test_resnet50_forward_backward_at_tile_32():
     torch.manual_seed(0)
-    model = W2SSL("resnet50")
+    model = W2SSL(functools.partial(build_trunk, "resnet50"))
     view1, view2 = random_views(4, 32)
-    out = model(view1, view2, m=0.99)
+    out = model(view1, view2, m=0.99, perm=torch.randperm(8))
     assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
     assert torch.isfinite(out["loss"])
     torch.testing.assert_close(out["loss"].detach(), out["loss_what"] + out["loss_where"])
@@ -46,7 +49,7 @@ def test_resnet50_forward_backward_at_tile_32():
 def test_loss_magnitudes_and_weights():
     torch.manual_seed(0)
     model = tiny_model(loss_where_weight=0.5, loss_what_weight=2.0)
-    out = model(*random_views(8, 16), m=0.99)
+    out = model(*random_views(8, 16), m=0.99, perm=torch.randperm(16))
     torch.testing.assert_close(out["loss"].detach(), 0.5 * out["loss_where"] + 2.0 * out["loss_what"])
     # At initialisation the where head is near chance and SupCon near (τ/τ_b)·log(4N−1) per view pair.
     assert abs(out["loss_where"].item() - 0.693) < 0.3
@@ -100,7 +103,7 @@ def test_fused_views_equal_a_call_per_view():
 def test_bad_input_raises_value_error(views, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
-        model(*views(), m=0.99)
+        model(*views(), m=0.99, perm=torch.randperm(8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -8,12 +8,14 @@ multiple of 16: 64-px montages on the CPU, 224-px montages on GPUs) and added to
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, partial
 
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from w2ssl.trunks.registry import register_trunk
 
 PATCH = 16
 VIT_CONFIGS = {  # MoCo v3's vits.py: 12 heads for the small model too (timm's vit_small has 6)
@@ -158,6 +160,10 @@ def build_vit(arch: str, stop_grad_conv1: bool = False, **overrides) -> ViTTrunk
     if arch not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT arch {arch!r}; choose one of {', '.join(VIT_ARCHS)}")
     return ViTTrunk(stop_grad_conv1=stop_grad_conv1, **{**VIT_CONFIGS[arch], **overrides})
+
+
+for _arch in VIT_ARCHS:
+    register_trunk(_arch, "vit")(partial(build_vit, _arch))
 
 
 def vit_small(**kwargs) -> ViTTrunk:
