@@ -135,8 +135,11 @@ def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trun
 
     if tile < 1 or not fits(tile):
         fitting = next(t for t in range(max(tile, 1), 4096) if fits(t))
-        raise UserError(f"--tile-size {tile} does not fit {arch} (an input of {input_size(max(tile, 1))} px must "
-                        f"leave its last layer a feature map): pass --tile-size {fitting} (112 as published)")
+        if any(fits(t) for t in range(1, tile)):  # a ViT: the input's side must be a multiple of 16
+            raise UserError(f"--tile-size {tile} does not fit {arch} (an input of {input_size(tile)} px is not a "
+                            f"whole number of patches): pass --tile-size {fitting} (112 as published)")
+        raise UserError(f"--tile-size {tile} is too small for {arch} (its input must leave the last layer a "
+                        f"feature map): pass --tile-size {fitting} or more (112 as published)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
