@@ -230,3 +230,23 @@ def test_knn_every_epoch_and_tensorboard_scalars(image_root, tmp_path):
         assert steps == [0, 1, 2], name  # every iteration, though printed every 2
     assert "eval/knn_top1_k20" in tags["scalars"]
     assert {"montages/view1", "montages/view2"} <= set(tags["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["w2ssl", "mocov3"])
+def test_vit_small_trains_with_either_method(image_root, tmp_path, capsys, method):
+    """-a vit_small through main_moco.py (in this process) with the ViT recipe's defaults and --stop-grad-conv1."""
+    argv = [image_root, *TINY, "-a", "vit_small", "--tile-size", "32", "--method", method, "--stop-grad-conv1",
+            "-b", "8", "--workers", "0", "--epochs", "1", "--lr", "1e-2", "--save-dir", tmp_path]
+    assert run_inprocess(main_moco.main, argv) == 0
+    assert f"=> {method} on vit_small" in capsys.readouterr().out
+    assert len(logged_losses(tmp_path / "log.txt")) == 3
+    ckpt = torch.load(tmp_path / "checkpoint_0000.pth.tar", weights_only=True)
+    state = ckpt["state_dict"]
+    assert (ckpt["arch"], ckpt["method"], ckpt["args"]["optimizer"], ckpt["args"]["moco_m_cos"]) == (
+        "vit_small", method, "adamw", True)
+    assert "base_encoder.blocks.11.mlp.fc2.weight" in state and "base_encoder.pos_embed" not in state
+    # the frozen patch projection stays the momentum encoder's copy; the blocks trained
+    def same(key: str) -> bool:
+        return torch.equal(state[f"base_encoder.{key}"], state[f"momentum_encoder.{key}"])
+    assert same("patch_embed.proj.weight") and not same("blocks.0.attn.qkv.weight")

@@ -1,4 +1,5 @@
 import functools
+import math
 
 import pytest
 import torch
@@ -165,3 +166,21 @@ def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
     with FlopCounterMode(display=False) as counter:
         model.heads(q1, q2, f1, f2, torch.randperm(2 * n), n)["loss"].backward()
     assert counter.get_total_flops() == head_flops(n, 1, width=512, hidden=32, dim=16)
+
+
+def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
+    """The real vit_small on 64-px montages (tile 32, a 4x4 patch grid, 2x2 grid pooled), MoCo v3's ViT heads."""
+    torch.manual_seed(0)
+    model = W2SSL(functools.partial(build_trunk, "vit_small"), dim=16, mlp_dim=32, family="vit")
+    assert model.base_encoder.num_features == 384 and len(model.projector) == 8
+    view1, view2 = random_views(4, 32)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(4):
+        out = model(view1, view2, m=0.99, perm=perm)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
