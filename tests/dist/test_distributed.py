@@ -54,13 +54,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, group_norm: bool, fus
     perm = torch.randperm(2 * N, generator=torch.Generator().manual_seed(1))
     out, grads = step(net, local1, local2, perm)  # DDP averages the gradients
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    # Without an explicit permutation, rank 0's is broadcast: different seeds still agree.
-    torch.manual_seed(100 + rank)
-    model.zero_grad()
-    loss_bcast = model(local1, local2, m=0.9)["loss"].detach()
-    gathered = [torch.zeros_like(loss_bcast) for _ in range(world)]
-    dist.all_gather(gathered, loss_bcast)
-    torch.save({"out": out, "grads": grads, "bcast": gathered, "buffers": buffers}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"out": out, "grads": grads, "buffers": buffers}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -91,7 +85,6 @@ def test_processes_equal_one(tmp_path, monkeypatch, world, group_norm, fused):
         assert res["buffers"].keys() == ref_buffers.keys()
         for name, b in ref_buffers.items():
             close(res["buffers"][name], b, name, rtol=1e-9, atol=1e-12)
-        assert all(torch.equal(b, res["bcast"][0]) for b in res["bcast"])
 
 
 def report_context(ctx, args) -> None:

@@ -36,8 +36,7 @@ class Pretrainer:
     """One process's share of a pre-training run."""
 
     def __init__(self, ctx: D.Context, args: Namespace):
-        self.ctx, self.args = ctx, args
-        self.device = ctx.device
+        self.ctx, self.args, self.device = ctx, args, ctx.device
         self.logger = Logger(args.save_dir, ctx.is_main)
         self.seed = shared_seed(args.seed, self.device)
         seed_everything(self.seed)
@@ -169,8 +168,7 @@ class Pretrainer:
         self.logger.info(f"=> {args.method} on {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
                          f"{self.device.type}, batch {args.batch_size} images, lr {self.lr:.4g}, "
                          f"{self.iters_per_epoch} iterations per epoch, seed {self.seed}")
-        total = args.epochs * self.iters_per_epoch
-        self.eta = ETA(total, self.step)
+        self.eta = ETA(args.epochs * self.iters_per_epoch, self.step)
         # One stream of batches for the rest of the run: the workers prefetch across epoch boundaries.
         self.sampler.set_epoch(self.epoch, self.iteration, until=args.epochs)
         self.batches = iter(self.loader) if self.epoch < args.epochs else iter(())
