@@ -27,7 +27,7 @@ CHUNK = 256
 def pooled_features(model: nn.Module, x: Tensor) -> Tensor:
     """``[B, 3, H, W] -> [B, C]``: mean over H, W of the layer4 output.
 
-    Works for :class:`~w2ssl.trunks.resnet.GridTrunk` and any torchvision ResNet (its ``fc`` is skipped,
+    Works for :class:`~w2ssl.trunks.resnet.ResNetTrunk` and any torchvision ResNet (its ``fc`` is skipped,
     so a linear-probe model gives trunk features too); other modules must return ``[B, C]`` or
     ``[B, C, H, W]``.
     """
