@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""W2SSL self-supervised pre-training: parse, check, launch (see README.md)."""
+"""Self-supervised pre-training (W2SSL, or the MoCo v3 baseline): parse, check, launch (see README.md)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -13,16 +13,29 @@ from w2ssl import cli, demo
 from w2ssl.checkpoint import check_resume_path
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
-from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.methods.registry import build_model, method_names, method_spec
 from w2ssl.train import disk
 from w2ssl.train.pretrain import train
+from w2ssl.trunks import trunk_names, trunk_spec
+
+# MoCo v3's ViT recipe: the defaults of these flags when --arch is a ViT and neither the command line nor
+# --config sets them (--lr is scaled by batch/256 as for ResNets).
+FAMILY_DEFAULTS = {"vit": {"optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
+                           "epochs": 300, "moco_m_cos": True, "moco_m": 0.99}}
+EPILOG = ("ViT trunks (-a vit_*) default to MoCo v3's ViT recipe for the flags not given: --optimizer adamw "
+          "--lr 1.5e-4 --wd 0.1 --warmup-epochs 40 --epochs 300 --moco-m-cos --moco-m 0.99.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="W2SSL ImageNet pre-training")
+    parser = argparse.ArgumentParser(description="W2SSL ImageNet pre-training", epilog=EPILOG)
     cli.add_common(parser, batch_size=512, lr=0.6, wd=1e-6, epochs=200, print_freq=100, save_dir="outputs")
+    parser.add_argument("--method", default="w2ssl", choices=method_names(),
+                        help="w2ssl (the default), or mocov3: MoCo v3's two views at 2 x --tile-size px, the baseline")
+    parser.add_argument("--stop-grad-conv1", action="store_true",
+                        help="ViTs with a patch projection (vit_small, vit_base): keep it random and frozen (MoCo v3)")
     w2 = parser.add_argument_group("W2SSL")
-    w2.add_argument("--tile-size", default=112, type=int, help="side of each crop; montages are twice as large")
+    w2.add_argument("--tile-size", default=112, type=int,
+                    help="side of each crop; montages (and MoCo v3's views) are twice as large")
     w2.add_argument("--crop-min", default=0.2, type=float, help="minimum RandomResizedCrop scale")
     w2.add_argument("--crop_proj_dim", default=256, type=int, help="projector/predictor output dimension")
     w2.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden dimension of the MLP heads")
@@ -30,9 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     w2.add_argument("--loss_loc", default=1.0, type=float, help="weight of the 'where' loss")
     w2.add_argument("--loss_crop", default=1.0, type=float, help="weight of the 'what' loss")
     w2.add_argument("--moco-m", default=0.99, type=float, help="momentum of the EMA encoder")
-    w2.add_argument("--moco-m-cos", action="store_true", help="raise the momentum to 1 on a half-cosine")
-    w2.add_argument("--moco-dim", default=256, type=int, help="MoCo v3 flag, unused by W2SSL (as in the authors' code)")
-    w2.add_argument("--moco-t", default=1.0, type=float, help="MoCo v3 flag, unused by W2SSL (as in the authors' code)")
+    w2.add_argument("--moco-m-cos", action=argparse.BooleanOptionalAction, default=False,
+                    help="raise the momentum to 1 on a half-cosine")
+    w2.add_argument("--moco-dim", default=256, type=int,
+                    help="--method mocov3: projector/predictor output dimension (unused by W2SSL, as in the "
+                         "authors' code)")
+    w2.add_argument("--moco-t", default=1.0, type=float,
+                    help="--method mocov3: InfoNCE temperature (unused by W2SSL, as in the authors' code)")
     w2.add_argument("--loss_clu", default=1.0, type=float, help="authors' flag, unused by their released model")
     w2.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
     w2.add_argument("--warmup-epochs", default=10, type=int, metavar="N")
@@ -65,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """:func:`w2ssl.cli.parse` with :data:`FAMILY_DEFAULTS` of the ``--arch`` given (command line, else
+    ``--config``) under the config's values and the command line's."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-a", "--arch")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    arch = known.arch or (cli.load_config(known.config, parser).get("arch") if known.config else None)
+    if arch in trunk_names():
+        parser.set_defaults(**FAMILY_DEFAULTS.get(trunk_spec(arch).family, {}))
+    return cli.parse(parser, argv)
+
+
 def check(args: argparse.Namespace, world_size: int) -> None:
     """Checks that can fail before any process starts."""
     if not args.data:
@@ -72,16 +102,17 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     train_dir = Path(args.data) / "train"
     if not train_dir.is_dir():
         raise UserError(f"{train_dir} does not exist: DIR must hold a train/ folder of class sub-folders")
-    if args.batch_size <= 0 or args.batch_size % (2 * world_size):
-        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of 2 x {world_size} "
-                        f"processes (each montage takes 2 images per process)")
-    if args.batch_size < 4 * world_size:
-        raise UserError(f"--batch-size {args.batch_size} leaves each of the {world_size} process(es) "
-                        f"{args.batch_size // world_size // 2} montage per view, and BatchNorm needs at least 2: "
-                        f"pass --batch-size {4 * world_size} or more")
+    method = method_spec(args.method)
+    method.check_batch(args.batch_size, world_size)
+    if args.gpu_aug and method.gpu_transform is None:
+        raise UserError(f"--gpu-aug has no device augmentation for --method {args.method}: drop --gpu-aug")
+    if args.stop_grad_conv1 and (trunk_spec(args.arch).family != "vit" or args.arch.startswith("vit_conv")):
+        raise UserError(f"--stop-grad-conv1 freezes a ViT's linear patch projection, which {args.arch} does "
+                        f"not have: drop --stop-grad-conv1")
     with torch.device("meta"):  # shapes and sizes only: nothing is allocated
-        model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, fused_views=args.fused_views)
-    check_tile_size(args.tile_size, args.arch, model.base_encoder.eval())  # eval: shapes only, no batch statistics
+        model = build_model(args)
+    # eval: shapes only, no batch statistics
+    check_tile_size(args.tile_size, args.arch, method.input_size, model.base_encoder.eval())
     if not args.max_iters:  # --max-iters writes no checkpoint
         disk.refuse_if_too_small(args.save_dir, disk.checkpoint_bytes(model, args.optimizer))
     if args.demo and args.max_iters:
@@ -92,23 +123,28 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     check_resume_path(args.resume)
 
 
-def check_tile_size(tile: int, arch: str, trunk: nn.Module) -> None:
-    """A montage (2 x ``tile`` pixels) must leave ``trunk`` (on the meta device) a layer-4 map of at least 1x1."""
+def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trunk: nn.Module) -> None:
+    """The trunk's input for ``tile`` (``input_size(tile)`` px: a montage, or MoCo v3's view) must leave
+    ``trunk`` (on the meta device) a feature map of at least 1x1 (ViTs: a side that is a multiple of 16)."""
     def fits(t: int) -> bool:
+        side = input_size(t)
         try:
-            return min(trunk.features(torch.empty(2, 3, 2 * t, 2 * t, device="meta")).shape[-2:]) >= 1
-        except (RuntimeError, ValueError):  # a kernel larger than its padded input
+            return min(trunk(torch.empty(2, 3, side, side, device="meta")).shape[-2:]) >= 1
+        except (RuntimeError, ValueError):  # a kernel larger than its padded input; a side ViTs cannot patch
             return False
 
     if tile < 1 or not fits(tile):
-        smallest = next(t for t in range(1, 4096) if fits(t))
-        raise UserError(f"--tile-size {tile} is too small for {arch} (a montage of 2 x tile pixels must leave its "
-                        f"last layer a feature map): pass --tile-size {smallest} or more (112 as published)")
+        fitting = next(t for t in range(max(tile, 1), 4096) if fits(t))
+        if any(fits(t) for t in range(1, tile)):  # a ViT: the input's side must be a multiple of 16
+            raise UserError(f"--tile-size {tile} does not fit {arch} (an input of {input_size(tile)} px is not a "
+                            f"whole number of patches): pass --tile-size {fitting} (112 as published)")
+        raise UserError(f"--tile-size {tile} is too small for {arch} (its input must leave the last layer a "
+                        f"feature map): pass --tile-size {fitting} or more (112 as published)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = cli.parse(parser, argv)
+    args = parse(parser, argv)
     if args.demo:
         args = demo.prepare(parser, argv)
     check(args, cli.expected_world_size(args))

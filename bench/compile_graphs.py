@@ -1,6 +1,6 @@
 """What ``torch.compile`` makes of a trunk with synchronised BatchNorm: 2 gloo processes on the CPU.
 
-Each process converts a ``GridTrunk`` with :func:`w2ssl.dist.syncbn.convert` (per-view with ``--views 2``),
+Each process converts a ``ResNetTrunk`` with :func:`w2ssl.dist.syncbn.convert` (per-view with ``--views 2``),
 compiles it and runs forward and backward three times; rank 0 prints dynamo's counts of graphs, graph
 breaks (with their reasons) and recompiles as one JSON line. PyTorch's ``nn.SyncBatchNorm`` breaks the
 graph at every call. Add ``TORCH_LOGS=graph_breaks,recompiles`` for dynamo's own log. Example:
@@ -25,7 +25,7 @@ from bench.heads import free_port  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.dist.syncbn import convert  # noqa: E402
 from w2ssl.methods.viewnorm import normalise_per_view  # noqa: E402
-from w2ssl.trunks.resnet import ARCHS, GridTrunk  # noqa: E402
+from w2ssl.trunks.resnet import ARCHS, ResNetTrunk  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -34,7 +34,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    trunk = convert(normalise_per_view(GridTrunk(args.arch), args.views))
+    trunk = convert(normalise_per_view(ResNetTrunk(args.arch), args.views))
     trunk.compile()
     x = torch.randn(2 * args.views, 3, 2 * args.tile_size, 2 * args.tile_size)
     for _ in range(3):

@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -28,6 +29,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
+from w2ssl.trunks import build_trunk  # noqa: E402
 
 
 def head_flops(n: int, world: int, width: int = 2048, hidden: int = 4096, dim: int = 256) -> float:
@@ -47,7 +49,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = W2SSL("resnet50", args.dim, args.mlp_dim, fused_views=args.fused_views)
+    model = W2SSL(partial(build_trunk, "resnet50"), args.dim, args.mlp_dim, fused_views=args.fused_views)
     model.convert_sync_batchnorm()
     n, width = args.batch_size, model.base_encoder.num_features
     rows = 2 * n // world

@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -33,6 +34,7 @@ from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
 from w2ssl.train.optim import LARS  # noqa: E402
 from w2ssl.train.speed import prepare_model, to_memory_format  # noqa: E402
 from w2ssl.train.step import TrainStep, resolve_precision  # noqa: E402
+from w2ssl.trunks import build_trunk  # noqa: E402
 from w2ssl.trunks.resnet import ARCHS  # noqa: E402
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
@@ -59,13 +61,16 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable
         return to_memory_format(torch.randn(b, 3, size, size, device=device, generator=gen), cl)
 
     if name == "w2ssl":
-        model = prepare_model(W2SSL(args.arch, fused_views=args.fused_views).to(device), cl, args.compile, TRUNKS)
+        w2ssl = W2SSL(partial(build_trunk, args.arch), fused_views=args.fused_views)
+        model = prepare_model(w2ssl.to(device), cl, args.compile, TRUNKS)
         view1, view2 = [images(t), images(t)], [images(t), images(t)]
+        perm = torch.randperm(2 * b)  # on the host, as the trainer draws it
         optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
-        return train_step(lambda: model(view1, view2, MOMENTUM)["loss"], optimizer, device, args.precision)
+        return train_step(lambda: model(view1, view2, MOMENTUM, perm)["loss"], optimizer, device, args.precision)
     if name in ("mocov3", "mocov3_fused"):
-        model = prepare_model(MoCoV3(args.arch, fused_views=name == "mocov3_fused").to(device), cl, args.compile,
-                              TRUNKS)
+        trunk = partial(build_trunk, args.arch, zero_init_residual=True)
+        mocov3 = MoCoV3(trunk, fused_views=name == "mocov3_fused")
+        model = prepare_model(mocov3.to(device), cl, args.compile, TRUNKS)
         x1, x2 = images(2 * t), images(2 * t)
         optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
         return train_step(lambda: model(x1, x2, MOMENTUM)["loss"], optimizer, device, args.precision)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks import build_trunk
 
 
 def group_norm(channels: int) -> nn.Module:
@@ -20,12 +21,10 @@ def group_norm(channels: int) -> nn.Module:
     return nn.GroupNorm(4, channels)
 
 
-def tiny_model(norm: bool = False, **kw) -> W2SSL:
+def tiny_model(norm: bool = False, arch: str = "resnet18", **kw) -> W2SSL:
     """resnet18 trunk with small heads; ``norm=True`` swaps BatchNorm2d for GroupNorm."""
-    kw = {"arch": "resnet18", "dim": 16, "mlp_dim": 32, **kw}
-    if norm:
-        kw["norm_layer"] = functools.partial(group_norm)
-    return W2SSL(**kw)
+    options = {"norm_layer": group_norm} if norm else {}
+    return W2SSL(functools.partial(build_trunk, arch, **options), **{"dim": 16, "mlp_dim": 32, **kw})
 
 
 def random_views(b: int, tile: int, seed: int = 0, dtype: torch.dtype = torch.float32):

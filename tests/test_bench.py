@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main_moco
-import w2ssl.trunks.resnet
+import w2ssl.methods.w2ssl
 from bench import common, e2e, step
 from tests.helpers import TINY, cpu_env
 from w2ssl import cli
@@ -40,13 +40,13 @@ def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
 def test_w2ssl_step_same_with_channels_last(monkeypatch):
     plain = w2ssl_losses()
     layouts = []
-    separable = w2ssl.trunks.resnet.grid_pool
+    separable = w2ssl.methods.w2ssl.grid_pool
 
     def recording_pool(fmap):
         layouts.append(fmap.is_contiguous(memory_format=torch.channels_last))
         return separable(fmap)
 
-    monkeypatch.setattr(w2ssl.trunks.resnet, "grid_pool", recording_pool)
+    monkeypatch.setattr(w2ssl.methods.w2ssl, "grid_pool", recording_pool)
     nhwc = w2ssl_losses(channels_last=True)
     assert layouts and all(layouts), "channels_last must reach the trunk's layer4 output"
     assert not torch.equal(plain[0], plain[-1]), "the steps must change the weights"

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from main_moco import build_parser
+import main_lincls
+import main_moco
+from main_moco import build_parser, parse
 from tests.helpers import TINY, logged_losses, run_script
-from w2ssl import cli
+from w2ssl import cli, export
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "README-W2SSL.txt"
 PUBLISHED_4GPU = ("--moco-m-cos --crop-min=.2 --dist-url 'tcp://localhost:10109' --multiprocessing-distributed "
@@ -128,9 +130,86 @@ def test_bad_input_exits_2_with_one_line(image_root, empty_root, tmp_path, case,
 
 def test_config_presets_parse():
     configs = Path(__file__).resolve().parents[1] / "configs"
-    for preset in sorted(configs.glob("pretrain_*.yaml")):
-        args = cli.parse(build_parser(), ["--config", str(preset), "DATA"])
-        assert args.batch_size in (512, 2048) and args.moco_m_cos and args.epochs == 200
+    presets = sorted(configs.glob("pretrain_*.yaml"))
+    assert len(presets) == 4
+    for preset in presets:
+        args = parse(build_parser(), ["--config", str(preset), "DATA"])
+        assert args.moco_m_cos and args.method == "w2ssl"
+        if args.arch.startswith("vit_"):  # MoCo v3's ViT recipe
+            assert (args.optimizer, args.lr, args.weight_decay, args.epochs) == ("adamw", 1.5e-4, 0.1, 300)
+            assert args.stop_grad_conv1 and args.batch_size in (1024, 4096)
+        else:
+            assert args.batch_size in (512, 2048) and args.epochs == 200 and args.optimizer == "lars"
+
+
+def test_vit_arch_defaults_to_the_vit_recipe_for_flags_not_given(tmp_path):
+    args = parse(build_parser(), ["-a", "vit_small", "DATA"])
+    assert (args.optimizer, args.lr, args.weight_decay, args.warmup_epochs, args.epochs) == ("adamw", 1.5e-4, 0.1,
+                                                                                              40, 300)
+    assert args.moco_m_cos and args.moco_m == 0.99
+    args = parse(build_parser(), ["-a", "vit_small", "--lr", "0.5", "--no-moco-m-cos", "--epochs", "3", "DATA"])
+    assert (args.lr, args.moco_m_cos, args.epochs, args.optimizer) == (0.5, False, 3, "adamw")
+    config = tmp_path / "c.yaml"
+    config.write_text("arch: vit_base\nwd: 0.05\n")
+    args = parse(build_parser(), ["--config", str(config), "DATA"])
+    assert (args.weight_decay, args.optimizer) == (0.05, "adamw")
+    args = parse(build_parser(), ["DATA"])  # ResNets: the authors' defaults
+    assert (args.optimizer, args.lr, args.weight_decay, args.epochs, args.moco_m_cos) == ("lars", 0.6, 1e-6, 200, False)
+    assert "ViT trunks (-a vit_*) default to MoCo v3's ViT recipe" in build_parser().format_help()
+
+
+def run_inprocess(main, argv) -> int:
+    """An entry point's ``main`` in this process: its exit code (a worker's error exits through SystemExit)."""
+    try:
+        return cli.run_main(main, [str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "mocov3", "--gpu-aug"], "--gpu-aug has no device augmentation for --method mocov3: drop --gpu-aug"),
+    (["--method", "mocov3", "-b", "0"], "--batch-size 0 must be a positive multiple of the 1 processes"),
+    (["--method", "mocov3", "-b", "1"], "fewer than 2 images"),
+    (["--stop-grad-conv1"], "which resnet18 does not have: drop --stop-grad-conv1"),
+    (["-a", "vit_conv_small", "--stop-grad-conv1"], "which vit_conv_small does not have"),
+    (["-a", "vit_small", "--tile-size", "20"],
+     r"--tile-size 20 does not fit vit_small \(an input of 40 px .*pass --tile-size 24 "),
+])
+def test_method_checks_exit_2_with_one_line(image_root, tmp_path, capsys, argv, message):
+    code = run_inprocess(main_moco.main, [image_root, *TINY, "--workers", "0", "--save-dir", tmp_path, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "log.txt").exists()
+
+
+@pytest.mark.slow
+def test_mocov3_checkpoint_goes_through_probe_knn_and_exports(image_root, tmp_path, capsys):
+    """MoCo v3 through main_moco.py (in this process, kNN every epoch), then the linear probe and both exports."""
+    out = tmp_path / "pretrain"
+    code = run_inprocess(main_moco.main, [image_root, *TINY, "--method", "mocov3", "--moco-dim", "16",
+                                          "-b", "8", "--workers", "0", "--epochs", "2", "--save-dir", out,
+                                          "--knn-every", "1", "--knn-data", image_root, "--knn-size", "32"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "=> mocov3 on resnet18" in stdout and re.search(r"epoch 1 kNN k=20 acc1 [\d.]+", stdout)
+    assert re.search(r"\tLoss \S+ \(\S+\)\tloss_ctr \S+ \(\S+\)\tctr_acc [\d.]+ \([\d.]+\)\timg/s", stdout)
+    assert len(logged_losses(out / "log.txt")) == 6
+    ckpt = torch.load(out / "checkpoint_last.pth.tar", weights_only=True)
+    assert (ckpt["method"], ckpt["arch"], ckpt["epoch"]) == ("mocov3", "resnet18", 2)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"base_encoder", "projector", "predictor",
+                                                             "momentum_encoder", "momentum_projector"}
+
+    probe = ["-a", "resnet18", "--input-size", "64", "-b", "8", "--workers", "0", "--seed", "0", "--epochs", "1"]
+    assert run_inprocess(main_lincls.main, [image_root, *probe, "--pretrained", out / "checkpoint_last.pth.tar",
+                                            "--save-dir", tmp_path / "probe"]) == 0
+    assert re.search(r"\* Acc@1 \d+\.\d+", capsys.readouterr().out)
+    for target in ("torchvision", "timm"):
+        assert export.main([str(out / "checkpoint_last.pth.tar"), str(tmp_path / f"{target}.pth"), "--to", target]) == 0
+        weights = torch.load(tmp_path / f"{target}.pth", weights_only=True)
+        assert torch.equal(weights["conv1.weight"], ckpt["state_dict"]["base_encoder.conv1.weight"])
+    resumed = run_inprocess(main_moco.main, [image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "3",
+                                             "--save-dir", out])
+    assert resumed == 2 and "pre-trained with --method mocov3: pass that method" in capsys.readouterr().err
 
 
 
@@ -151,3 +230,23 @@ def test_knn_every_epoch_and_tensorboard_scalars(image_root, tmp_path):
         assert steps == [0, 1, 2], name  # every iteration, though printed every 2
     assert "eval/knn_top1_k20" in tags["scalars"]
     assert {"montages/view1", "montages/view2"} <= set(tags["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["w2ssl", "mocov3"])
+def test_vit_small_trains_with_either_method(image_root, tmp_path, capsys, method):
+    """-a vit_small through main_moco.py (in this process) with the ViT recipe's defaults and --stop-grad-conv1."""
+    argv = [image_root, *TINY, "-a", "vit_small", "--tile-size", "32", "--method", method, "--stop-grad-conv1",
+            "-b", "8", "--workers", "0", "--epochs", "1", "--lr", "1e-2", "--save-dir", tmp_path]
+    assert run_inprocess(main_moco.main, argv) == 0
+    assert f"=> {method} on vit_small" in capsys.readouterr().out
+    assert len(logged_losses(tmp_path / "log.txt")) == 3
+    ckpt = torch.load(tmp_path / "checkpoint_0000.pth.tar", weights_only=True)
+    state = ckpt["state_dict"]
+    assert (ckpt["arch"], ckpt["method"], ckpt["args"]["optimizer"], ckpt["args"]["moco_m_cos"]) == (
+        "vit_small", method, "adamw", True)
+    assert "base_encoder.blocks.11.mlp.fc2.weight" in state and "base_encoder.pos_embed" not in state
+    # the frozen patch projection stays the momentum encoder's copy; the blocks trained
+    def same(key: str) -> bool:
+        return torch.equal(state[f"base_encoder.{key}"], state[f"momentum_encoder.{key}"])
+    assert same("patch_embed.proj.weight") and not same("blocks.0.attn.qkv.weight")

@@ -13,7 +13,8 @@ import torch
 
 from tests.conftest import write_folder
 from tests.helpers import ROOT, TINY, run_script
-from w2ssl.data.datasets import ResumableSampler, image_folder
+from w2ssl.data.datasets import image_folder
+from w2ssl.data.sampler import ResumableSampler
 
 pytestmark = pytest.mark.slow
 

@@ -39,8 +39,11 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+VIT = ["-a", "vit_small", "--lr", "0.01", "--warmup-epochs", "1"]  # AdamW (the ViT recipe), weights that move
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", [[], ["--gpu-aug"]], ids=["pil", "gpu-aug"])
+@pytest.mark.parametrize("pipeline", [[], ["--gpu-aug"], VIT], ids=["pil", "gpu-aug", "vit_small"])
 def test_one_and_two_processes_end_with_the_same_weights(data, tmp_path, pipeline):
     """Equal to float rounding: all weights together and every weight matrix within 1e-4 relative. BatchNorm's
     1-D parameters and statistics are held to 1e-3 absolute instead (they are O(1) or near 0, and a bias's

@@ -2,7 +2,7 @@
 from w2ssl.losses.supcon import supcon_loss
 from w2ssl.methods.montage import assemble, split_grid, tile_labels
 from w2ssl.methods.w2ssl import W2SSL
-from w2ssl.trunks.resnet import GridTrunk, grid_pool
+from w2ssl.trunks.resnet import grid_pool
 
-__all__ = ["W2SSL", "GridTrunk", "grid_pool", "supcon_loss", "assemble", "split_grid", "tile_labels"]
+__all__ = ["W2SSL", "grid_pool", "supcon_loss", "assemble", "split_grid", "tile_labels"]
 __version__ = "0.1.0"

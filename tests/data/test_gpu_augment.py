@@ -20,10 +20,11 @@ from tests.helpers import TINY, logged_losses, run_script
 from w2ssl.data import gpu_decode
 from w2ssl.data import gpu_ops as G
 from w2ssl.data.augment import MEAN, STD, FourCrop, split_left_right
-from w2ssl.data.datasets import PretrainDataset, ResumableSampler
+from w2ssl.data.datasets import PretrainDataset
 from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path, pad_groups, regions
 from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch, nvjpeg_decodable
 from w2ssl.data.gpu_params import crop_boxes, jitter_params, jitter_plan, sample_keys, tile_params, uniforms
+from w2ssl.data.sampler import ResumableSampler
 from w2ssl.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's io

@@ -64,14 +64,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, group_norm: bool, fus
     out, grads = step(net, local1, local2, perm)  # DDP averages the gradients
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     momentum = {n: p.detach().clone() for n, p in momentum_state(model).items()}
-    # Without an explicit permutation, rank 0's is broadcast: different seeds still agree.
-    torch.manual_seed(100 + rank)
-    model.zero_grad()
-    loss_bcast = model(local1, local2, m=0.9)["loss"].detach()
-    gathered = [torch.zeros_like(loss_bcast) for _ in range(world)]
-    dist.all_gather(gathered, loss_bcast)
-    torch.save({"out": out, "grads": grads, "bcast": gathered, "buffers": buffers, "momentum": momentum},
-               f"{out_dir}/rank{rank}.pt")
+    torch.save({"out": out, "grads": grads, "buffers": buffers, "momentum": momentum}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -108,7 +101,6 @@ def test_processes_equal_one(tmp_path, monkeypatch, world, group_norm, fused):
         assert res["momentum"].keys() == ref_momentum.keys()
         for name, p in ref_momentum.items():
             close(res["momentum"][name], p, name, rtol=0, atol=0)
-        assert all(torch.equal(b, res["bcast"][0]) for b in res["bcast"])
 
 
 def report_context(ctx, args) -> None:

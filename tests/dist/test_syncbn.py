@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.test_distributed import free_port
+from tests.dist.test_distributed import free_port
 from w2ssl.dist.syncbn import SyncNorm, convert
 from w2ssl.methods.viewnorm import PerViewNorm, normalise_per_view
 

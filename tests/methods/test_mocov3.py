@@ -1,6 +1,5 @@
 """MoCo v3 (w2ssl.methods.mocov3): the published loss, written out by hand; gradients, EMA, layout, world size."""
 import functools
-import math
 import os
 import random
 import socket
@@ -14,22 +13,30 @@ from PIL import Image
 from torch import nn
 
 from tests.helpers import group_norm
+from tests.losses.test_infonce import reference_ctr
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.twocrop import two_crop
 from w2ssl.eval.probe_model import build_model
 from w2ssl.export import TARGETS, export
-from w2ssl.methods.mocov3 import MoCoV3, infonce
+from w2ssl.methods.mocov3 import MoCoV3
 from w2ssl.methods.viewnorm import normalise_per_view
 from w2ssl.trunk_weights import check_trunk, extract_trunk
+from w2ssl.trunks import build_trunk
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 
 
-def tiny(**kw) -> MoCoV3:
+def resnet18(**options) -> functools.partial:
+    """The trunk builder MoCo v3's method passes: torchvision's ``zero_init_residual=True``."""
+    return functools.partial(build_trunk, "resnet18", zero_init_residual=True, **options)
+
+
+def tiny(norm_layer=None, **kw) -> MoCoV3:
     """resnet18 MoCo v3 in float64; the base branch moved off the momentum one (so the EMA shows) and
     off its zero-initialised residual scales (so every block takes part)."""
     torch.manual_seed(0)
-    model = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
+    options = {"norm_layer": norm_layer} if norm_layer else {}
+    model = MoCoV3(resnet18(**options), dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.mul_(1.25).add_(0.01)
@@ -39,16 +46,6 @@ def tiny(**kw) -> MoCoV3:
 def views(n: int = N, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64) for _ in range(2)]
-
-
-def reference_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int) -> torch.Tensor:
-    """MoCo v3's ``contrastive_loss`` written out, one query and one key at a time:
-    ``2T · mean_i −log( exp(cos(q_i, k_{offset+i})/T) / Σ_j exp(cos(q_i, k_j)/T) )``."""
-    total = q.new_zeros(())
-    for i in range(q.shape[0]):
-        sims = torch.stack([q[i] @ k[j] / (q[i].norm() * k[j].norm()) / temperature for j in range(k.shape[0])])
-        total = total - (sims[offset + i] - torch.log(sum(torch.exp(s) for s in sims)))
-    return 2 * temperature * total / q.shape[0]
 
 
 def published_mlp(in_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
@@ -87,21 +84,6 @@ def published_step(model: MoCoV3, x1, x2, m: float):
     return loss, base, pred
 
 
-def test_infonce_equals_the_loop_with_offset_and_hand_value():
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
-    for offset in (0, 3, 6):
-        loss, _ = infonce(q, k, 0.2, offset)
-        torch.testing.assert_close(loss.double(), reference_ctr(q, k, 0.2, offset), rtol=1e-6, atol=0)
-    # unit rows, diagonal positives: CE = log(e^{1/T} + 2) − 1/T, scaled by 2T; every query finds its key
-    q = torch.eye(3, 4) * 5.0
-    for t in (1.0, 0.5):
-        loss, top1 = infonce(q, q.clone(), t)
-        assert loss.item() == pytest.approx((math.log(math.exp(1 / t) + 2) - 1 / t) * 2 * t, rel=1e-6)
-        assert top1.item() == 1.0
-    assert infonce(q, q.roll(1, dims=0), 1.0)[1].item() == 0.0
-
-
 def test_forward_is_the_published_loss_and_gradient():
     model = tiny()
     x1, x2 = views()
@@ -131,7 +113,7 @@ def test_gradients_reach_only_the_base_branch():
 
 def test_momentum_starts_as_a_copy_and_moves_by_ema_before_the_keys():
     torch.manual_seed(0)
-    fresh = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
+    fresh = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP)
     for b, m in zip([*fresh.base_encoder.parameters(), *fresh.projector.parameters()],
                     [*fresh.momentum_encoder.parameters(), *fresh.momentum_projector.parameters()]):
         assert torch.equal(b, m)
@@ -146,7 +128,7 @@ def test_momentum_starts_as_a_copy_and_moves_by_ema_before_the_keys():
 
 def test_residual_branches_start_at_zero_as_in_moco_v3():
     torch.manual_seed(0)
-    model = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
+    model = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP)
     blocks = [b for layer in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model.base_encoder, layer)]
     assert blocks and all(torch.equal(b.bn2.weight, torch.zeros_like(b.bn2.weight)) for b in blocks)
     assert all(torch.equal(b.bn1.weight, torch.ones_like(b.bn1.weight)) for b in blocks)
@@ -155,8 +137,8 @@ def test_residual_branches_start_at_zero_as_in_moco_v3():
 
 def test_fused_views_same_loss_and_statistics():
     torch.manual_seed(0)
-    separate = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP)
-    fused = MoCoV3("resnet18", dim=DIM, mlp_dim=MLP, fused_views=True)
+    separate = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP)
+    fused = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP, fused_views=True)
     fused.load_state_dict(separate.state_dict())
     x1, x2 = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE) * 2 + 1
     torch.testing.assert_close(fused(x1, x2, m=0.9)["loss"], separate(x1, x2, m=0.9)["loss"], rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ from w2ssl.methods.momentum import MomentumPairs
 def test_copy_freeze_and_update():
     base, mom = nn.Linear(3, 2), nn.Linear(3, 2)
     pairs = MomentumPairs([base], [mom])
-    assert all(torch.equal(b, m) and not m.requires_grad and b.requires_grad for b, m in pairs)
+    pairs_ = zip(pairs.base, pairs.momentum)
+    assert all(torch.equal(b, m) and not m.requires_grad and b.requires_grad for b, m in pairs_)
     with torch.no_grad():
         base.weight.fill_(1.0)
         mom.weight.fill_(3.0)

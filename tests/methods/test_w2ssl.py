@@ -1,4 +1,6 @@
 import copy
+import functools
+import math
 
 import pytest
 import torch
@@ -6,33 +8,34 @@ import torch.nn.functional as F
 
 from tests.helpers import random_views, tiny_model
 from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks import build_trunk
 from w2ssl.trunks.resnet import TRUNK_LAYERS
 
 
 def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
     model = tiny_model()
-    for base, mom in model.momentum_pairs:
+    for base, mom in zip(model.momentum_pairs.base, model.momentum_pairs.momentum):
         assert torch.equal(base, mom) and not mom.requires_grad
 
 
 def test_ema_closed_form():
     model = tiny_model()
-    start = [mom.clone() for _, mom in model.momentum_pairs]
+    start = [mom.clone() for _, mom in zip(model.momentum_pairs.base, model.momentum_pairs.momentum)]
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.add_(torch.randn_like(p))
     m, k = 0.9, 3
     for _ in range(k):
         model.update_momentum(m)
-    for (base, mom), m0 in zip(model.momentum_pairs, start):
+    for (base, mom), m0 in zip(zip(model.momentum_pairs.base, model.momentum_pairs.momentum), start):
         torch.testing.assert_close(mom, m ** k * m0 + (1 - m ** k) * base)
 
 
 def test_resnet50_forward_backward_at_tile_32():
     torch.manual_seed(0)
-    model = W2SSL("resnet50")
+    model = W2SSL(functools.partial(build_trunk, "resnet50"))
     view1, view2 = random_views(4, 32)
-    out = model(view1, view2, m=0.99)
+    out = model(view1, view2, m=0.99, perm=torch.randperm(8))
     assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
     assert torch.isfinite(out["loss"])
     torch.testing.assert_close(out["loss"].detach(), out["loss_what"] + out["loss_where"])
@@ -50,7 +53,7 @@ def test_resnet50_forward_backward_at_tile_32():
 def test_loss_magnitudes_and_weights():
     torch.manual_seed(0)
     model = tiny_model(loss_where_weight=0.5, loss_what_weight=2.0)
-    out = model(*random_views(8, 16), m=0.99)
+    out = model(*random_views(8, 16), m=0.99, perm=torch.randperm(16))
     torch.testing.assert_close(out["loss"].detach(), 0.5 * out["loss_where"] + 2.0 * out["loss_what"])
     # At initialisation the where head is near chance and SupCon near (τ/τ_b)·log(4N−1) per view pair.
     assert abs(out["loss_where"].item() - 0.693) < 0.3
@@ -172,7 +175,7 @@ def test_fused_views_equal_a_call_per_view():
 def test_bad_input_raises_value_error(views, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
-        model(*views(), m=0.99)
+        model(*views(), m=0.99, perm=torch.randperm(8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -234,3 +237,21 @@ def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
     with FlopCounterMode(display=False) as counter:
         model.heads(q1, q2, f1, f2, torch.randperm(2 * n), n)["loss"].backward()
     assert counter.get_total_flops() == head_flops(n, 1, width=512, hidden=32, dim=16)
+
+
+def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
+    """The real vit_small on 64-px montages (tile 32, a 4x4 patch grid, 2x2 grid pooled), MoCo v3's ViT heads."""
+    torch.manual_seed(0)
+    model = W2SSL(functools.partial(build_trunk, "vit_small"), dim=16, mlp_dim=32, family="vit")
+    assert model.base_encoder.num_features == 384 and len(model.projector) == 8
+    view1, view2 = random_views(4, 32)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(4):
+        out = model(view1, view2, m=0.99, perm=perm)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses

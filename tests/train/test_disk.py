@@ -1,5 +1,6 @@
 """Disk space: checkpoint size estimates, the plan logged at start, and the refusal when two do not fit."""
 import collections
+import functools
 import os
 import shutil
 
@@ -14,6 +15,7 @@ from w2ssl.errors import UserError
 from w2ssl.methods.w2ssl import W2SSL
 from w2ssl.train.disk import DiskPlan, checkpoint_bytes, format_bytes, free_bytes, refuse_if_too_small
 from w2ssl.train.optim import build_optimizer
+from w2ssl.trunks import build_trunk
 
 Usage = collections.namedtuple("Usage", "total used free")
 
@@ -33,7 +35,7 @@ def fake_free(monkeypatch, free: int) -> list:
 def tiny_checkpoint_bytes() -> int:
     """The estimate for the model that ``TINY`` pre-trains."""
     with torch.device("meta"):
-        return checkpoint_bytes(W2SSL("resnet18", 32, 64), "lars")
+        return checkpoint_bytes(W2SSL(functools.partial(build_trunk, "resnet18"), 32, 64), "lars")
 
 
 def test_format_bytes():
@@ -43,14 +45,14 @@ def test_format_bytes():
 
 @pytest.mark.parametrize("optimizer", ["lars", "adamw"])
 def test_estimate_from_the_meta_device_matches_a_saved_checkpoint(tmp_path, optimizer):
-    model = W2SSL("resnet18", 32, 64)
+    model = W2SSL(functools.partial(build_trunk, "resnet18"), 32, 64)
     opt = build_optimizer(optimizer, model, 0.1, 1e-6, 0.9)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()  # creates the optimiser's per-parameter state, as after the first training step
     torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pth")
     with torch.device("meta"):
-        estimate = checkpoint_bytes(W2SSL("resnet18", 32, 64), optimizer)
+        estimate = checkpoint_bytes(W2SSL(functools.partial(build_trunk, "resnet18"), 32, 64), optimizer)
     assert 0.98 < estimate / os.path.getsize(tmp_path / "c.pth") < 1.02
 
 

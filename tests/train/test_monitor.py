@@ -1,4 +1,7 @@
-from w2ssl.train.monitor import ETA, AverageMeter, Logger, format_duration
+import torch
+
+from w2ssl.methods.w2ssl import console
+from w2ssl.train.monitor import ETA, AverageMeter, EpochProgress, Logger, format_duration
 
 
 def test_average_meter_prints_like_the_authors():
@@ -33,12 +36,8 @@ def test_logger_writes_log_txt_and_tensorboard(tmp_path):
 
 
 def test_epoch_progress_prints_current_and_average(tmp_path):
-    import torch
-
-    from w2ssl.train.monitor import EpochProgress
-
     log = Logger(tmp_path, enabled=True, tensorboard=False)
-    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=12, epoch=3)
+    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=12, epoch=3, fields=console)
     for i, loss in enumerate([3.0, 5.0]):
         parts = {"loss": torch.tensor(loss), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(loss - 0.5),
                  "where_acc": torch.tensor(0.25 * i)}
@@ -75,12 +74,8 @@ class Recorder(Logger):
 
 
 def test_where_accuracy_is_a_percentage_in_tensorboard_as_on_the_console(tmp_path):
-    import torch
-
-    from w2ssl.train.monitor import EpochProgress
-
     log = Recorder(tmp_path)
-    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=4, epoch=0)
+    progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=4, epoch=0, fields=console)
     parts = {"loss": torch.tensor(2.0), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(1.5),
              "where_acc": torch.tensor(0.75)}
     progress.record(parts, lr=0.1, momentum=0.99, data_s=0.5, batch_s=2.0)
@@ -88,3 +83,21 @@ def test_where_accuracy_is_a_percentage_in_tensorboard_as_on_the_console(tmp_pat
     log.close()
     assert log.logged[0]["where_acc"] == 75.0 and log.logged[0]["loss"] == 2.0
     assert "Where_acc 75.0 (75.0)" in (tmp_path / "log.txt").read_text()
+
+
+def test_any_scalars_are_logged_with_the_generic_line(tmp_path):
+    """A method's own scalars, whatever their names, reach TensorBoard every step and the console line
+    (``Loss`` first, accuracies in percent) without the monitor knowing them."""
+    log = Recorder(tmp_path)
+    progress = EpochProgress(log, torch.device("cpu"), batch_size=4, iters_per_epoch=10, epoch=1)
+    for i in range(3):
+        progress.record({"loss": torch.tensor(1.0 + i), "ctr_acc": torch.tensor(0.5), "z_other": torch.tensor(-i)},
+                        lr=0.1, momentum=0.9, data_s=0.0, batch_s=1.0)
+    progress.line(step=3, iteration=3, eta="?", extra={"bad_files": 0})
+    log.close()
+    assert [row["loss"] for row in log.logged] == [1.0, 2.0, 3.0]
+    assert log.logged[2] == {"loss": 3.0, "ctr_acc": 50.0, "z_other": -2.0, "lr": 0.1, "momentum": 0.9,
+                             "data_time": 0.0, "img_per_s": 4.0, "bad_files": 0}
+    line = (tmp_path / "log.txt").read_text()
+    fields = "Loss 3.0000e+00 (2.0000e+00)\tctr_acc 50.0 (50.0)\tz_other -2.0000e+00 (-1.0000e+00)"
+    assert f"LR 1.0000e-01\t{fields}\timg/s" in line

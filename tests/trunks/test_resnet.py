@@ -8,7 +8,7 @@ import torchvision
 import w2ssl.trunks.resnet
 from tests.helpers import random_views, tiny_model
 from w2ssl.train.optim import LARS
-from w2ssl.trunks.resnet import GridTrunk, grid_pool
+from w2ssl.trunks.resnet import ResNetTrunk, grid_pool
 
 
 def reference(fmap: torch.Tensor) -> torch.Tensor:
@@ -61,28 +61,28 @@ def training_losses(steps: int = 2) -> torch.Tensor:
 def test_training_step_same_with_resize_then_pool(monkeypatch):
     separable = training_losses()
     assert separable[0] != separable[1], "the steps must change the weights"
-    monkeypatch.setattr(w2ssl.trunks.resnet, "grid_pool", reference)
+    monkeypatch.setattr(w2ssl.methods.w2ssl, "grid_pool", reference)
     torch.testing.assert_close(training_losses(), separable, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(w2ssl.trunks.resnet, "grid_pool", lambda f: F.adaptive_avg_pool2d(f, 2))
+    monkeypatch.setattr(w2ssl.methods.w2ssl, "grid_pool", lambda f: F.adaptive_avg_pool2d(f, 2))
     with pytest.raises(AssertionError):  # a different pooling changes the loss: the check can see it
         torch.testing.assert_close(training_losses(steps=1), separable[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_trunk_keys_load_into_torchvision_without_fc():
-    trunk = GridTrunk("resnet18")
+    trunk = ResNetTrunk("resnet18")
     result = torchvision.models.resnet18().load_state_dict(trunk.state_dict(), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
     assert result.unexpected_keys == []
 
 
 def test_resnet50_grid_shape():
-    trunk = GridTrunk("resnet50").eval()
+    trunk = ResNetTrunk("resnet50").eval()
     with torch.no_grad():
-        out = trunk(torch.randn(1, 3, 64, 64))
+        out = grid_pool(trunk(torch.randn(1, 3, 64, 64)))
     assert out.shape == (1, 2048, 2, 2)
     assert trunk.num_features == 2048
 
 
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown arch"):
-        GridTrunk("vgg16")
+        ResNetTrunk("vgg16")

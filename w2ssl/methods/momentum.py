@@ -1,10 +1,10 @@
 """Momentum (EMA) copies of modules, as in MoCo v3: pairing, initialisation, the update."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 class MomentumPairs:
@@ -22,9 +22,6 @@ class MomentumPairs:
             for b, m in zip(self.base, self.momentum):
                 m.copy_(b)
                 m.requires_grad = False
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return iter(zip(self.base, self.momentum))
 
     @torch.no_grad()
     def update(self, m: float) -> None:

@@ -6,7 +6,6 @@ Tile ``t`` of ``T = cat(left tiles of N images, right tiles of N images)`` comes
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -47,8 +46,3 @@ def tile_labels(perm: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``perm [2N]`` -> (source id ``perm mod N``, where-label ``1`` for right crops), each ``[2N]``."""
     return perm % n, (perm >= n).long()
 
-
-def random_permutation(n_tiles: int, device: torch.device | str = "cpu",
-                       generator: torch.Generator | None = None) -> Tensor:
-    """One permutation of ``n_tiles`` on ``device``, from ``generator`` or the default one."""
-    return torch.randperm(n_tiles, device=device, generator=generator)

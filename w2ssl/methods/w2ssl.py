@@ -1,27 +1,38 @@
 """The W2SSL model: base and momentum encoders, montages, heads and one step's losses (METHOD §2–§5)."""
 from __future__ import annotations
 
+from argparse import Namespace
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from w2ssl.data.augment import FourCrop
+from w2ssl.data.datasets import stream_seed
+from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
 from w2ssl.dist.exchange import montage_tiles
+from w2ssl.errors import UserError
 from w2ssl.losses.supcon import supcon_loss
-from w2ssl.methods.heads import predictor, projector, where_head
+from w2ssl.methods import heads, vit_heads
 from w2ssl.methods.momentum import MomentumPairs
-from w2ssl.methods.montage import arrange, local_indices, random_permutation, split_grid, tile_labels
+from w2ssl.methods.montage import arrange, assemble, local_indices, split_grid, tile_labels
+from w2ssl.methods.registry import Method, StepKey, TrunkBuilder, register_method
 from w2ssl.methods.viewnorm import normalise_per_view, per_view
-from w2ssl.trunks.resnet import GridTrunk
+from w2ssl.trunks.resnet import grid_pool
 
 
 class W2SSL(nn.Module):
     """Learning what (which image a tile comes from) and where (left or right crop).
 
-    ``forward(view1, view2, m)`` takes each view as ``[left, right]`` tile batches of this process,
+    ``base_encoder()`` builds a trunk (``[B, 3, H, W] -> [B, C, h, w]`` feature map, ``num_features`` C),
+    called twice as MoCo v3 does: base and momentum encoder. Each montage's map is read out as a 2x2 grid
+    (:func:`~w2ssl.trunks.resnet.grid_pool`, METHOD §3). ``family`` picks the projector and predictor:
+    MoCo v3's ResNet MLPs (:mod:`~w2ssl.methods.heads`) or its ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
+
+    ``forward(view1, view2, m, perm)`` takes each view as ``[left, right]`` tile batches of this process,
     each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
     ``where_acc`` (detached) for logging, the global values on every process (see :meth:`forward`).
     With several processes, call :meth:`convert_sync_batchnorm` first: each process's BatchNorms see
@@ -31,21 +42,22 @@ class W2SSL(nn.Module):
     each view's statistics on their own (:mod:`w2ssl.methods.viewnorm`): the same math in half the calls.
     """
 
-    def __init__(self, arch: str = "resnet50", dim: int = 256, mlp_dim: int = 4096,
+    def __init__(self, base_encoder: Callable[[], nn.Module], dim: int = 256, mlp_dim: int = 4096,
                  temperature: float = 0.3, base_temperature: float = 0.07,
                  loss_where_weight: float = 1.0, loss_what_weight: float = 1.0,
-                 norm_layer: Callable[[int], nn.Module] | None = None, fused_views: bool = False):
+                 family: str = "resnet", fused_views: bool = False):
         super().__init__()
         self.fused_views = fused_views
         self.temperature, self.base_temperature = temperature, base_temperature
         self.loss_where_weight, self.loss_what_weight = loss_where_weight, loss_what_weight
-        self.base_encoder = GridTrunk(arch, norm_layer)
+        mlps = vit_heads if family == "vit" else heads
+        self.base_encoder = base_encoder()
         width = self.base_encoder.num_features
-        self.projector = projector(width, mlp_dim, dim)
-        self.predictor = predictor(dim, mlp_dim)
-        self.where_head = where_head(width)
-        self.momentum_encoder = GridTrunk(arch, norm_layer)
-        self.momentum_projector = projector(width, mlp_dim, dim)
+        self.projector = mlps.projector(width, mlp_dim, dim)
+        self.predictor = mlps.predictor(dim, mlp_dim)
+        self.where_head = heads.where_head(width)
+        self.momentum_encoder = base_encoder()
+        self.momentum_projector = mlps.projector(width, mlp_dim, dim)
         self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
                                             [self.momentum_encoder, self.momentum_projector])
         if fused_views:
@@ -63,11 +75,13 @@ class W2SSL(nn.Module):
     def _per_view(self, fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
         return per_view(fn, xs, self.fused_views)
 
-    def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float,
-                perm: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``perm [2N]`` fixes the tile permutation and must be the same on every process (pass it on the
-        CPU: with several processes its values are read on the host); otherwise rank 0 draws it (from
-        ``generator`` if given) and broadcasts it.
+    def _grids(self, encoder: nn.Module, montages: list[Tensor]) -> list[Tensor]:
+        """Per view: montages ``[b, 3, 2t, 2t]`` -> tile features ``[2b, C]`` in ``split_grid`` order."""
+        return [split_grid(g) for g in self._per_view(lambda x: grid_pool(encoder(x)), montages)]
+
+    def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float, perm: Tensor) -> dict[str, Tensor]:
+        """``perm [2N]`` is the step's tile permutation, the same on every process (pass it on the CPU:
+        with several processes its values are read on the host).
 
         Each process runs trunks and heads on its own montages only, and takes its own rows as the
         anchors of the losses (against the gathered rows for "what"). Its loss is its anchors' share of
@@ -75,14 +89,12 @@ class W2SSL(nn.Module):
         the returned values are the global ones (identical on every process).
         """
         tiles, n = self._local_tiles(view1, view2)
-        if perm is None:
-            perm = D.broadcast(random_permutation(2 * n, tiles.device, generator))
         mine = montage_tiles(tiles, perm)  # [2b, 2 views, 3, t, t]
         montages = [arrange(mine[:, 0]), arrange(mine[:, 1])]
-        q1, q2 = [split_grid(g) for g in self._per_view(self.base_encoder, montages)]
+        q1, q2 = self._grids(self.base_encoder, montages)
         with torch.no_grad():
             self.update_momentum(m)
-            f1, f2 = [split_grid(g) for g in self._per_view(self.momentum_encoder, montages)]
+            f1, f2 = self._grids(self.momentum_encoder, montages)
         return self.heads(q1, q2, f1, f2, perm, n)
 
     def heads(self, q1: Tensor, q2: Tensor, f1: Tensor, f2: Tensor, perm: Tensor, n: int) -> dict[str, Tensor]:
@@ -149,3 +161,52 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 def _unit_rows(x: Tensor) -> Tensor:
     return F.normalize(_at_least_float32(x), dim=1)
+
+
+# ----------------------------------------------------------------- the method, for the trainer
+def build(args: Namespace, trunk: TrunkBuilder, family: str) -> W2SSL:
+    return W2SSL(trunk, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t, loss_where_weight=args.loss_loc,
+                 loss_what_weight=args.loss_crop, family=family, fused_views=args.fused_views)
+
+
+def inputs(tiles: list[Tensor], key: StepKey) -> dict[str, object]:
+    """The four tile batches ``[b, 3, t, t]`` (v1 left, v1 right, v2 left, v2 right) -> ``forward``'s inputs,
+    with the step's tile permutation of the global ``2N`` tiles. It comes from the named stream
+    ``"tile_perm"`` at ``(epoch, iteration)``: every process draws the same one on the host, where the
+    all-to-all plan needs it (no broadcast, no device read)."""
+    n = tiles[0].shape[0] * key.world
+    gen = torch.Generator().manual_seed(stream_seed(key.seed, "tile_perm", key.epoch, key.iteration))
+    return {"view1": tiles[:2], "view2": tiles[2:], "perm": torch.randperm(2 * n, generator=gen)}
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    if batch_size <= 0 or batch_size % (2 * world):
+        raise UserError(f"--batch-size {batch_size} must be a positive multiple of 2 x {world} "
+                        f"processes (each montage takes 2 images per process)")
+    if batch_size < 4 * world:
+        raise UserError(f"--batch-size {batch_size} leaves each of the {world} process(es) "
+                        f"{batch_size // world // 2} montage per view, and BatchNorm needs at least 2: "
+                        f"pass --batch-size {4 * world} or more")
+
+
+def console(cur: dict[str, float], avg: dict[str, float]) -> str:
+    """The authors' fields (where-accuracy in percent)."""
+    return (f"Loss {cur['loss']:.4e} ({avg['loss']:.4e})\t"
+            f"Loss_loc {cur['loss_where']:.4e} ({avg['loss_where']:.4e})\t"
+            f"Loss_crop {cur['loss_what']:.4e} ({avg['loss_what']:.4e})\t"
+            f"Where_acc {cur['where_acc']:.1f} ({avg['where_acc']:.1f})")
+
+
+def preview(tiles: list[Tensor], epoch: int) -> dict[str, Tensor]:
+    """Up to 4 montages per view of the batch's first images (normalised), arranged as in training."""
+    n = min(8, tiles[0].shape[0] // 2 * 2)
+    if n < 2:
+        return {}
+    perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(epoch)).to(tiles[0].device)
+    return {f"montages/{name}": assemble(torch.cat([left[:n], right[:n]]), perm)
+            for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:]))}
+
+
+register_method(Method("w2ssl", build, lambda args: FourCrop(args.tile_size, args.crop_min), inputs, check_batch,
+                       input_size=lambda tile: 2 * tile, console=console, preview=preview,
+                       gpu_transform=lambda args: GpuFourCrop(args.tile_size, args.crop_min)))

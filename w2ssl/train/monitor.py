@@ -1,8 +1,10 @@
 """Meters, the console/``log.txt`` logger with ETA, a progress bar on terminals, and TensorBoard."""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
@@ -145,22 +147,50 @@ class Logger:
             self._tb = None
 
 
-LOGGED = ("loss", "loss_where", "loss_what", "where_acc")
+def report_throughput(logger: Logger, step_seconds: Sequence[float], device: torch.device,
+                      info: dict[str, object]) -> None:
+    """With ``--max-iters`` (benchmarks): log source images/s over the newest steps (``step_seconds``, a
+    window that leaves out checkpoint writes and epoch ends) as one JSON line with ``info``
+    (which holds ``batch_size``)."""
+    if not step_seconds:
+        return
+    seconds = list(step_seconds)
+    if device.type == "cuda":
+        start = time.perf_counter()
+        torch.cuda.synchronize()
+        seconds[-1] += time.perf_counter() - start  # the last step's queued GPU work
+    img_s = len(seconds) * int(info["batch_size"]) / sum(seconds)
+    logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "window_iters": len(seconds), **info}))
 
 
 def as_logged(values: dict[str, float]) -> dict[str, float]:
-    """The loss parts as TensorBoard shows them: where-accuracy in percent, as on the console and as
-    the kNN accuracies."""
-    return {k: 100 * v if k == "where_acc" else v for k, v in values.items()}
+    """Scalars as they are shown (console and TensorBoard): accuracies (names ending in ``_acc``) in percent,
+    as the kNN accuracies."""
+    return {k: 100 * v if k.endswith("_acc") else v for k, v in values.items()}
+
+
+def scalar_fields(cur: dict[str, float], avg: dict[str, float]) -> str:
+    """The console fields of any method: ``Loss cur (avg)`` first, then every other scalar by its name."""
+    def field(k: str) -> str:
+        fmt = ".1f" if k.endswith("_acc") else ".4e"
+        return f"{'Loss' if k == 'loss' else k} {cur[k]:{fmt}} ({avg[k]:{fmt}})"
+    return "\t".join(field(k) for k in sorted(cur, key=lambda k: k != "loss"))
+
+
+Fields = Callable[[dict[str, float], dict[str, float]], str]
 
 
 class EpochProgress:
-    """One epoch's meters of pre-training. Loss parts stay on the device and are read in one sync
-    per printed line; TensorBoard still gets every iteration's values."""
+    """One epoch's meters of pre-training, for whatever scalars the model returns. They stay on the device
+    and are read in one sync per printed line; TensorBoard still gets every iteration's values. ``fields``
+    formats the method's part of the console line from the current and average values (in percent for
+    accuracies); the default shows every scalar."""
 
-    def __init__(self, logger: Logger, device: torch.device, batch_size: int, iters_per_epoch: int, epoch: int):
+    def __init__(self, logger: Logger, device: torch.device, batch_size: int, iters_per_epoch: int, epoch: int,
+                 fields: Fields | None = None):
         self.logger, self.batch_size, self.iters, self.epoch = logger, batch_size, iters_per_epoch, epoch
-        self.sums = {k: torch.zeros((), device=device) for k in LOGGED}
+        self.device, self.fields = device, fields or scalar_fields
+        self.sums: dict[str, Tensor] = {}
         self.count = 0
         self.pending: list[tuple[dict[str, Tensor], dict[str, float]]] = []  # since the last line
         self.batch_time, self.data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
@@ -168,32 +198,29 @@ class EpochProgress:
     def record(self, parts: dict[str, Tensor], lr: float, momentum: float, data_s: float, batch_s: float) -> None:
         self.data_time.update(data_s)
         self.batch_time.update(batch_s)
-        for k in LOGGED:
-            self.sums[k] += parts[k].detach()
+        values = {k: v.detach() for k, v in parts.items()}
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v
         self.count += 1
-        self.pending.append(({k: parts[k].detach() for k in LOGGED},
-                             {"lr": lr, "momentum": momentum, "data_time": data_s,
-                              "img_per_s": self.batch_size / max(batch_s, 1e-9)}))
+        self.pending.append((values, {"lr": lr, "momentum": momentum, "data_time": data_s,
+                                      "img_per_s": self.batch_size / max(batch_s, 1e-9)}))
 
     def line(self, step: int, iteration: int, eta: str, extra: dict[str, float]) -> None:
-        """Log the authors' line for the newest step (``step`` steps done, ``iteration`` in this
+        """Log the console line for the newest step (``step`` steps done, ``iteration`` in this
         epoch) and TensorBoard scalars, plus ``extra``, for every pending step."""
         if not self.logger.enabled or not self.pending:
             self.pending = []
             return
-        rows = torch.stack([torch.stack([p[k] for k in LOGGED]) for p, _ in self.pending]).float().tolist()
-        avg = dict(zip(LOGGED, (torch.stack([self.sums[k] for k in LOGGED]) / self.count).tolist()))
+        keys = list(self.sums)
+        rows = torch.stack([torch.stack([p[k] for k in keys]) for p, _ in self.pending]).float().tolist()
+        avg = as_logged(dict(zip(keys, (torch.stack([self.sums[k] for k in keys]) / self.count).tolist())))
         first = step - len(rows)
         for i, (row, (_, host)) in enumerate(zip(rows, self.pending)):
-            self.logger.scalars(first + i, {**as_logged(dict(zip(LOGGED, row))), **host, **extra})
-        cur, lr = dict(zip(LOGGED, rows[-1])), self.pending[-1][1]["lr"]
+            self.logger.scalars(first + i, {**as_logged(dict(zip(keys, row))), **host, **extra})
+        cur, lr = as_logged(dict(zip(keys, rows[-1]))), self.pending[-1][1]["lr"]
         self.pending = []
         img_s = self.batch_size / max(self.batch_time.avg, 1e-9)
         width = len(str(self.iters))
         self.logger.info(
             f"Epoch: [{self.epoch}][{iteration:>{width}}/{self.iters}]\t{self.batch_time}\t{self.data_time}\t"
-            f"LR {lr:.4e}\tLoss {cur['loss']:.4e} ({avg['loss']:.4e})\t"
-            f"Loss_loc {cur['loss_where']:.4e} ({avg['loss_where']:.4e})\t"
-            f"Loss_crop {cur['loss_what']:.4e} ({avg['loss_what']:.4e})\t"
-            f"Where_acc {100 * cur['where_acc']:.1f} ({100 * avg['where_acc']:.1f})\t"
-            f"img/s {img_s:.1f}\tETA {eta}")
+            f"LR {lr:.4e}\t{self.fields(cur, avg)}\timg/s {img_s:.1f}\tETA {eta}")

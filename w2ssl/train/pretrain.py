@@ -1,7 +1,10 @@
-"""Pre-training in one process of a run: build data, model and optimiser, resume, loop, checkpoint."""
+"""Pre-training in one process of a run: build data, model and optimiser, resume, loop, checkpoint.
+
+The method (``--method``, :mod:`w2ssl.methods.registry`) gives the model, the per-sample transform, the
+model's inputs from a batch and its console fields; the loop knows no method by name.
+"""
 from __future__ import annotations
 
-import json
 import math
 import time
 from argparse import Namespace
@@ -13,17 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl import checkpoint as ckpt_io
-from w2ssl.data.augment import MEAN, STD, FourCrop
-from w2ssl.data.datasets import BadImages, PretrainDataset, ResumableSampler, make_loader, sample_seed, seed_everything
-from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
+from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
+from w2ssl.data.sampler import ResumableSampler, make_loader
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
-from w2ssl.methods.montage import assemble, random_permutation
-from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.methods.registry import StepKey, build_model, method_spec
 from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
-from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration
+from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration, report_throughput
 from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
 from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.train.speed import prepare_model
@@ -31,24 +34,24 @@ from w2ssl.train.step import PRECISIONS, TrainStep, resolve_precision
 
 
 class Pretrainer:
-    """One process's share of a W2SSL pre-training run."""
+    """One process's share of a pre-training run."""
 
     def __init__(self, ctx: D.Context, args: Namespace):
-        self.ctx, self.args = ctx, args
-        self.device = ctx.device
+        self.ctx, self.args, self.device = ctx, args, ctx.device
         self.logger = Logger(args.save_dir, ctx.is_main)
         self.seed = shared_seed(args.seed, self.device)
         seed_everything(self.seed)
         self.precision = resolve_precision(args.precision, self.device)
         self.local_batch = args.batch_size // ctx.world_size
+        self.method = method_spec(args.method)
 
         train_dir = Path(args.data) / "train"
         if args.gpu_aug:
-            # Workers only read bytes; decoding and the four crops run batched on the device.
+            # Workers only read bytes; decoding and the crops run batched on the device.
             self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
-            self.gpu_crop: GpuFourCrop | None = GpuFourCrop(args.tile_size, args.crop_min)
+            self.gpu_crop: nn.Module | None = self.method.gpu_transform(args)
         else:
-            self.dataset = PretrainDataset(train_dir, FourCrop(args.tile_size, args.crop_min), self.seed)
+            self.dataset = PretrainDataset(train_dir, self.method.transform(args), self.seed)
             self.gpu_crop = None
         if ctx.is_main:
             self.dataset.check_readable()
@@ -61,10 +64,8 @@ class Pretrainer:
         self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
                                   collate_fn=collate_pretrain if args.gpu_aug else None)
 
-        self.model = W2SSL(args.arch, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t,
-                           loss_where_weight=args.loss_loc, loss_what_weight=args.loss_crop,
-                           fused_views=args.fused_views).to(self.device)
-        if ctx.world_size > 1:  # each process's heads see only its own tiles: statistics over all of them
+        self.model = build_model(args).to(self.device)
+        if ctx.world_size > 1:  # each process's heads see only its own samples: statistics over all of them
             self.model.convert_sync_batchnorm()
         self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
         prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
@@ -74,15 +75,12 @@ class Pretrainer:
         self.scaler = self.train_step.scaler
         self.net: nn.Module = self.model
         if ctx.world_size > 1:
-            # No device_ids: the inputs are already on the device, and DDP would also move the host-side
-            # permutation to the GPU, where the all-to-all plan would have to read it back.
+            # No device_ids: the inputs are already on the device, and DDP would also move host-side
+            # inputs (W2SSL's tile permutation) to the GPU, where they would have to be read back.
             self.net = D.ddp(self.model)
         self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
         self.epoch, self.iteration, self.step = args.start_epoch, 0, args.start_epoch * self.iters_per_epoch
         self.bad_files: set[str] = set()
-        # Tile permutations come from (seed, epoch, iteration) alone, so every process draws the same one on
-        # the host, where the all-to-all plan needs it (no broadcast, no GPU read).
-        self.perm_gen = torch.Generator()
         # --max-iters (benchmarks): seconds of the newest steps (data wait + step, no checkpoint writes or
         # epoch ends), and the data wait of the newest epochs' first batches after the run's first step.
         self.step_seconds: deque[float] = deque(maxlen=max(args.max_iters // 2, 1))
@@ -92,7 +90,7 @@ class Pretrainer:
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
         return {"epoch": self.epoch, "iteration": self.iteration, "global_step": self.step,
-                "arch": self.args.arch, "state_dict": self.model.state_dict(),
+                "arch": self.args.arch, "method": self.args.method, "state_dict": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "args": plain_args(self.args),
                 "seed": self.seed, "rng": rng_state(), "bad_files": sorted(self.bad_files)}
@@ -113,6 +111,9 @@ class Pretrainer:
         if found is None:
             return
         path, state = found
+        if state.get("method", "w2ssl") != self.args.method:
+            raise UserError(f"{path} was pre-trained with --method {state.get('method', 'w2ssl')}: pass that "
+                            f"method, or another --save-dir (or --resume none) to start a new run")
         ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -166,11 +167,10 @@ class Pretrainer:
         self.resume()
         if self.ctx.is_main and not args.max_iters and self.epoch < args.epochs:
             self._log_disk_plan()
-        self.logger.info(f"=> {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
-                         f"{self.device.type}, batch {args.batch_size} images = {args.batch_size // 2} montages "
-                         f"per view, lr {self.lr:.4g}, {self.iters_per_epoch} iterations per epoch, seed {self.seed}")
-        total = args.epochs * self.iters_per_epoch
-        self.eta = ETA(total, self.step)
+        self.logger.info(f"=> {args.method} on {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
+                         f"{self.device.type}, batch {args.batch_size} images, lr {self.lr:.4g}, "
+                         f"{self.iters_per_epoch} iterations per epoch, seed {self.seed}")
+        self.eta = ETA(args.epochs * self.iters_per_epoch, self.step)
         # One stream of batches for the rest of the run: the workers prefetch across epoch boundaries.
         self.sampler.set_epoch(self.epoch, self.iteration, until=args.epochs)
         self.batches = iter(self.loader) if self.epoch < args.epochs else iter(())
@@ -188,47 +188,38 @@ class Pretrainer:
                 if args.knn_every and self.epoch % args.knn_every == 0:
                     self._knn()
             if args.max_iters:
-                self._report_throughput()
+                report_throughput(self.logger, self.step_seconds, self.device, {
+                    "iters": self.step, "batch_size": args.batch_size, "device": str(self.device),
+                    "gpu_aug": args.gpu_aug, "precision": self.precision,
+                    "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data]})
         finally:
             self.logger.close()
 
     def _iteration_budget_spent(self) -> bool:
         return bool(self.args.max_iters) and self.step >= self.args.max_iters
 
-    def _report_throughput(self) -> None:
-        """With ``--max-iters`` (benchmarks): source images/s over the second half of the steps, from their
-        own durations, so that checkpoint writes and epoch ends do not count as training time."""
-        if not self.step_seconds:
-            return
-        if self.device.type == "cuda":
-            start = time.perf_counter()
-            torch.cuda.synchronize()
-            self.step_seconds[-1] += time.perf_counter() - start  # the last step's queued GPU work
-        img_s = len(self.step_seconds) * self.args.batch_size / sum(self.step_seconds)
-        self.logger.info(json.dumps({"e2e_img_s": round(img_s, 1), "iters": self.step,
-                                     "window_iters": len(self.step_seconds), "batch_size": self.args.batch_size,
-                                     "device": str(self.device), "gpu_aug": self.args.gpu_aug,
-                                     "precision": self.precision,
-                                     "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data]}))
-
     def _train_epoch(self) -> None:
         args = self.args
         start = self.iteration
-        progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch)
+        progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch,
+                                 self.method.console)
         self.logger.start_bar(self.iters_per_epoch - start, f"epoch {self.epoch}")
         end = time.perf_counter()
         for batch, bad in islice(self.batches, self.iters_per_epoch - start):
             data_s = time.perf_counter() - end
             if self.iteration == start and self.step_seconds:
                 self.epoch_start_data.append(data_s)
-            tiles, decode_bad = self._tiles(batch)
+            views, decode_bad = self._views(batch)
             self._note_bad([*bad, *decode_bad])
-            if self.iteration == start and self.ctx.is_main:
-                self._log_montages(tiles)
+            if self.iteration == start and self.ctx.is_main and self.method.preview is not None:
+                for tag, images in self.method.preview(views, self.epoch).items():
+                    self.logger.images(self.step, tag, images, MEAN, STD)
+                self.logger.flush()
+            inputs = self.method.inputs(views, StepKey(self.seed, self.epoch, self.iteration, self.ctx.world_size))
             t = self.epoch + self.iteration / self.iters_per_epoch
             lr = lr_at(t, self.lr, args.warmup_epochs, args.epochs)
             m = momentum_at(t, args.epochs, args.moco_m, args.moco_m_cos)
-            parts = self._step(tiles, lr, m)
+            parts = self._step(inputs, lr, m)
             self.iteration += 1
             self.step += 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
@@ -251,16 +242,14 @@ class Pretrainer:
             self._stop_on_signal()
         self.logger.close_bar()
 
-    def _tiles(self, batch: object) -> tuple[list[Tensor], list[str]]:
-        """The four ``[b, 3, t, t]`` tile batches on the device, and files that failed to decode."""
+    def _views(self, batch: object) -> tuple[list[Tensor], list[str]]:
+        """The method's sample tensors ``[b, 3, s, s]`` on the device, and files that failed to decode."""
         if self.gpu_crop is None:
             return [t.to(self.device, non_blocking=True) for t in batch], []
         return augment_batch(batch, self.gpu_crop, self.seed, self.device)
 
-    def _step(self, tiles: list[Tensor], lr: float, m: float) -> dict[str, Tensor]:
-        self.perm_gen.manual_seed(sample_seed(self.seed, self.epoch, -1 - self.iteration))
-        perm = random_permutation(2 * self.args.batch_size, generator=self.perm_gen)
-        return self.train_step(lambda: self.net(tiles[:2], tiles[2:], m, perm=perm), lr)
+    def _step(self, inputs: dict[str, object], lr: float, m: float) -> dict[str, Tensor]:
+        return self.train_step(lambda: self.net(**inputs, m=m), lr)
 
     def _note_bad(self, bad: list[str]) -> None:
         new = [p for joined in bad if joined for p in joined.split("\n")]
@@ -275,16 +264,6 @@ class Pretrainer:
                 self.bad_files.add(path)
                 self.logger.warn(f"unreadable image file {path} replaced by another sample "
                                  f"({len(self.bad_files)} bad so far)")
-
-    def _log_montages(self, tiles: list[Tensor]) -> None:
-        n = min(8, tiles[0].shape[0] // 2 * 2)
-        if n < 2:
-            return
-        perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(self.epoch)).to(tiles[0].device)
-        for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:])):
-            montages = assemble(torch.cat([left[:n], right[:n]]), perm)
-            self.logger.images(self.step, f"montages/{name}", montages, MEAN, STD)
-        self.logger.flush()
 
     def _knn(self) -> None:
         """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""

@@ -81,12 +81,3 @@ class ResNetTrunk(nn.Module):
 for _arch in ARCHS:
     register_trunk(_arch, "resnet")(partial(ResNetTrunk, _arch))
 
-
-class GridTrunk(ResNetTrunk):
-    """:class:`ResNetTrunk` whose ``forward`` returns the ``[B, C, 2, 2]`` grid (``features``: the map)."""
-
-    def features(self, x: Tensor) -> Tensor:
-        return super().forward(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return grid_pool(self.features(x))
