@@ -7,8 +7,9 @@ import torchvision
 
 import w2ssl.trunks.resnet
 from tests.helpers import random_views, tiny_model
+from w2ssl.methods.gridpool import grid_pool
 from w2ssl.train.optim import LARS
-from w2ssl.trunks.resnet import ResNetTrunk, grid_pool
+from w2ssl.trunks.resnet import ResNetTrunk
 
 
 def reference(fmap: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ import timm
 import torch
 from torch import nn
 
+from w2ssl.methods.gridpool import grid_pool
 from w2ssl.methods.vit_heads import predictor, projector
 from w2ssl.trunks import build_trunk, trunk_names, trunk_spec
-from w2ssl.trunks.resnet import grid_pool
 from w2ssl.trunks.vit import (
     ConvStem,
     ViTTrunk,

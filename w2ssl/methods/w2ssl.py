@@ -17,11 +17,11 @@ from w2ssl.dist.exchange import montage_tiles
 from w2ssl.errors import UserError
 from w2ssl.losses.supcon import supcon_loss
 from w2ssl.methods import heads, vit_heads
+from w2ssl.methods.gridpool import grid_pool
 from w2ssl.methods.momentum import MomentumPairs
 from w2ssl.methods.montage import arrange, assemble, local_indices, split_grid, tile_labels
 from w2ssl.methods.registry import Method, StepKey, TrunkBuilder, register_method
 from w2ssl.methods.viewnorm import normalise_per_view, per_view
-from w2ssl.trunks.resnet import grid_pool
 
 
 class W2SSL(nn.Module):
@@ -29,7 +29,7 @@ class W2SSL(nn.Module):
 
     ``base_encoder()`` builds a trunk (``[B, 3, H, W] -> [B, C, h, w]`` feature map, ``num_features`` C),
     called twice as MoCo v3 does: base and momentum encoder. Each montage's map is read out as a 2x2 grid
-    (:func:`~w2ssl.trunks.resnet.grid_pool`, METHOD §3). ``family`` picks the projector and predictor:
+    (:func:`~w2ssl.methods.gridpool.grid_pool`, METHOD §3). ``family`` picks the projector and predictor:
     MoCo v3's ResNet MLPs (:mod:`~w2ssl.methods.heads`) or its ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
 
     ``forward(view1, view2, m, perm)`` takes each view as ``[left, right]`` tile batches of this process,
