@@ -25,7 +25,7 @@ from bench.heads import free_port  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.dist.syncbn import convert  # noqa: E402
 from w2ssl.methods.viewnorm import normalise_per_view  # noqa: E402
-from w2ssl.trunks.resnet import ARCHS, ResNetTrunk  # noqa: E402
+from w2ssl.trunks import build_trunk, trunk_names  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -34,7 +34,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    trunk = convert(normalise_per_view(ResNetTrunk(args.arch), args.views))
+    trunk = convert(normalise_per_view(build_trunk(args.arch), args.views))
     trunk.compile()
     x = torch.randn(2 * args.views, 3, 2 * args.tile_size, 2 * args.tile_size)
     for _ in range(3):
@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-a", "--arch", default="resnet18", choices=ARCHS)
+    p.add_argument("-a", "--arch", default="resnet18", choices=trunk_names("resnet"))
     p.add_argument("--views", type=int, default=1, choices=(1, 2), help="2: per-view BatchNorm (--fused-views)")
     p.add_argument("--tile-size", type=int, default=16)
     args = p.parse_args(argv)
