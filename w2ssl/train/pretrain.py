@@ -9,6 +9,7 @@ import math
 import time
 from argparse import Namespace
 from collections import deque
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -170,13 +171,13 @@ class Pretrainer:
         self.logger.info(f"=> {args.method} on {args.arch}, {self.precision}, {self.ctx.world_size} process(es) on "
                          f"{self.device.type}, batch {args.batch_size} images, lr {self.lr:.4g}, "
                          f"{self.iters_per_epoch} iterations per epoch, seed {self.seed}")
-        self.eta = ETA(args.epochs * self.iters_per_epoch, self.step)
+        eta = ETA(args.epochs * self.iters_per_epoch, self.step)
         # One stream of batches for the rest of the run: the workers prefetch across epoch boundaries.
         self.sampler.set_epoch(self.epoch, self.iteration, until=args.epochs)
-        self.batches = iter(self.loader) if self.epoch < args.epochs else iter(())
+        batches = iter(self.loader) if self.epoch < args.epochs else iter(())
         try:
             while self.epoch < args.epochs and not self._iteration_budget_spent():
-                self._train_epoch()
+                self._train_epoch(batches, eta)
                 if self.iteration < self.iters_per_epoch:
                     break  # --max-iters reached mid-epoch
                 self.epoch, self.iteration = self.epoch + 1, 0
@@ -198,42 +199,26 @@ class Pretrainer:
     def _iteration_budget_spent(self) -> bool:
         return bool(self.args.max_iters) and self.step >= self.args.max_iters
 
-    def _train_epoch(self) -> None:
-        args = self.args
+    def _train_epoch(self, batches: Iterator, eta: ETA) -> None:
+        """Steps from ``self.iteration`` to the epoch's end (or the ``--max-iters`` budget)."""
         start = self.iteration
-        progress = EpochProgress(self.logger, self.device, args.batch_size, self.iters_per_epoch, self.epoch,
+        progress = EpochProgress(self.logger, self.device, self.args.batch_size, self.iters_per_epoch, self.epoch,
                                  self.method.console)
         self.logger.start_bar(self.iters_per_epoch - start, f"epoch {self.epoch}")
         end = time.perf_counter()
-        for batch, bad in islice(self.batches, self.iters_per_epoch - start):
+        for batch, bad in islice(batches, self.iters_per_epoch - start):
             data_s = time.perf_counter() - end
-            if self.iteration == start and self.step_seconds:
-                self.epoch_start_data.append(data_s)
-            views, decode_bad = self._views(batch)
-            self._note_bad([*bad, *decode_bad])
-            if self.iteration == start and self.ctx.is_main and self.method.preview is not None:
-                for tag, images in self.method.preview(views, self.epoch).items():
-                    self.logger.images(self.step, tag, images, MEAN, STD)
-                self.logger.flush()
-            inputs = self.method.inputs(views, StepKey(self.seed, self.epoch, self.iteration, self.ctx.world_size))
+            inputs = self._inputs(batch, bad, first=self.iteration == start)
             t = self.epoch + self.iteration / self.iters_per_epoch
-            lr = lr_at(t, self.lr, args.warmup_epochs, args.epochs)
-            m = momentum_at(t, args.epochs, args.moco_m, args.moco_m_cos)
+            lr = lr_at(t, self.lr, self.args.warmup_epochs, self.args.epochs)
+            m = momentum_at(t, self.args.epochs, self.args.moco_m, self.args.moco_m_cos)
             parts = self._step(inputs, lr, m)
-            self.iteration += 1
-            self.step += 1
+            self.iteration, self.step = self.iteration + 1, self.step + 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
             batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
-            self.step_seconds.append(batch_s)
+            self._record_time(data_s, batch_s, first=self.iteration - 1 == start)
             progress.record(parts, lr, m, data_s, batch_s)
-            self.logger.advance_bar()
-            if self.iteration % args.print_freq == 0 or self.iteration == self.iters_per_epoch:
-                progress.line(self.step, self.iteration, self.eta.step(self.step), {"bad_files": len(self.bad_files)})
-            if self.guard.stop and self.iteration < self.iters_per_epoch:
-                self._stop_on_signal()
-            if args.save_freq_iters and self.step % args.save_freq_iters == 0 and self.iteration < self.iters_per_epoch:
-                self.save(epoch_end=False)
-                self.logger.info(f"=> saved {ckpt_io.LAST} at epoch {self.epoch} iteration {self.iteration}")
+            self._after_step(progress, eta)
             if self._iteration_budget_spent():
                 break
             end = time.perf_counter()
@@ -241,6 +226,35 @@ class Pretrainer:
         if self.guard.stop and self.iteration < self.iters_per_epoch:
             self._stop_on_signal()
         self.logger.close_bar()
+
+    def _inputs(self, batch: object, bad: list[str], first: bool) -> dict[str, object]:
+        """The model's inputs from a loader batch; notes unreadable files, shows the epoch's first inputs."""
+        views, decode_bad = self._views(batch)
+        self._note_bad([*bad, *decode_bad])
+        if first and self.ctx.is_main and self.method.preview is not None:
+            for tag, images in self.method.preview(views, self.epoch).items():
+                self.logger.images(self.step, tag, images, MEAN, STD)
+            self.logger.flush()
+        return self.method.inputs(views, StepKey(self.seed, self.epoch, self.iteration, self.ctx.world_size))
+
+    def _record_time(self, data_s: float, batch_s: float, first: bool) -> None:
+        """For ``--max-iters``' throughput report: the newest steps' seconds, and the data wait of each
+        epoch's first batch after the run's first step (bounded windows)."""
+        if first and self.step_seconds:
+            self.epoch_start_data.append(data_s)
+        self.step_seconds.append(batch_s)
+
+    def _after_step(self, progress: EpochProgress, eta: ETA) -> None:
+        """Between steps: the log line every ``--print-freq``, a stop on an agreed signal, the periodic save."""
+        args, mid_epoch = self.args, self.iteration < self.iters_per_epoch
+        self.logger.advance_bar()
+        if self.iteration % args.print_freq == 0 or not mid_epoch:
+            progress.line(self.step, self.iteration, eta.step(self.step), {"bad_files": len(self.bad_files)})
+        if self.guard.stop and mid_epoch:
+            self._stop_on_signal()
+        if args.save_freq_iters and self.step % args.save_freq_iters == 0 and mid_epoch:
+            self.save(epoch_end=False)
+            self.logger.info(f"=> saved {ckpt_io.LAST} at epoch {self.epoch} iteration {self.iteration}")
 
     def _views(self, batch: object) -> tuple[list[Tensor], list[str]]:
         """The method's sample tensors ``[b, 3, s, s]`` on the device, and files that failed to decode."""
