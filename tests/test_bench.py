@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 import main_moco
 import w2ssl.methods.w2ssl
 from bench import common, e2e, step
-from tests.helpers import TINY, cpu_env
+from tests.helpers import TINY, cpu_env, small_resnet
 from w2ssl import cli
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
@@ -29,11 +30,17 @@ def bench_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+def small_trunk(arch: str, **options) -> torch.nn.Module:
+    """In place of the registry's ``arch``: resnet18's layout and code paths at a fraction of its cost."""
+    return small_resnet(**options)
+
+
 @functools.cache  # the plain run is the reference of two tests: made once
 def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
     """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
     torch.manual_seed(0)
-    train = step.build("w2ssl", bench_args(**kw), CPU)
+    with mock.patch.object(step, "build_trunk", small_trunk):
+        train = step.build("w2ssl", bench_args(**kw), CPU)
     return [train() for _ in range(steps)]
 
 
@@ -59,7 +66,8 @@ def test_w2ssl_step_same_with_fused_views():
 
 
 
-def test_cli_runs_every_step_on_cpu(capsys):
+def test_cli_runs_every_step_on_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(step, "build_trunk", small_trunk)  # the self-supervised steps' trunks
     argv = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--tile-size", "16",
             "--iters", "1", "--warmup", "0"]
     assert step.main(argv) == 0
