@@ -14,7 +14,7 @@ import torch
 import main_moco
 import w2ssl.methods.w2ssl
 from bench import common, e2e, step
-from tests.helpers import TINY, cpu_env, small_resnet
+from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet, small_resnet
 from w2ssl import cli
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
@@ -189,6 +189,7 @@ class JumpingClock:
 
 
 def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, tmp_path, monkeypatch, capsys):
+    register_small_resnet(monkeypatch)
     clock = JumpingClock()
 
     def slow_save(self, epoch_end):
@@ -198,7 +199,7 @@ def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, 
     monkeypatch.setattr(pretrain.Pretrainer, "save", slow_save)
     # 24 images, batch 4: 6 steps per epoch; the window (steps 4-7) spans a checkpoint at every step and an
     # epoch end. An hour per write counted as training would give < 0.01 img/s.
-    argv = [image_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
+    argv = [image_root, *TINY, "-a", SMALL, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
             "--save-freq-iters", "1", "--resume", "none", "--save-dir", tmp_path]
     assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
     out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
