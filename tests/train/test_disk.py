@@ -103,7 +103,8 @@ def test_run_warns_when_its_checkpoints_may_not_fit_and_links_the_last(image_roo
     register_small_resnet(monkeypatch)
     fake_free(monkeypatch, int(2.5 * tiny_checkpoint_bytes(SMALL)))  # two epoch checkpoints + last need 3
     out = tmp_path / "out"
-    assert pretrain(image_root, *TINY, "-a", SMALL, "-b", "24", "--epochs", "2", "--workers", "0", "--save-dir", out) == 0
+    argv = [*TINY, "-a", SMALL, "-b", "24", "--epochs", "2", "--workers", "0", "--save-dir", out]
+    assert pretrain(image_root, *argv) == 0
     log = (out / "log.txt").read_text()
     assert "WARNING: this run may run out of disk space: 2 epoch checkpoint(s) of" in log
     assert "pass --keep 1 (or fewer --epochs) or free space" in log
