@@ -250,7 +250,7 @@ def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(4):
+    for _ in range(3):
         out = model(view1, view2, m=0.99, perm=perm)
         optimizer.zero_grad()
         out["loss"].backward()
