@@ -6,14 +6,16 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
 
 from w2ssl.methods.w2ssl import W2SSL
-from w2ssl.trunks import build_trunk
+from w2ssl.trunks import build_trunk, registry
+from w2ssl.trunks.resnet import ResNetTrunk
 
 
 def group_norm(channels: int) -> nn.Module:
@@ -21,10 +23,45 @@ def group_norm(channels: int) -> nn.Module:
     return nn.GroupNorm(4, channels)
 
 
-def tiny_model(norm: bool = False, arch: str = "resnet18", **kw) -> W2SSL:
-    """resnet18 trunk with small heads; ``norm=True`` swaps BatchNorm2d for GroupNorm."""
+def small_resnet(width: int = 8, norm_layer: Callable[[int], nn.Module] | None = None,
+                 zero_init_residual: bool = False) -> ResNetTrunk:
+    """A :class:`ResNetTrunk` laid out as torchvision's resnet18 (conv1, bn1, relu, maxpool, layer1-4 of
+    ``BasicBlock``s, stride 32, the same key names) with one block per stage and widths ``w, 2w, 4w, 8w``:
+    the code paths of a real ResNet at a fraction of its cost. ``num_features = 8 * width``."""
+    norm = norm_layer or nn.BatchNorm2d
+    trunk = ResNetTrunk.__new__(ResNetTrunk)
+    nn.Module.__init__(trunk)
+    trunk.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    trunk.bn1, trunk.relu, trunk.maxpool = norm(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+    inplanes = width
+    for stage in range(4):
+        planes, stride = width * 2 ** stage, 1 if stage == 0 else 2
+        down = None if stage == 0 else nn.Sequential(conv1x1(inplanes, planes, stride), norm(planes))
+        block = BasicBlock(inplanes, planes, stride, down, norm_layer=norm)
+        if zero_init_residual:  # as torchvision's: each residual branch's last norm starts at 0
+            nn.init.zeros_(block.bn2.weight)
+        trunk.add_module(f"layer{stage + 1}", nn.Sequential(block))
+        inplanes = planes
+    trunk.num_features = inplanes
+    return trunk
+
+
+SMALL = "small_resnet"  # --arch of small_resnet in the tests that register it
+
+
+def register_small_resnet(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """:func:`small_resnet` as ``--arch small_resnet`` for this test only (the CLIs read the registry when they
+    build their parsers): in-process runs whose point is not the trunk's size."""
+    monkeypatch.setitem(registry._TRUNKS, SMALL, registry.TrunkSpec(SMALL, "resnet", small_resnet))
+
+
+def tiny_model(norm: bool = False, arch: str | None = None, **kw) -> W2SSL:
+    """W2SSL with small heads on :func:`small_resnet` (or on the registered trunk ``arch``); ``norm=True``
+    swaps BatchNorm2d for GroupNorm."""
     options = {"norm_layer": group_norm} if norm else {}
-    return W2SSL(functools.partial(build_trunk, arch, **options), **{"dim": 16, "mlp_dim": 32, **kw})
+    trunk = functools.partial(small_resnet, **options) if arch is None else functools.partial(build_trunk, arch,
+                                                                                              **options)
+    return W2SSL(trunk, **{"dim": 16, "mlp_dim": 32, **kw})
 
 
 def random_views(b: int, tile: int, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 import main_moco
 import w2ssl.methods.w2ssl
 from bench import common, e2e, step
-from tests.helpers import TINY, cpu_env
+from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet, small_resnet
 from w2ssl import cli
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
@@ -29,11 +30,17 @@ def bench_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+def small_trunk(arch: str, **options) -> torch.nn.Module:
+    """In place of the registry's ``arch``: resnet18's layout and code paths at a fraction of its cost."""
+    return small_resnet(**options)
+
+
 @functools.cache  # the plain run is the reference of two tests: made once
 def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
     """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
     torch.manual_seed(0)
-    train = step.build("w2ssl", bench_args(**kw), CPU)
+    with mock.patch.object(step, "build_trunk", small_trunk):
+        train = step.build("w2ssl", bench_args(**kw), CPU)
     return [train() for _ in range(steps)]
 
 
@@ -59,7 +66,8 @@ def test_w2ssl_step_same_with_fused_views():
 
 
 
-def test_cli_runs_every_step_on_cpu(capsys):
+def test_cli_runs_every_step_on_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(step, "build_trunk", small_trunk)  # the self-supervised steps' trunks
     argv = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--tile-size", "16",
             "--iters", "1", "--warmup", "0"]
     assert step.main(argv) == 0
@@ -181,6 +189,7 @@ class JumpingClock:
 
 
 def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, tmp_path, monkeypatch, capsys):
+    register_small_resnet(monkeypatch)
     clock = JumpingClock()
 
     def slow_save(self, epoch_end):
@@ -190,7 +199,7 @@ def test_max_iters_throughput_leaves_out_checkpoints_and_epoch_ends(image_root, 
     monkeypatch.setattr(pretrain.Pretrainer, "save", slow_save)
     # 24 images, batch 4: 6 steps per epoch; the window (steps 4-7) spans a checkpoint at every step and an
     # epoch end. An hour per write counted as training would give < 0.01 img/s.
-    argv = [image_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
+    argv = [image_root, *TINY, "-a", SMALL, "-b", "4", "--workers", "0", "--epochs", "5", "--max-iters", "8",
             "--save-freq-iters", "1", "--resume", "none", "--save-dir", tmp_path]
     assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
     out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])

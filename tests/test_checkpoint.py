@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import main_moco
-from tests.helpers import TINY
+from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.checkpoint import (
     LAST,
@@ -311,11 +311,14 @@ def test_checkpoints_are_as_readable_as_the_umask_says(tmp_path, umask, mode):
 
 
 def pretrain(*argv) -> int:
-    """``main_moco.main`` in this process; its exit code (a worker's error exits through SystemExit)."""
-    try:
-        return cli.run_main(main_moco.main, [str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
+    """``main_moco.main`` in this process on small_resnet (what these runs check does not depend on the trunk);
+    its exit code (a worker's error exits through SystemExit)."""
+    with pytest.MonkeyPatch.context() as mp:
+        register_small_resnet(mp)
+        try:
+            return cli.run_main(main_moco.main, [str(a) for a in [*argv, "-a", SMALL]])
+        except SystemExit as e:
+            return e.code
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 import main_moco
-from tests.helpers import TINY
+from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.errors import UserError
@@ -84,11 +84,13 @@ def toy():
     registry._METHODS.pop("toy")
 
 
-def test_a_toy_method_trains_through_main_moco(toy, image_root, tmp_path, capsys):
-    argv = [image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "1", "--method", "toy", "--save-dir", tmp_path]
+def test_a_toy_method_trains_through_main_moco(toy, image_root, tmp_path, capsys, monkeypatch):
+    register_small_resnet(monkeypatch)
+    argv = [image_root, *TINY, "-a", SMALL, "-b", "8", "--workers", "0", "--epochs", "1", "--method", "toy",
+            "--save-dir", tmp_path]
     assert cli.run_main(main_moco.main, [str(a) for a in argv]) == 0
     out = capsys.readouterr().out
-    assert "=> toy on resnet18" in out and "\tLoss " in out and "\ttoy_mse " in out and "\ttoy_acc " in out
+    assert f"=> toy on {SMALL}" in out and "\tLoss " in out and "\ttoy_mse " in out and "\ttoy_acc " in out
     ckpt = torch.load(tmp_path / "checkpoint_0000.pth.tar", weights_only=True)
     assert ckpt["method"] == "toy" and "head.weight" in ckpt["state_dict"]
 

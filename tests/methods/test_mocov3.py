@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from tests.helpers import group_norm
+from tests.helpers import group_norm, small_resnet
 from tests.losses.test_infonce import reference_ctr
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.twocrop import two_crop
@@ -31,12 +31,17 @@ def resnet18(**options) -> functools.partial:
     return functools.partial(build_trunk, "resnet18", zero_init_residual=True, **options)
 
 
-def tiny(norm_layer=None, **kw) -> MoCoV3:
-    """resnet18 MoCo v3 in float64; the base branch moved off the momentum one (so the EMA shows) and
+def small(**options) -> functools.partial:
+    """The same on :func:`small_resnet` (resnet18's layout, one block per stage, 64 features): cheap."""
+    return functools.partial(small_resnet, zero_init_residual=True, **options)
+
+
+def tiny(norm_layer=None, trunk=small, **kw) -> MoCoV3:
+    """MoCo v3 on ``trunk`` in float64; the base branch moved off the momentum one (so the EMA shows) and
     off its zero-initialised residual scales (so every block takes part)."""
     torch.manual_seed(0)
     options = {"norm_layer": norm_layer} if norm_layer else {}
-    model = MoCoV3(resnet18(**options), dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
+    model = MoCoV3(trunk(**options), dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.mul_(1.25).add_(0.01)
@@ -56,9 +61,14 @@ def published_mlp(in_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
 
 
 def published_encoder(state: dict, trunk: str, head: str) -> nn.Module:
-    """MoCo_ResNet's encoder: a torchvision ResNet whose ``fc`` is the projector, with our weights."""
-    net = torchvision.models.resnet18()
-    net.fc = published_mlp(512, DIM, last_bn=True)
+    """MoCo_ResNet's encoder: a torchvision ResNet (its forward: layers, avgpool, flatten, fc) whose ``fc``
+    is the projector, on :func:`small_resnet`'s layers, with our weights."""
+    net = torchvision.models.ResNet.__new__(torchvision.models.ResNet)
+    nn.Module.__init__(net)
+    for name, layer in small_resnet().named_children():
+        net.add_module(name, layer)
+    net.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    net.fc = published_mlp(net.layer4[0].bn2.num_features, DIM, last_bn=True)
     net.double()
     weights = {k.removeprefix(f"{trunk}."): v for k, v in state.items() if k.startswith(f"{trunk}.")}
     weights |= {"fc." + k.removeprefix(f"{head}."): v for k, v in state.items() if k.startswith(f"{head}.")}
@@ -113,7 +123,7 @@ def test_gradients_reach_only_the_base_branch():
 
 def test_momentum_starts_as_a_copy_and_moves_by_ema_before_the_keys():
     torch.manual_seed(0)
-    fresh = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP)
+    fresh = MoCoV3(small(), dim=DIM, mlp_dim=MLP)
     for b, m in zip([*fresh.base_encoder.parameters(), *fresh.projector.parameters()],
                     [*fresh.momentum_encoder.parameters(), *fresh.momentum_projector.parameters()]):
         assert torch.equal(b, m)
@@ -137,8 +147,8 @@ def test_residual_branches_start_at_zero_as_in_moco_v3():
 
 def test_fused_views_same_loss_and_statistics():
     torch.manual_seed(0)
-    separate = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP)
-    fused = MoCoV3(resnet18(), dim=DIM, mlp_dim=MLP, fused_views=True)
+    separate = MoCoV3(small(), dim=DIM, mlp_dim=MLP)
+    fused = MoCoV3(small(), dim=DIM, mlp_dim=MLP, fused_views=True)
     fused.load_state_dict(separate.state_dict())
     x1, x2 = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE) * 2 + 1
     torch.testing.assert_close(fused(x1, x2, m=0.9)["loss"], separate(x1, x2, m=0.9)["loss"], rtol=1e-5, atol=1e-6)
@@ -165,7 +175,7 @@ def test_views_of_different_shapes_are_refused():
 
 
 def test_checkpoint_layout_is_w2ssl_s_and_the_trunk_extracts():
-    model = tiny()
+    model = tiny(trunk=resnet18)
     state = model.state_dict()
     assert {k.split(".")[0] for k in state} == {"base_encoder", "projector", "predictor", "momentum_encoder",
                                                 "momentum_projector"}
@@ -180,7 +190,7 @@ def test_checkpoint_layout_is_w2ssl_s_and_the_trunk_extracts():
 
 
 def test_probe_and_exports_take_a_mocov3_checkpoint(tmp_path):
-    model = tiny().float()
+    model = tiny(trunk=resnet18).float()
     ckpt = tmp_path / "checkpoint_0000.pth.tar"
     torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict()}, ckpt)
     probe, _ = build_model("resnet18", 5, pretrained=ckpt)

@@ -164,7 +164,8 @@ def test_fused_views_equal_a_call_per_view():
         torch.testing.assert_close(b, buffers[name], rtol=1e-9, atol=1e-12, msg=name)
     assert fused.base_encoder.bn1.num_batches_tracked.item() == 2
     # The momentum encoder's statistics moved too (it runs in training mode, as in MoCo v3).
-    assert not torch.equal(fused.momentum_encoder.bn1.running_mean, torch.zeros(64, dtype=torch.float64))
+    stats = fused.momentum_encoder.bn1.running_mean
+    assert not torch.equal(stats, torch.zeros_like(stats))
 
 
 @pytest.mark.parametrize("views, message", [
@@ -232,11 +233,12 @@ def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
 
     torch.manual_seed(0)
     model, n = tiny_model(), 8
-    q1, q2 = [torch.randn(2 * n, 512).requires_grad_() for _ in range(2)]
-    f1, f2 = [torch.randn(2 * n, 512) for _ in range(2)]
+    width = model.base_encoder.num_features
+    q1, q2 = [torch.randn(2 * n, width).requires_grad_() for _ in range(2)]
+    f1, f2 = [torch.randn(2 * n, width) for _ in range(2)]
     with FlopCounterMode(display=False) as counter:
         model.heads(q1, q2, f1, f2, torch.randperm(2 * n), n)["loss"].backward()
-    assert counter.get_total_flops() == head_flops(n, 1, width=512, hidden=32, dim=16)
+    assert counter.get_total_flops() == head_flops(n, 1, width=width, hidden=32, dim=16)
 
 
 def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
@@ -248,7 +250,7 @@ def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(4):
+    for _ in range(3):
         out = model(view1, view2, m=0.99, perm=perm)
         optimizer.zero_grad()
         out["loss"].backward()

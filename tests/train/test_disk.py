@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main_moco
-from tests.helpers import TINY
+from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.checkpoint import LAST, epoch_name
 from w2ssl.errors import UserError
@@ -32,10 +32,10 @@ def fake_free(monkeypatch, free: int) -> list:
     return asked
 
 
-def tiny_checkpoint_bytes() -> int:
-    """The estimate for the model that ``TINY`` pre-trains."""
+def tiny_checkpoint_bytes(arch: str = "resnet18") -> int:
+    """The estimate for the model that ``TINY`` pre-trains (on ``arch``)."""
     with torch.device("meta"):
-        return checkpoint_bytes(W2SSL(functools.partial(build_trunk, "resnet18"), 32, 64), "lars")
+        return checkpoint_bytes(W2SSL(functools.partial(build_trunk, arch), 32, 64), "lars")
 
 
 def test_format_bytes():
@@ -100,9 +100,11 @@ def test_too_small_a_disk_is_refused_before_anything_is_written(image_root, tmp_
 
 
 def test_run_warns_when_its_checkpoints_may_not_fit_and_links_the_last(image_root, tmp_path, monkeypatch):
-    fake_free(monkeypatch, int(2.5 * tiny_checkpoint_bytes()))  # two epoch checkpoints + last need 3
+    register_small_resnet(monkeypatch)
+    fake_free(monkeypatch, int(2.5 * tiny_checkpoint_bytes(SMALL)))  # two epoch checkpoints + last need 3
     out = tmp_path / "out"
-    assert pretrain(image_root, *TINY, "-b", "24", "--epochs", "2", "--workers", "0", "--save-dir", out) == 0
+    argv = [*TINY, "-a", SMALL, "-b", "24", "--epochs", "2", "--workers", "0", "--save-dir", out]
+    assert pretrain(image_root, *argv) == 0
     log = (out / "log.txt").read_text()
     assert "WARNING: this run may run out of disk space: 2 epoch checkpoint(s) of" in log
     assert "pass --keep 1 (or fewer --epochs) or free space" in log
