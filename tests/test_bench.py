@@ -212,6 +212,7 @@ def test_run_gpu_part_1_runs_only_the_step_table_on_cpu(tmp_path):
     (md,) = tmp_path.glob("bench_1_*.md")
     text = md.read_text()
     assert text.startswith("# Benchmarks, part 1") and "| step bf16 channels_last | " in text
+    assert "| step vit_small bf16 | " in text and "W2SSL 8, MoCo v3 16; 17 tokens per sequence" in text
     assert "failed" not in text and "## e2e" not in text and "## data" not in text
 
 
