@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.." && PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/
 # bench/results/) as bench_<part>_<UTC stamp>.md, with the full log and raw JSON lines.
 #   bash bench/run_gpu.sh                      GPU run of every part: batch 256, tile 112, resnet50
 #   PART=1|2|3 bash bench/run_gpu.sh           one part, most valuable first (each under BUDGET):
-#     1: the bf16 channels_last step of all four kinds (the table the issues ask for)
+#     1: the bf16 channels_last step of all four kinds (the table the issues ask for), then the same four
+#        kinds on vit_small at 224 px (tile 112; W2SSL 98 patch tokens per image and view, MoCo v3 196)
 #     2: end to end (bench/e2e.py) and the input pipelines (bench/data.py)
 #     3: --compile of W2SSL and supervised, the fp16 NCHW step, W2SSL with --fused-views
 #   DEVICE=cpu QUICK=1 bash bench/run_gpu.sh   tiny sizes, to check the script on a CPU
@@ -28,11 +29,13 @@ trap 'rm -rf "$IMAGES"' EXIT
 
 if [ "${QUICK:-0}" = 1 ]; then
   STEP=(--arch resnet18 --batch-size 4 --tile-size 16 --iters 1 --warmup 0)
+  VIT_STEP=(--arch vit_small --batch-size 4 --tile-size 32 --iters 1 --warmup 0)
   DATA=(--images 24 --workers 2 --batch-size 4 --tile-size 16 --iters 2)
   E2E=(--iters 2 --images 24 --batch-size 4 --tile-size 16 --arch resnet18 --workers 2)
   COMPILE=${COMPILE:-0}
 else
   STEP=(--arch resnet50 --batch-size 256 --tile-size 112 --iters 30 --warmup 10)
+  VIT_STEP=(--arch vit_small --batch-size 256 --tile-size 112 --iters 20 --warmup 5)
   DATA=(--images 3000 --workers 16 --batch-size 256 --tile-size 112 --iters 20)
   E2E=(--iters 50 --images 3000)
 fi
@@ -63,6 +66,8 @@ bench() {
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   bench "step bf16 channels_last" 200 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision bf16 \
     --channels-last --no-fused-views || echo failed
+  bench "step vit_small bf16" 150 "$PY" bench/step.py --device "$DEVICE" "${VIT_STEP[@]}" --precision bf16 \
+    --no-fused-views || echo failed
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   bench "e2e" 120 "$PY" bench/e2e.py --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
@@ -112,6 +117,9 @@ for label, cmd, r in runs:
     lines += ["", f"## {label}", "", f"`{cmd}`", ""]
     if not label.startswith("step"):
         lines.append(markdown_table(["key", "value"], sorted(r.items())))
+    elif r.get("seq_len"):
+        lines.append(f"ViT patch tokens per source image and view: W2SSL {r['w2ssl_tokens_per_img_view']}, "
+                     f"MoCo v3 {r['mocov3_tokens_per_img_view']}; {r['seq_len']} tokens per sequence.")
 open(md, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -1,12 +1,19 @@
-"""Throughput of one full training step: W2SSL vs MoCo v3 (``w2ssl.methods.mocov3``) vs supervised ResNet.
+"""Throughput of one full training step: W2SSL vs MoCo v3 (``w2ssl.methods.mocov3``) vs supervised.
 
 Each step is forward, backward, optimizer and (for the self-supervised ones) the momentum update, on
 random tensors already on the device. ``--batch-size`` counts source images: W2SSL gets four tiles
 of ``--tile-size`` per image (``view1``/``view2`` = [left, right], each ``[b, 3, t, t]``), MoCo v3 two
 views of ``2*tile`` px per image, supervised one image of ``2*tile`` px. MoCo v3 runs twice: one encoder
 call per view as in its builder (``mocov3``), and with both views in one call (``mocov3_fused``, the
-trick ``--fused-views`` gives both methods), so that W2SSL can be compared with either on equal terms. Prints a
-table, then one JSON line. Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
+trick ``--fused-views`` gives both methods), so that W2SSL can be compared with either on equal terms.
+
+Any registered trunk (``--arch``): ResNets train with LARS (supervised: SGD), as MoCo v3's ResNet recipe;
+ViTs (``-a vit_small``) with AdamW, the heads of the ViT family, MoCo v3 reading the class token and the
+supervised row a linear classifier on the class token (no timm head). For ViTs the table gives the patch
+tokens per source image and view: ``2·(t/16)²`` for W2SSL (a ``2t`` montage holds two tiles of each of its
+two images; 98 at ``t = 112``) against ``(2t/16)²`` for MoCo v3 (196), and each sequence is ``1 + (2t/16)²``
+tokens long, so attention falls more than 2x. Prints a table, then one JSON line.
+Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 from bench import common  # noqa: E402
 from w2ssl.cli import add_precision, run_main  # noqa: E402
@@ -34,8 +42,8 @@ from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
 from w2ssl.train.optim import LARS  # noqa: E402
 from w2ssl.train.speed import prepare_model, to_memory_format  # noqa: E402
 from w2ssl.train.step import TrainStep, resolve_precision  # noqa: E402
-from w2ssl.trunks import build_trunk  # noqa: E402
-from w2ssl.trunks.resnet import ARCHS  # noqa: E402
+from w2ssl.trunks import build_trunk, trunk_names, trunk_spec  # noqa: E402
+from w2ssl.trunks.vit import PATCH  # noqa: E402
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
 TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models
@@ -52,37 +60,71 @@ def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, 
     return lambda: one_step(loss_fn).detach()
 
 
+class ClassTokenClassifier(nn.Module):
+    """Supervised ViT for the benchmark: a linear classifier on the class token, ``[B, 3, H, W] -> [B, k]``."""
+
+    def __init__(self, arch: str, classes: int = 1000):
+        super().__init__()
+        self.trunk = build_trunk(arch)
+        self.fc = nn.Linear(self.trunk.num_features, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.trunk.vit_feature(x, "cls"))
+
+
+def optimizer_for(params, family: str, batch_size: int, supervised: bool) -> torch.optim.Optimizer:
+    """MoCo v3's optimisers: LARS (lr 0.6·b/256, wd 1e-6) for ResNets, AdamW (lr 1.5e-4·b/256, wd 0.1) for
+    ViTs; supervised ResNets SGD (lr 0.1·b/256, wd 1e-4)."""
+    if family == "vit":
+        return torch.optim.AdamW(params, lr=1.5e-4 * batch_size / 256, weight_decay=0.1)
+    if supervised:
+        return torch.optim.SGD(params, lr=0.1 * batch_size / 256, momentum=0.9, weight_decay=1e-4)
+    return LARS(params, lr=0.6 * batch_size / 256, weight_decay=1e-6, momentum=0.9)
+
+
+def tokens(family: str, tile: int) -> dict[str, int | None]:
+    """ViT patch tokens per source image and view, and the sequence length, of each step (None for ResNets)."""
+    grid = 2 * tile // PATCH  # tokens per side of a 2t-px montage or view
+    vit = family == "vit"
+    return {"w2ssl_tokens_per_img_view": 2 * (tile // PATCH) ** 2 if vit else None,
+            "mocov3_tokens_per_img_view": grid ** 2 if vit else None,
+            "seq_len": 1 + grid ** 2 if vit else None}
+
+
 def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Tensor]:
     """The training-step closure of ``name`` (one of :data:`STEPS`) with its model, data and optimizer."""
     b, t, cl = args.batch_size, args.tile_size, args.channels_last
+    family = trunk_spec(args.arch).family
     gen = torch.Generator(device).manual_seed(0)
 
     def images(size: int) -> Tensor:
         return to_memory_format(torch.randn(b, 3, size, size, device=device, generator=gen), cl)
 
     if name == "w2ssl":
-        w2ssl = W2SSL(partial(build_trunk, args.arch), fused_views=args.fused_views)
+        w2ssl = W2SSL(partial(build_trunk, args.arch), family=family, fused_views=args.fused_views)
         model = prepare_model(w2ssl.to(device), cl, args.compile, TRUNKS)
         view1, view2 = [images(t), images(t)], [images(t), images(t)]
         perm = torch.randperm(2 * b)  # on the host, as the trainer draws it
-        optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
+        optimizer = optimizer_for(model.parameters(), family, b, supervised=False)
         return train_step(lambda: model(view1, view2, MOMENTUM, perm)["loss"], optimizer, device, args.precision)
     if name in ("mocov3", "mocov3_fused"):
-        trunk = partial(build_trunk, args.arch, zero_init_residual=True)
-        mocov3 = MoCoV3(trunk, fused_views=name == "mocov3_fused")
+        options = {"zero_init_residual": True} if family == "resnet" else {}  # as methods/mocov3.build
+        mocov3 = MoCoV3(partial(build_trunk, args.arch, **options), family=family,
+                        fused_views=name == "mocov3_fused")
         model = prepare_model(mocov3.to(device), cl, args.compile, TRUNKS)
         x1, x2 = images(2 * t), images(2 * t)
-        optimizer = LARS(model.parameters(), lr=0.6 * b / 256, weight_decay=1e-6, momentum=0.9)
+        optimizer = optimizer_for(model.parameters(), family, b, supervised=False)
         return train_step(lambda: model(x1, x2, MOMENTUM)["loss"], optimizer, device, args.precision)
-    model = prepare_model(torchvision.models.__dict__[args.arch]().to(device), cl, args.compile)
+    net = ClassTokenClassifier(args.arch) if family == "vit" else torchvision.models.__dict__[args.arch]()
+    model = prepare_model(net.to(device), cl, args.compile)
     x = images(2 * t)
     y = torch.randint(0, 1000, (b,), device=device, generator=gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * b / 256, momentum=0.9, weight_decay=1e-4)
+    optimizer = optimizer_for(model.parameters(), family, b, supervised=True)
     return train_step(lambda: F.cross_entropy(model(x), y), optimizer, device, args.precision)
 
 
 def measure(names: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
-    """Per step kind: source images/s, median step ms and peak GiB (GPU).
+    """Per step kind: source images/s, median step ms, its [min, max] and peak GiB (GPU).
 
     On GPU each kind runs alone, in a clean memory state, so its peak memory is its own. On CPU (no
     memory tracking, often shared with other processes) all kinds are built first and timed in
@@ -104,14 +146,15 @@ def measure(names: list[str], args: argparse.Namespace, device: torch.device) ->
             times[n] = common.time_iterations(built(n), args.iters, args.warmup, device)
             peaks[n] = common.peak_memory_gib(device)
     medians = {n: common.median(times[n]) for n in names}
-    return {n: {"img_s": args.batch_size / medians[n], "step_ms": medians[n] * 1000, "peak_gib": peaks[n]}
+    return {n: {"img_s": args.batch_size / medians[n], "step_ms": medians[n] * 1000,
+                "step_ms_range": [min(times[n]) * 1000, max(times[n]) * 1000], "peak_gib": peaks[n]}
             for n in names}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("-a", "--arch", default="resnet50", choices=trunk_names())
     p.add_argument("--batch-size", type=int, default=256, help="source images per step (even)")
     p.add_argument("--tile-size", type=int, default=112, help="W2SSL tile side; MoCo v3/supervised get 2x")
     add_precision(p, "autocast dtype; fp16 adds a GradScaler (default: bf16 on GPUs that support it, else fp16 on "
@@ -131,6 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--tile-size must be positive; got {args.tile_size}")
     if args.iters < 1 or args.warmup < 0:
         raise UserError(f"need --iters >= 1 and --warmup >= 0; got {args.iters} and {args.warmup}")
+    if trunk_spec(args.arch).family == "vit" and args.tile_size % (PATCH // 2):
+        raise UserError(f"-a {args.arch} needs 2 x --tile-size to be a multiple of the patch size {PATCH}: "
+                        f"pass a --tile-size that is a multiple of {PATCH // 2} (e.g. 112); got {args.tile_size}")
     return args
 
 
@@ -150,31 +196,42 @@ def run(args: argparse.Namespace) -> dict:
            "tile_size": args.tile_size, "precision": precision, "channels_last": args.channels_last,
            "compile": args.compile, "fused_views": args.fused_views, "iters": args.iters, "warmup": args.warmup}
     for n in STEPS:
-        for key in ("img_s", "step_ms", "peak_gib"):
+        for key in ("img_s", "step_ms", "step_ms_range", "peak_gib"):
             out[f"{n}_{key}"] = get[n].get(key)
     out["ratio_w2ssl_mocov3"] = ratio(out["w2ssl_img_s"], out["mocov3_img_s"])
     out["ratio_w2ssl_mocov3_fused"] = ratio(out["w2ssl_img_s"], out["mocov3_fused_img_s"])
     out["ratio_w2ssl_supervised"] = ratio(out["w2ssl_img_s"], out["supervised_img_s"])
     # Host load (1-minute average, ours included) before and after: flags runs disturbed by other processes.
     out["load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    out.update(tokens(trunk_spec(args.arch).family, args.tile_size))
     out.update(common.versions())
+    out["timm"] = timm.__version__
     return out
 
 
 def report(out: dict) -> str:
     """The human-readable table and ratios (the JSON line follows it)."""
     fused = "views fused" if out["fused_views"] else "a call per view"
-    labels = {"w2ssl": f"W2SSL (4 tiles/img, LARS, {fused})",
-              "mocov3": "MoCo v3-style (2 views/img, LARS, a call per view)",
-              "mocov3_fused": "MoCo v3-style (2 views/img, LARS, views fused)",
-              "supervised": f"supervised {out['arch']} (SGD)"}
-    rows = [(labels[n], out[f"{n}_img_s"], out[f"{n}_step_ms"], out[f"{n}_peak_gib"])
+    vit = out["seq_len"] is not None
+    opt, sup = ("AdamW", "AdamW, linear on the class token") if vit else ("LARS", "SGD")
+    labels = {"w2ssl": f"W2SSL (4 tiles/img, {opt}, {fused})",
+              "mocov3": f"MoCo v3-style (2 views/img, {opt}, a call per view)",
+              "mocov3_fused": f"MoCo v3-style (2 views/img, {opt}, views fused)",
+              "supervised": f"supervised {out['arch']} ({sup})"}
+    per_view = {"w2ssl": out["w2ssl_tokens_per_img_view"], "mocov3": out["mocov3_tokens_per_img_view"],
+                "mocov3_fused": out["mocov3_tokens_per_img_view"], "supervised": out["mocov3_tokens_per_img_view"]}
+    rows = [(labels[n], out[f"{n}_img_s"], out[f"{n}_step_ms"],
+             "{:.0f}-{:.0f}".format(*out[f"{n}_step_ms_range"]), out[f"{n}_peak_gib"],
+             *([per_view[n]] if vit else []))
             for n in STEPS if out[f"{n}_img_s"] is not None]
     head = (f"{out['device']} | {out['arch']} batch {out['batch_size']} tile {out['tile_size']} | "
             f"{out['precision']}{' channels_last' if out['channels_last'] else ''}"
             f"{' compile' if out['compile'] else ''} | torch {out['torch']} | load {out['load_1m']}")
-    table = common.markdown_table(["step", "source img/s", "median step ms", "peak GiB"], rows)
+    columns = ["step", "source img/s", "median step ms", "step ms range", "peak GiB"]
+    table = common.markdown_table(columns + (["patch tokens/img/view"] if vit else []), rows)
     lines = [head, table]
+    if vit:
+        lines.append(f"ViT sequences: {out['seq_len']} tokens (class token + patches) per montage or view")
     for key, text in (("ratio_w2ssl_mocov3", "W2SSL / MoCo v3 (a call per view)"),
                       ("ratio_w2ssl_mocov3_fused", "W2SSL / MoCo v3 (views fused)"),
                       ("ratio_w2ssl_supervised", "W2SSL / supervised")):

@@ -86,7 +86,7 @@ def test_cli_runs_every_step_on_cpu(capsys, monkeypatch):
 def test_only_and_ratios(monkeypatch, capsys):
     speeds = {"w2ssl": 30.0, "mocov3": 15.0, "supervised": 60.0}
     monkeypatch.setattr(step, "measure", lambda names, args, device: {
-        n: {"img_s": speeds[n], "step_ms": 1.0, "peak_gib": None} for n in names})
+        n: {"img_s": speeds[n], "step_ms": 1.0, "step_ms_range": [0.9, 1.2], "peak_gib": None} for n in names})
     assert step.main(["--device", "cpu", "--only", "w2ssl", "--only", "supervised"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ratio_w2ssl_supervised"] == 0.5 and out["ratio_w2ssl_mocov3"] is None
@@ -99,11 +99,56 @@ def test_only_and_ratios(monkeypatch, capsys):
     (["--tile-size", "0"], "--tile-size must be positive"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "meta"], "unsupported device 'meta'"),
+    (["-a", "vit_small", "--tile-size", "20"], "a multiple of 8"),
 ])
 def test_bad_input_exits_2(argv, message, capsys):
     assert step.main(["--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_vit_token_counts():
+    """A 224-px montage holds 2 of each source image's 112-px tiles: 2·7² = 98 patch tokens per image and
+    view, against 14² = 196 in a MoCo v3 view; both sequences are 197 tokens long."""
+    assert step.tokens("vit", 112) == {"w2ssl_tokens_per_img_view": 98, "mocov3_tokens_per_img_view": 196,
+                                       "seq_len": 197}
+    assert step.tokens("vit", 32) == {"w2ssl_tokens_per_img_view": 8, "mocov3_tokens_per_img_view": 16,
+                                      "seq_len": 17}
+    assert set(step.tokens("resnet", 112).values()) == {None}
+
+
+def test_vit_steps_use_adamw_and_the_supervised_row_reads_the_class_token(monkeypatch):
+    """-a vit_small: MoCo v3's ViT optimiser (AdamW, lr 1.5e-4·b/256, wd 0.1) for every step; the supervised
+    row is a linear classifier on the class token."""
+    monkeypatch.setattr(step, "build_trunk", functools.partial(step.build_trunk, embed_dim=32, depth=1, num_heads=2))
+    optimizers = []
+    monkeypatch.setattr(step, "train_step", lambda loss, opt, device, precision: optimizers.append(opt))
+    for name in step.STEPS:
+        step.build(name, bench_args(arch="vit_small"), CPU)
+    assert len(optimizers) == len(step.STEPS)
+    for opt in optimizers:
+        assert type(opt) is torch.optim.AdamW
+        assert opt.defaults["lr"] == pytest.approx(1.5e-4 * 4 / 256) and opt.defaults["weight_decay"] == 0.1
+    net = step.ClassTokenClassifier("vit_small", classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net(x), net.fc(net.trunk.forward_tokens(x)[:, 0]))
+
+
+@pytest.mark.slow  # builds and steps four vit_small models (a few seconds): too slow for the fast suite
+def test_cli_runs_every_vit_step_on_cpu(capsys):
+    argv = ["--device", "cpu", "-a", "vit_small", "--batch-size", "4", "--tile-size", "32", "--iters", "1",
+            "--warmup", "0"]
+    assert step.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["arch"] == "vit_small" and out["timm"]
+    assert (out["w2ssl_tokens_per_img_view"], out["mocov3_tokens_per_img_view"], out["seq_len"]) == (8, 16, 17)
+    for name in step.STEPS:
+        assert out[f"{name}_img_s"] == pytest.approx(4 / (out[f"{name}_step_ms"] / 1000))
+        low, high = out[f"{name}_step_ms_range"]
+        assert low <= out[f"{name}_step_ms"] <= high
+    assert any(line.startswith("| W2SSL (4 tiles/img, AdamW") and line.endswith("| 8 |") for line in lines)
+    assert "ViT sequences: 17 tokens" in "\n".join(lines)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
@@ -175,6 +220,7 @@ def test_run_gpu_part_1_runs_only_the_step_table_on_cpu(tmp_path):
     (md,) = tmp_path.glob("bench_1_*.md")
     text = md.read_text()
     assert text.startswith("# Benchmarks, part 1") and "| step bf16 channels_last | " in text
+    assert "| step vit_small bf16 | " in text and "W2SSL 8, MoCo v3 16; 17 tokens per sequence" in text
     assert "failed" not in text and "## e2e" not in text and "## data" not in text
 
 

@@ -12,23 +12,23 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from tests.helpers import group_norm, small_resnet
+from tests.helpers import small_resnet
 from tests.losses.test_infonce import reference_ctr
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.twocrop import two_crop
+from w2ssl.dist.syncbn import SyncNorm
 from w2ssl.eval.probe_model import build_model
 from w2ssl.export import TARGETS, export
 from w2ssl.methods.mocov3 import MoCoV3
-from w2ssl.methods.viewnorm import normalise_per_view
 from w2ssl.trunk_weights import check_trunk, extract_trunk
 from w2ssl.trunks import build_trunk
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 
 
-def resnet18(**options) -> functools.partial:
+def resnet18() -> functools.partial:
     """The trunk builder MoCo v3's method passes: torchvision's ``zero_init_residual=True``."""
-    return functools.partial(build_trunk, "resnet18", zero_init_residual=True, **options)
+    return functools.partial(build_trunk, "resnet18", zero_init_residual=True)
 
 
 def small(**options) -> functools.partial:
@@ -36,21 +36,27 @@ def small(**options) -> functools.partial:
     return functools.partial(small_resnet, zero_init_residual=True, **options)
 
 
-def tiny(norm_layer=None, trunk=small, **kw) -> MoCoV3:
-    """MoCo v3 on ``trunk`` in float64; the base branch moved off the momentum one (so the EMA shows) and
-    off its zero-initialised residual scales (so every block takes part)."""
+def vit_tiny() -> functools.partial:
+    """A one-block ViT: 32-px views give 2 x 2 patch tokens and the class token."""
+    return functools.partial(build_trunk, "vit_small", embed_dim=32, depth=1, num_heads=2)
+
+
+def tiny(norm_layer=None, trunk=small, family: str = "resnet", **kw) -> MoCoV3:
+    """MoCo v3 on ``trunk`` (or a one-block ViT) in float64; the base branch moved off the momentum one (so the
+    EMA shows) and off its zero-initialised residual scales (so every block takes part)."""
     torch.manual_seed(0)
     options = {"norm_layer": norm_layer} if norm_layer else {}
-    model = MoCoV3(trunk(**options), dim=DIM, mlp_dim=MLP, temperature=T, **kw).double()
+    builder = vit_tiny() if family == "vit" else trunk(**options)
+    model = MoCoV3(builder, dim=DIM, mlp_dim=MLP, temperature=T, family=family, **kw).double()
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.mul_(1.25).add_(0.01)
     return model
 
 
-def views(n: int = N, seed: int = 1):
+def views(n: int = N, seed: int = 1, size: int = SIZE):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64) for _ in range(2)]
+    return [torch.randn(n, 3, size, size, generator=g, dtype=torch.float64) for _ in range(2)]
 
 
 def published_mlp(in_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
@@ -162,11 +168,39 @@ def test_sync_batchnorm_everywhere_keeps_keys_and_the_ema_pairs():
     keys = list(model.state_dict())
     model.convert_sync_batchnorm()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(isinstance(m, nn.SyncBatchNorm) and m.views == 2 for m in norms)
+    assert norms and all(isinstance(m, SyncNorm) and m.views == 2 for m in norms)
     assert list(model.state_dict()) == keys
     before = model.momentum_projector[1].weight.clone()
     model.update_momentum(0.5)
     torch.testing.assert_close(model.momentum_projector[1].weight, (before + model.projector[1].weight) / 2)
+
+
+def projector_inputs(model: MoCoV3, x1, x2) -> list[torch.Tensor]:
+    """What the (base) projector reads in one forward, a call per view."""
+    seen = []
+    hook = model.projector.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    model(x1, x2, m=0.9)
+    hook.remove()
+    return seen
+
+
+def test_a_vit_feeds_its_class_token_to_the_heads_as_moco_v3():
+    """MoCo v3's ViT head reads the class token (timm's ``global_pool='token'``), not the patch average."""
+    model = tiny(family="vit")
+    x1, x2 = views(size=32)
+    seen = projector_inputs(model, x1, x2)
+    tokens = [model.base_encoder.forward_tokens(x) for x in (x1, x2)]
+    assert tokens[0].shape == (N, 1 + 4, 32)
+    for got, t in zip(seen, tokens):
+        torch.testing.assert_close(got, t[:, 0], rtol=0, atol=0)
+        assert not torch.allclose(got, t[:, 1:].mean(dim=1))
+
+
+def test_a_resnet_feeds_its_averaged_map_to_the_heads():
+    model = tiny()
+    x1, x2 = views()
+    for got, x in zip(projector_inputs(model, x1, x2), (x1, x2)):
+        torch.testing.assert_close(got, model.base_encoder(x).mean(dim=(2, 3)), rtol=0, atol=0)
 
 
 def test_views_of_different_shapes_are_refused():
@@ -209,16 +243,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gn_model() -> MoCoV3:
-    """GroupNorm trunk: no batch statistics there, so how the batch is split does not matter to it."""
-    return tiny(norm_layer=functools.partial(group_norm))
-
-
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, out_dir: str, family: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = gn_model()
-    x1, x2 = views(2 * N)
+    model = tiny(family=family)
+    model.convert_sync_batchnorm()  # w2ssl.dist.syncbn: gloo on the CPU runs it
+    x1, x2 = views(2 * N, size=SIZES[family])
     half = slice(rank * N, (rank + 1) * N)
     out = model(x1[half], x2[half], m=0.9)
     out["loss"].backward()
@@ -228,31 +258,35 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         g /= world
     losses = [torch.zeros_like(out["loss"]) for _ in range(world)]
     dist.all_gather(losses, out["loss"].detach())
-    torch.save({"losses": losses, "grads": grads, "momentum": model.momentum_encoder.state_dict()},
-               f"{out_dir}/rank{rank}.pt")
+    torch.save({"losses": losses, "grads": grads, "momentum": model.momentum_encoder.state_dict(),
+                "buffers": dict(model.named_buffers())}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
+SIZES = {"resnet": SIZE, "vit": 32}
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
-    """Without CUDA there is no SyncBatchNorm: each process's head BatchNorms see its own half of the batch,
-    so the one-process reference normalises the two halves apart (as SyncBN on GPUs would not); the loss's
-    gather, label offsets and normalisation are what this checks."""
-    model = gn_model()
-    for head in (model.projector, model.predictor, model.momentum_projector):
-        normalise_per_view(head, 2)
-    x1, x2 = views(2 * N)
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_two_processes_equal_one(tmp_path, family):
+    """Two gloo processes, every BatchNorm (trunk and heads) synchronised, give the loss, gradients, running
+    statistics and momentum weights of one process with the whole batch and plain BatchNorm."""
+    model = tiny(family=family)
+    x1, x2 = views(2 * N, size=SIZES[family])
     ref = model(x1, x2, m=0.9)
     ref["loss"].backward()
 
-    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path), family), nprocs=2, start_method="spawn")
+    named, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        torch.testing.assert_close(sum(res["losses"]) / 2, ref["loss"].detach(), rtol=1e-10, atol=0)
-        named = dict(model.named_parameters())
+        torch.testing.assert_close(sum(res["losses"]) / 2, ref["loss"].detach(), rtol=1e-9, atol=0)
         assert res["grads"].keys() == {n for n, p in named.items() if p.grad is not None}
         for name, g in res["grads"].items():
             torch.testing.assert_close(g, named[name].grad, rtol=1e-7, atol=1e-12, msg=name)
+        assert res["buffers"].keys() == buffers.keys()
+        for name, b in res["buffers"].items():
+            torch.testing.assert_close(b, buffers[name], rtol=1e-9, atol=1e-12, msg=name)
         for key, value in res["momentum"].items():
             torch.testing.assert_close(value, model.momentum_encoder.state_dict()[key], msg=key)
 

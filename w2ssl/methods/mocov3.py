@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import distributed as D
+from w2ssl.dist import syncbn
 from w2ssl.errors import UserError
 from w2ssl.losses.infonce import infonce
 from w2ssl.methods import heads, vit_heads
@@ -27,9 +28,11 @@ from w2ssl.methods.viewnorm import normalise_per_view, per_view
 class MoCoV3(nn.Module):
     """MoCo v3: base encoder + projector + predictor, momentum encoder + projector (EMA).
 
-    ``base_encoder()`` builds a trunk (feature map ``[B, C, h, w]``, ``num_features`` C), called twice as in
-    MoCo v3 (base and momentum encoder); the map is averaged to ``[B, C]``. ``family`` picks MoCo v3's
-    ResNet MLPs (:mod:`~w2ssl.methods.heads`) or ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
+    ``base_encoder()`` builds a trunk (``num_features`` C), called twice as in MoCo v3 (base and momentum
+    encoder). ``family`` picks the feature and the heads as MoCo v3 does (METHOD §10): ``"resnet"``, the
+    feature map ``[B, C, h, w]`` averaged to ``[B, C]`` and the ResNet MLPs (:mod:`~w2ssl.methods.heads`);
+    ``"vit"``, the class token (``trunk.vit_feature(x, "cls")``, timm's ``global_pool='token'``) and the
+    ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
 
     ``forward(x1, x2, m)`` takes this process's two views ``[b, 3, H, W]`` and returns ``loss`` (this
     process's symmetric loss ``ctr(q1, k2) + ctr(q2, k1)`` against the keys of all processes; DDP's
@@ -44,6 +47,7 @@ class MoCoV3(nn.Module):
                  temperature: float = 1.0, family: str = "resnet", fused_views: bool = False):
         super().__init__()
         self.temperature, self.fused_views = temperature, fused_views
+        self.feature = _class_token if family == "vit" else _averaged_map
         mlps = vit_heads if family == "vit" else heads
         self.base_encoder = base_encoder()
         width = self.base_encoder.num_features
@@ -60,9 +64,9 @@ class MoCoV3(nn.Module):
             normalise_per_view(self, 2)
 
     def convert_sync_batchnorm(self) -> None:
-        """SyncBatchNorm in trunks and heads, as MoCo v3 converts the whole model: all see per-process batches."""
-        nn.SyncBatchNorm.convert_sync_batchnorm(self)
-        self._normalise_views()
+        """Synchronise every BatchNorm, trunks and heads, as MoCo v3 converts the whole model
+        (:mod:`w2ssl.dist.syncbn`: any device and backend, no host syncs; per-view norms kept)."""
+        syncbn.convert(self)
 
     def update_momentum(self, m: float) -> None:
         """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
@@ -71,11 +75,11 @@ class MoCoV3(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor, m: float) -> dict[str, Tensor]:
         if x1.shape != x2.shape:
             raise ValueError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        q1, q2 = per_view(lambda x: self.predictor(self.projector(_pooled(self.base_encoder, x))), [x1, x2],
+        q1, q2 = per_view(lambda x: self.predictor(self.projector(self.feature(self.base_encoder, x))), [x1, x2],
                           self.fused_views)
         with torch.no_grad():
             self.update_momentum(m)  # before the keys, as in MoCo v3
-            k1, k2 = per_view(lambda x: self.momentum_projector(_pooled(self.momentum_encoder, x)), [x1, x2],
+            k1, k2 = per_view(lambda x: self.momentum_projector(self.feature(self.momentum_encoder, x)), [x1, x2],
                               self.fused_views)
             k1, k2 = D.gather(k1), D.gather(k2)
         offset = D.rank() * x1.shape[0]
@@ -85,9 +89,14 @@ class MoCoV3(nn.Module):
         return {"loss": loss, "loss_ctr": loss.detach(), "ctr_acc": (acc12 + acc21) / 2}
 
 
-def _pooled(trunk: nn.Module, x: Tensor) -> Tensor:
-    """The trunk's feature map averaged: ``[B, 3, H, W] -> [B, C]``."""
+def _averaged_map(trunk: nn.Module, x: Tensor) -> Tensor:
+    """A ResNet's feature map averaged, MoCo v3's ``avgpool``: ``[B, 3, H, W] -> [B, C]``."""
     return trunk(x).mean(dim=(2, 3))
+
+
+def _class_token(trunk: nn.Module, x: Tensor) -> Tensor:
+    """A ViT's class token after the final norm, what MoCo v3's ViT head reads: ``[B, 3, H, W] -> [B, C]``."""
+    return trunk.vit_feature(x, "cls")
 
 
 # ----------------------------------------------------------------- the method, for the trainer
