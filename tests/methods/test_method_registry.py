@@ -10,6 +10,7 @@ import main_moco
 from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.data.augment import MEAN, STD
+from w2ssl.dist import syncbn
 from w2ssl.errors import UserError
 from w2ssl.methods import registry
 from w2ssl.methods.registry import Method, StepKey, build_model, method_names, method_spec, register_method
@@ -63,7 +64,7 @@ class Toy(nn.Module):
         self.head = nn.Linear(self.base_encoder.num_features, 3)
 
     def convert_sync_batchnorm(self) -> None:
-        nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        syncbn.convert(self)
 
     def forward(self, x: Tensor, target: Tensor, m: float) -> dict[str, Tensor]:
         loss = (self.head(self.base_encoder(x).mean(dim=(2, 3))) - target).square().mean()
