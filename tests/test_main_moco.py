@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import main_lincls
@@ -250,3 +251,19 @@ def test_vit_small_trains_with_either_method(image_root, tmp_path, capsys, metho
     def same(key: str) -> bool:
         return torch.equal(state[f"base_encoder.{key}"], state[f"momentum_encoder.{key}"])
     assert same("patch_embed.proj.weight") and not same("blocks.0.attn.qkv.weight")
+    if method != "w2ssl":
+        return
+    # the pre-trained ViT through the probe (class token), kNN and the timm export
+    last = str(tmp_path / "checkpoint_last.pth.tar")
+    probe = [image_root, "--input-size", "32", "-b", "8", "--workers", "0", "--seed", "0", "--epochs", "1",
+             "--pretrained", last, "--vit-feature", "cls"]
+    assert run_inprocess(main_lincls.main, [*probe, "--save-dir", tmp_path / "probe"]) == 0
+    assert run_inprocess(main_lincls.main, [*probe, "--knn", "--save-dir", tmp_path / "knn"]) == 0
+    out = capsys.readouterr().out
+    assert "linear probe (full protocol): vit_small, 3 classes" in out and re.search(r"\* Acc@1 \d+\.\d+", out)
+    assert re.search(r"kNN k=20 acc1 [\d.]+", out)
+    assert export.main([last, str(tmp_path / "timm.pth"), "--to", "timm"]) == 0
+    timm_model = timm.create_model("vit_small_patch16_224", pretrained=False, num_heads=12)
+    missing, unexpected = timm_model.load_state_dict(torch.load(tmp_path / "timm.pth", weights_only=True),
+                                                     strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
