@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,10 +39,11 @@ from w2ssl.checkpoint import epoch_name  # noqa: E402
 from w2ssl.data import glyphs  # noqa: E402
 from w2ssl.data.datasets import image_folder  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
+from w2ssl.trunks import build_trunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("w2ssl", "mocov3")
-QUICK = dict(per_class=40, val_per_class=10, seeds=2, budget_gflops=800.0, probe_epochs=10, points=2)
+QUICK = dict(per_class=40, val_per_class=10, seeds=2, budget_gflops=1860.0, probe_epochs=10, points=2, jobs=2)
 IMG_S = re.compile(r'"e2e_img_s": ([0-9.]+)')
 
 
@@ -54,9 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--budget-gflops", type=float, help="trunk GFLOPs per run (measured, see the docstring)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--tile-size", type=int, default=16, help="W2SSL tile side; montages and MoCo v3 views are 2x")
+    p.add_argument("--tile-size", type=int, default=32,
+                   help="W2SSL tile side; montages and MoCo v3 views are 2x (ResNets: 32 or more, see check_tile)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.6, help="base lr of every run (x batch/256)")
+    p.add_argument("--lr", type=float, default=8.0,
+                   help="base lr of every run, x batch/256 (LARS; the published 0.6 at batch 4096 is 9.6 per "
+                        "step: at batch 32 the trunks barely move from 0.6, see BENCHMARKS.md)")
+    p.add_argument("--sup-lr", type=float, default=8.0,
+                   help="base lr of the supervised ceiling (LARS; at batch 32 it learns little at 0.6 in minutes)")
     p.add_argument("--mlp-dim", type=int, default=1024, help="hidden width of the projector/predictor MLPs")
     p.add_argument("--points", type=int, default=6, help="kNN evaluations per run (epochs spread evenly)")
     p.add_argument("--probe-epochs", type=int, default=30, help="cached linear probe epochs (0: no probe)")
@@ -76,6 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1 or args.jobs < 1 or args.points < 1:
         raise UserError("--seeds, --jobs and --points must be at least 1")
     return args
+
+
+def check_tile(arch: str, tile: int) -> None:
+    """W2SSL reads each montage's last feature map as a 2x2 grid, one cell per tile (METHOD §3): a map of
+    1x1 (a ResNet montage under 64 px) gives all four tiles the same feature, and W2SSL learns nothing."""
+    with torch.device("meta"):
+        side = min(build_trunk(arch)(torch.empty(2, 3, 2 * tile, 2 * tile)).shape[-2:])
+    if side < 2:
+        raise UserError(f"--tile-size {tile} leaves {arch} a {side}x{side} map per montage, so W2SSL's four tiles "
+                        f"share one feature: pass a tile size whose montage (2 x tile) gives a 2x2 map or more "
+                        f"(32 for ResNets)")
 
 
 def budget(args: argparse.Namespace) -> dict:
@@ -106,7 +125,7 @@ def train_cmd(args: argparse.Namespace, kind: str, data: str, epochs: int, seed:
     if kind == "supervised":
         return [sys.executable, str(ROOT / "bench" / "quality_supervised.py"), data, "--arch", args.arch,
                 "--size", str(2 * args.tile_size), "--epochs", str(epochs), "--warmup-epochs", warmup,
-                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
+                "--batch-size", str(args.batch_size), "--lr", str(args.sup_lr), "--seed", str(seed),
                 "--save-dir", str(run), *extra]
     return [sys.executable, str(ROOT / "main_moco.py"), *moco_args(args, kind, data), "--epochs", str(epochs),
             "--warmup-epochs", warmup, "--seed", str(seed), "--save-dir", str(run), "--keep", "0", *extra]
@@ -168,6 +187,7 @@ def run_one(args: argparse.Namespace, kind: str, seed: int, epochs: int, data: s
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     spent = budget(args)
+    check_tile(args.arch, args.tile_size)
     data = args.data or str(glyphs.build(args.out / f"glyphs-{args.per_class}-{args.val_per_class}",
                                          {"train": args.per_class, "val": args.val_per_class}))
     for split in ("train", "val"):
@@ -192,9 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: run_one(args, job[0], job[1], epochs.get(job[0], 0), data, env), jobs))
     summary = quality_report.summarise(results, per_epoch, gflops)
+    settings = ("arch", "tile_size", "batch_size", "lr", "sup_lr", "mlp_dim", "probe_epochs")
     record = {"data": data, "train_images": len(train_set), "classes": len(train_set.classes), "budget": spent,
-              "epochs": epochs, "gflops_per_image": gflops, "img_s": rate, "settings": {
-                  k: getattr(args, k) for k in ("arch", "tile_size", "batch_size", "lr", "mlp_dim", "probe_epochs")},
+              "epochs": epochs, "gflops_per_image": gflops, "img_s": rate,
+              "settings": {k: getattr(args, k) for k in settings},
               "versions": versions(), "summary": summary, "runs": results}
     (args.out / "quality.json").write_text(json.dumps(record, indent=1))
     quality_report.plot(summary, args.out / "quality.png")

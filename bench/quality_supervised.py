@@ -1,6 +1,6 @@
 """The supervised ceiling of bench/quality.py: the same trunk trained with labels, cross-entropy.
 
-One ``--size``-pixel view per image (RandomResizedCrop + flip, w2ssl's ``train_transform``), LARS with
+One ``--size``-pixel view per image (RandomResizedCrop down to ``--crop-min`` as pre-training, flip), LARS with
 the linear-scaling rule, warm-up and half-cosine schedule (w2ssl.train.optim), as the self-supervised
 runs. Each epoch writes ``checkpoint_%04d.pth.tar`` in the pre-training layout (``state_dict`` with
 ``base_encoder.<torchvision key>``, ``arch``), so kNN and ``main_lincls.py --pretrained`` read it, and
@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision import transforms
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from w2ssl.checkpoint import epoch_name, save_atomic  # noqa: E402
-from w2ssl.data.datasets import image_folder, seed_everything, train_transform  # noqa: E402
+from w2ssl.data.augment import MEAN, STD  # noqa: E402
+from w2ssl.data.datasets import image_folder, seed_everything  # noqa: E402
 from w2ssl.train.optim import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
 from w2ssl.trunks import build_trunk  # noqa: E402
 
@@ -43,7 +45,10 @@ def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     seed_everything(args.seed)
     torch.manual_seed(args.seed)
-    dataset = image_folder(Path(args.data) / "train", transform=train_transform(args.size))
+    augment = transforms.Compose([transforms.RandomResizedCrop(args.size, scale=(args.crop_min, 1.0)),
+                                  transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                  transforms.Normalize(MEAN, STD)])
+    dataset = image_folder(Path(args.data) / "train", transform=augment)
     generator = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, generator=generator)
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.6)
+    p.add_argument("--crop-min", type=float, default=0.2, help="minimum RandomResizedCrop scale (main_moco.py's)")
     p.add_argument("--wd", type=float, default=1e-6)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -86,3 +86,9 @@ def test_quality_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert record["epochs"] == {"w2ssl": 1, "mocov3": 1}  # 80 images / 80 per epoch
     assert (tmp_path / "quality.png").stat().st_size > 1000
     assert not list(tmp_path.glob("runs/*/checkpoint_*"))  # evaluated, then removed
+
+
+def test_a_tile_whose_montage_leaves_a_1x1_map_is_refused():
+    quality.check_tile("resnet18", 32)  # 64 px montage -> 2x2 layer4 map
+    with pytest.raises(UserError, match="--tile-size 16 leaves resnet18 a 1x1 map"):
+        quality.check_tile("resnet18", 16)

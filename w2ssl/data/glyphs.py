@@ -24,7 +24,7 @@ FACES = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-Bold
          "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
          "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique",
          "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta")
-PER_CLASS = {"train": 120, "val": 30}
+PER_CLASS = {"train": 60, "val": 30}
 SIZE = 64
 DONE = ".complete"
 
@@ -47,11 +47,12 @@ def _luma(rgb: np.ndarray) -> float:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """``[size, size, 3]`` float: a gradient between two random colours along a random direction, plus noise."""
-    a, b = _colour(rng), _colour(rng)
+    a = _colour(rng)
+    b = np.clip(a + rng.uniform(-40, 40, 3), 0, 255)  # a gentle gradient: no strong edge of its own
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[..., None]
-    return a * (1 - t) + b * t + rng.normal(0, rng.uniform(2, 18), (size, size, 3))
+    return a * (1 - t) + b * t + rng.normal(0, rng.uniform(2, 12), (size, size, 3))
 
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int) -> None:
@@ -67,22 +68,24 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, cou
             draw.arc(box, float(rng.uniform(0, 360)), float(rng.uniform(0, 360)), fill=colour, width=width)
 
 
-def render(char: str, font: Path, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB ``size x size`` sample of ``char`` in ``font``: random scale (45-80 % of the side), angle
-    (±25°), offset, colours (glyph at least 60 luma levels from the local background) and clutter."""
+def render(char: str, font: Path, size: int, rng: np.random.Generator, grey: bool = True) -> Image.Image:
+    """One RGB ``size x size`` sample of ``char`` in ``font``: random scale (60-90 % of the side), angle
+    (±15°), offset (up to a tenth of the side from the centre), colours (glyph at least 60 luma levels from
+    the local background) and one or two clutter strokes; grey levels only with ``grey``."""
     bg = _background(rng, size)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
-    _clutter(ImageDraw.Draw(img), rng, size, int(rng.integers(1, 4)))
+    _clutter(ImageDraw.Draw(img), rng, size, int(rng.integers(0, 2)))
     # The glyph alone, on a transparent canvas large enough to rotate it without clipping.
-    face = ImageFont.truetype(str(font), max(4, int(size * rng.uniform(0.45, 0.8))))
+    face = ImageFont.truetype(str(font), max(4, int(size * rng.uniform(0.6, 0.9))))
     canvas = Image.new("L", (2 * size, 2 * size), 0)
     ImageDraw.Draw(canvas).text((size, size), char, fill=255, font=face, anchor="mm")
-    canvas = canvas.rotate(float(rng.uniform(-25, 25)), resample=Image.BICUBIC)
+    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BICUBIC)
     box = canvas.getbbox() or (0, 0, 1, 1)
     mask = canvas.crop(box)
     w, h = mask.size
-    x = int(rng.integers(0, max(size - w, 0) + 1)) - max(w - size, 0) // 2
-    y = int(rng.integers(0, max(size - h, 0) + 1)) - max(h - size, 0) // 2
+    jitter = size // 10
+    x = (size - w) // 2 + int(rng.integers(-jitter, jitter + 1))
+    y = (size - h) // 2 + int(rng.integers(-jitter, jitter + 1))
     under = _luma(bg[max(y, 0):y + h, max(x, 0):x + w].reshape(-1, 3).mean(0)) if w and h else 128.0
     ink = _colour(rng)
     while abs(_luma(ink) - under) < 60:  # legible: contrast in brightness, whatever the hues
@@ -90,7 +93,7 @@ def render(char: str, font: Path, size: int, rng: np.random.Generator) -> Image.
     img.paste(Image.new("RGB", mask.size, tuple(int(c) for c in ink)), (x, y), mask)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
-    return img
+    return img.convert("L").convert("RGB") if grey else img
 
 
 def _seed(seed: int, split: str, label: int, index: int) -> int:
@@ -98,7 +101,8 @@ def _seed(seed: int, split: str, label: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def build(root: str | Path, per_class: dict[str, int] | None = None, size: int = SIZE, seed: int = 0) -> Path:
+def build(root: str | Path, per_class: dict[str, int] | None = None, size: int = SIZE, seed: int = 0,
+          grey: bool = True) -> Path:
     """Write ``root/{train,val}/<letter>/<i>.png`` once and return ``root``.
 
     The same arguments always give the same pixels (each sample is seeded by ``seed``, split, class and
@@ -107,7 +111,7 @@ def build(root: str | Path, per_class: dict[str, int] | None = None, size: int =
     """
     root = Path(root)
     per_class = dict(PER_CLASS if per_class is None else per_class)
-    stamp = f"glyphs v1 classes={CLASSES} per_class={sorted(per_class.items())} size={size} seed={seed}"
+    stamp = f"glyphs v3 classes={CLASSES} per_class={sorted(per_class.items())} size={size} seed={seed} grey={grey}"
     if (root / DONE).is_file() and (root / DONE).read_text() == stamp:
         return root
     fonts = font_dir()
@@ -120,7 +124,7 @@ def build(root: str | Path, per_class: dict[str, int] | None = None, size: int =
             out.mkdir(parents=True)
             for i in range(count):
                 rng = np.random.default_rng(_seed(seed, split, label, i))
-                render(char, faces[int(rng.integers(len(faces)))], size, rng).save(out / f"{i}.png")
+                render(char, faces[int(rng.integers(len(faces)))], size, rng, grey).save(out / f"{i}.png")
     (tmp / DONE).write_text(stamp)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
