@@ -9,7 +9,8 @@ momentum encoder forward, counted on one real step). It becomes a whole number o
 Afterwards (bench/quality_eval.py) each run's trunk is evaluated by kNN at ``--points`` epochs and by
 the cached linear probe at its last. A random-init trunk (floor) and a supervised run on the labels with
 the same budget (ceiling, bench/quality_supervised.py) are the reference rows. Data: ``--data DIR``
-(ImageFolder with train/ and val/) or, by default, the glyph set of :mod:`w2ssl.data.glyphs`.
+(ImageFolder with train/ and val/) or an embedded set (``--dataset``): the demo's photo crops (default) or
+the letters of :mod:`w2ssl.data.glyphs`.
 
 Writes ``OUT/quality.json``, ``OUT/quality.png`` and ``OUT/runs/<method>-<seed>/``; prints a table and,
 last, one JSON line. ``--quick``: a small set, two seeds, a short budget (minutes on a 2-core CPU).
@@ -35,6 +36,7 @@ import main_moco  # noqa: E402
 from bench import quality_report  # noqa: E402
 from bench.common import json_line, versions  # noqa: E402
 from bench.quality_flops import method_gflops, supervised_gflops  # noqa: E402
+from w2ssl import demo  # noqa: E402
 from w2ssl.checkpoint import epoch_name  # noqa: E402
 from w2ssl.data import glyphs  # noqa: E402
 from w2ssl.data.datasets import image_folder  # noqa: E402
@@ -43,13 +45,16 @@ from w2ssl.trunks import build_trunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("w2ssl", "mocov3")
-QUICK = dict(per_class=40, val_per_class=10, seeds=2, budget_gflops=1860.0, probe_epochs=10, points=2, jobs=2)
+QUICK = dict(seeds=2, budget_gflops=1120.0, probe_epochs=10, points=2, jobs=2)
 IMG_S = re.compile(r'"e2e_img_s": ([0-9.]+)')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="ImageFolder root with train/ and val/ (default: the generated glyph set)")
+    p.add_argument("--data", help="ImageFolder root with train/ and val/ (default: an embedded set, --dataset)")
+    p.add_argument("--dataset", choices=("photos", "glyphs"), default="photos",
+                   help="embedded set without --data: the demo's 20 scikit-image photos (classes: which photo a "
+                        "crop is from) or the rendered letters of w2ssl.data.glyphs (see BENCHMARKS.md)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality", help="results folder")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-s", type=float, help="wall-clock seconds of training per run (default 300)")
@@ -70,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", type=int, default=30, help="cached linear probe epochs (0: no probe)")
     p.add_argument("--no-supervised", action="store_true", help="leave out the supervised ceiling")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")
-    p.add_argument("--per-class", type=int, default=glyphs.PER_CLASS["train"], help="glyph set: train images/class")
-    p.add_argument("--val-per-class", type=int, default=glyphs.PER_CLASS["val"], help="glyph set: val images/class")
+    p.add_argument("--per-class", type=int, default=glyphs.PER_CLASS["train"], help="glyphs: train images per class")
+    p.add_argument("--val-per-class", type=int, default=glyphs.PER_CLASS["val"], help="glyphs: val images per class")
     p.add_argument("--quick", action="store_true", help=f"small and short: {QUICK} unless given")
     args = p.parse_args(argv)
     if args.quick:
@@ -84,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1 or args.jobs < 1 or args.points < 1:
         raise UserError("--seeds, --jobs and --points must be at least 1")
     return args
+
+
+def embedded(args: argparse.Namespace) -> str:
+    """Write the ``--dataset`` ImageFolder under ``--out`` once; its root."""
+    if args.dataset == "photos":
+        return str(demo.build_dataset(args.out / "photos"))
+    return str(glyphs.build(args.out / f"glyphs-{args.per_class}-{args.val_per_class}",
+                            {"train": args.per_class, "val": args.val_per_class}))
 
 
 def check_tile(arch: str, tile: int) -> None:
@@ -188,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     spent = budget(args)
     check_tile(args.arch, args.tile_size)
-    data = args.data or str(glyphs.build(args.out / f"glyphs-{args.per_class}-{args.val_per_class}",
-                                         {"train": args.per_class, "val": args.val_per_class}))
+    data = args.data or embedded(args)
     for split in ("train", "val"):
         if not (Path(data) / split).is_dir():
             raise UserError(f"{Path(data) / split} does not exist: --data needs train/ and val/ class folders")

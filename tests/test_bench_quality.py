@@ -31,7 +31,7 @@ def test_budget_flags():
     assert quality.budget(quality.parse_args([])) == {"kind": "s", "value": 300.0}
     assert quality.budget(quality.parse_args(["--budget-gflops", "5"])) == {"kind": "gflops", "value": 5.0}
     quick = quality.parse_args(["--quick", "--seeds", "3"])
-    assert quick.seeds == 3 and quick.budget_gflops == quality.QUICK["budget_gflops"] and quick.per_class == 40
+    assert quick.seeds == 3 and quick.budget_gflops == quality.QUICK["budget_gflops"] and quick.jobs == 2
     assert quality.parse_args(["--quick", "--budget-s", "9"]).budget_gflops is None
     with pytest.raises(UserError, match="--budget-images must be positive"):
         quality.budget(quality.parse_args(["--budget-images", "0"]))
@@ -75,7 +75,7 @@ def test_summary_means_stds_and_curves():
 def test_quality_runs_end_to_end_at_a_tiny_size(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--per-class", "4",
            "--val-per-class", "2", "--batch-size", "8", "--seeds", "1", "--budget-images", "80", "--points", "2",
-           "--probe-epochs", "1", "--mlp-dim", "32", "--no-supervised"]
+           "--probe-epochs", "1", "--mlp-dim", "32", "--no-supervised", "--dataset", "glyphs"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])

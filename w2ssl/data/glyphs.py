@@ -1,10 +1,11 @@
 """A labelled image set rendered from the fonts matplotlib ships, for kNN and probe benchmarks on a CPU.
 
 Each class is a letter. A sample draws it in one of 16 DejaVu / STIX faces (sans, serif, mono; regular,
-bold, italic), at a random size, angle and place, in a random colour on a random two-colour gradient with
-noise and random clutter strokes. Colours are drawn independently of the class, so colour tells the
-classes nothing: a trunk must see shapes. Nothing is downloaded; the fonts come with matplotlib's wheel
-(DejaVu: Bitstream Vera licence; STIX: SIL Open Font License 1.1; both free to redistribute).
+bold, italic) at 60-90 % of the side, turned up to 15°, near the centre, in a random shade on a gentle
+gradient of another with noise, sometimes crossed by a clutter stroke, in grey levels by default. Shades
+are drawn independently of the class, so brightness or colour tells the classes nothing: a trunk must see
+shapes. Nothing is downloaded; the fonts come with matplotlib's wheel (DejaVu: Bitstream Vera licence;
+STIX: SIL Open Font License 1.1; both free to redistribute).
 """
 from __future__ import annotations
 
