@@ -63,15 +63,16 @@ def table(summary: dict[str, dict]) -> str:
 
 
 def plot(summary: dict[str, dict], path: Path) -> None:
-    """Two panels, kNN top-1 against wall-clock and against images seen: a line per method (from the
+    """Three panels, kNN top-1 against wall-clock, images seen and trunk GFLOPs: a line per method (from the
     random-init floor at 0) with the seed spread (± 1 std) shaded; the floor as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     floor = summary.get("random")
-    for ax, x, label in zip(axes, ("wall_s", "images"), ("wall-clock per run (s)", "source images seen")):
+    panels = (("wall_s", "wall-clock per run (s)"), ("images", "source images seen"), ("gflops", "trunk GFLOPs"))
+    for ax, (x, label) in zip(axes, panels):
         for kind in ("w2ssl", "mocov3", "supervised"):
             if kind not in summary:
                 continue
@@ -89,7 +90,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("kNN top-1 (%)")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
