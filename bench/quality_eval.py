@@ -4,7 +4,8 @@ Reads the run's ``checkpoint_%04d.pth.tar`` files (any pre-training layout whose
 so nothing is added to the training loop. kNN: weighted, k = 20, T = 0.07 (w2ssl.eval.knn) on centre crops of
 ``--size`` pixels. Probe: ``main_lincls.py --cached`` (features extracted once, a linear layer trained on them)
 in a subprocess; its last epoch's val top-1 is kept. Writes ``RUN/eval.json``; ``--delete`` then removes the
-checkpoints (a resnet18 one with heads and optimizer state is about 150 MB).
+checkpoints and the probe's folder (a resnet18 pre-training checkpoint with heads and optimizer state is
+about 150 MB).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.delete:
         for path in args.run.glob("checkpoint_*.pth.tar"):
             path.unlink()
+        shutil.rmtree(args.run / "probe", ignore_errors=True)  # the probe's checkpoints hold the trunk too
     print(json.dumps(result), flush=True)
 
 
