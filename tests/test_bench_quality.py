@@ -1,0 +1,94 @@
+"""bench/quality.py: budgets, evaluation points, measured FLOPs, the summary over seeds, and a tiny run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main_moco
+from bench import quality, quality_report
+from bench.quality_flops import method_gflops, supervised_gflops
+from tests.helpers import cpu_env
+from w2ssl.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_budget_becomes_whole_epochs():
+    assert quality.epochs_for(1000.0, 300.0) == 3  # 3.33 -> 3
+    assert quality.epochs_for(1000.0, 400.0) == 2  # 2.5 -> 2 (round half to even)
+    assert quality.epochs_for(10.0, 300.0) == 1  # never zero
+
+
+def test_eval_epochs_are_spread_and_end_at_the_last():
+    assert quality.eval_epochs(12, 4) == [3, 6, 8, 11]
+    assert quality.eval_epochs(3, 6) == [0, 1, 2]
+    assert quality.eval_epochs(1, 2) == [0]
+
+
+def test_budget_flags():
+    assert quality.budget(quality.parse_args([])) == {"kind": "s", "value": 300.0}
+    assert quality.budget(quality.parse_args(["--budget-gflops", "5"])) == {"kind": "gflops", "value": 5.0}
+    quick = quality.parse_args(["--quick", "--seeds", "3"])
+    assert quick.seeds == 3 and quick.budget_gflops == quality.QUICK["budget_gflops"] and quick.jobs == 2
+    assert quality.parse_args(["--quick", "--budget-s", "9"]).budget_gflops is None
+    with pytest.raises(UserError, match="--budget-images must be positive"):
+        quality.budget(quality.parse_args(["--budget-images", "0"]))
+    with pytest.raises(SystemExit):  # argparse: one budget at a time
+        quality.parse_args(["--budget-s", "1", "--budget-images", "2"])
+
+
+def test_mocov3_costs_twice_w2ssl_per_image_in_trunk_flops():
+    """W2SSL runs one (2t)^2 montage per source image through each encoder, MoCo v3 two (2t)^2 views."""
+    args = quality.parse_args(["--tile-size", "16", "--mlp-dim", "64"])
+    parser = main_moco.build_parser()
+    w2, moco = (method_gflops(parser.parse_args(quality.moco_args(args, m, "DATA"))) for m in quality.METHODS)
+    assert moco["trunk"] == pytest.approx(2 * w2["trunk"], rel=1e-9)
+    assert w2["model"] > w2["trunk"] and moco["model"] > moco["trunk"]  # heads add some
+    # resnet18 at 32 px: 2 x 2.3e7 multiply-adds forward ~ 0.074 GFLOPs; x3 forward+backward, +1 momentum.
+    assert 3.5 * 0.074 < w2["trunk"] < 4.1 * 0.074
+    sup = supervised_gflops("resnet18", 32, 20)
+    assert 2.7 * 0.074 < sup["trunk"] < 3.1 * 0.074  # no momentum encoder
+
+
+def run(kind, epochs, knn, probe, wall):
+    return {"kind": kind, "seed": 0, "epochs": epochs, "knn": knn, "probe": probe, "wall_s": wall}
+
+
+def test_summary_means_stds_and_curves():
+    runs = [run("w2ssl", 2, {0: 10.0, 1: 20.0}, 30.0, [5.0, 9.0]),
+            run("w2ssl", 2, {0: 14.0, 1: 24.0}, 34.0, [7.0, 11.0]),
+            run("random", 0, {0: 5.0}, 6.0, [])]
+    s = quality_report.summarise(runs, per_epoch=100, gflops={"w2ssl": {"trunk": 0.5}})
+    w2 = s["w2ssl"]
+    assert (w2["seeds"], w2["images"], w2["gflops"], w2["wall_s"]) == (2, 200, 100.0, 10.0)
+    assert w2["knn_mean"] == 22.0 and w2["knn_std"] == pytest.approx(2 ** 0.5 * 2)
+    assert w2["probe_mean"] == 32.0
+    assert [p["images"] for p in w2["curve"]] == [100, 200] and w2["curve"][0]["knn_mean"] == 12.0
+    assert s["random"]["images"] == 0 and s["random"]["knn_std"] == 0.0
+    table = quality_report.table(s)
+    assert "| W2SSL | 2 | 2 | 200 | 100 | 10 | 22.0 ± 2.8 | 32.0 ± 2.8 |" in table
+
+
+@pytest.mark.slow
+def test_quality_runs_end_to_end_at_a_tiny_size(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--per-class", "4",
+           "--val-per-class", "2", "--batch-size", "8", "--seeds", "1", "--budget-images", "80", "--points", "2",
+           "--probe-epochs", "1", "--mlp-dim", "32", "--no-supervised", "--dataset", "glyphs"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["seeds"] == 1 and last["budget"] == {"kind": "images", "value": 80.0}
+    for key in ("w2ssl_knn", "mocov3_knn", "random_knn"):
+        assert 0.0 <= last[key] <= 100.0
+    record = json.loads((tmp_path / "quality.json").read_text())
+    assert record["epochs"] == {"w2ssl": 1, "mocov3": 1}  # 80 images / 80 per epoch
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("runs/**/*.pth.tar"))  # evaluated, then removed (the probe's too)
+
+
+def test_a_tile_whose_montage_leaves_a_1x1_map_is_refused():
+    quality.check_tile("resnet18", 32)  # 64 px montage -> 2x2 layer4 map
+    with pytest.raises(UserError, match="--tile-size 16 leaves resnet18 a 1x1 map"):
+        quality.check_tile("resnet18", 16)
