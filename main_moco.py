@@ -112,7 +112,11 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     with torch.device("meta"):  # shapes and sizes only: nothing is allocated
         model = build_model(args)
     # eval: shapes only, no batch statistics
-    check_tile_size(args.tile_size, args.arch, method.input_size, model.base_encoder.eval())
+    side = check_tile_size(args.tile_size, args.arch, method.input_size, model.base_encoder.eval())
+    if side < method.min_map:
+        cli.warn(f"--tile-size {args.tile_size} leaves {args.arch} a {side}x{side} feature map per input, and "
+                 f"{args.method} needs {method.min_map}x{method.min_map} (one cell per tile) to learn: pass "
+                 f"--tile-size {args.tile_size * method.min_map // side} or more (112 as published)")
     if not args.max_iters:  # --max-iters writes no checkpoint
         disk.refuse_if_too_small(args.save_dir, disk.checkpoint_bytes(model, args.optimizer))
     if args.demo and args.max_iters:
@@ -123,15 +127,19 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     check_resume_path(args.resume)
 
 
-def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trunk: nn.Module) -> None:
+def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trunk: nn.Module) -> int:
     """The trunk's input for ``tile`` (``input_size(tile)`` px: a montage, or MoCo v3's view) must leave
-    ``trunk`` (on the meta device) a feature map of at least 1x1 (ViTs: a side that is a multiple of 16)."""
-    def fits(t: int) -> bool:
+    ``trunk`` (on the meta device) a feature map of at least 1x1 (ViTs: a side that is a multiple of 16).
+    Returns the map's smaller side."""
+    def map_side(t: int) -> int:
         side = input_size(t)
         try:
-            return min(trunk(torch.empty(2, 3, side, side, device="meta")).shape[-2:]) >= 1
+            return min(trunk(torch.empty(2, 3, side, side, device="meta")).shape[-2:])
         except (RuntimeError, ValueError):  # a kernel larger than its padded input; a side ViTs cannot patch
-            return False
+            return 0
+
+    def fits(t: int) -> bool:
+        return map_side(t) >= 1
 
     if tile < 1 or not fits(tile):
         fitting = next(t for t in range(max(tile, 1), 4096) if fits(t))
@@ -140,6 +148,7 @@ def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trun
                             f"whole number of patches): pass --tile-size {fitting} (112 as published)")
         raise UserError(f"--tile-size {tile} is too small for {arch} (its input must leave the last layer a "
                         f"feature map): pass --tile-size {fitting} or more (112 as published)")
+    return map_side(tile)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -183,6 +183,18 @@ def test_method_checks_exit_2_with_one_line(image_root, tmp_path, capsys, argv, 
     assert not (tmp_path / "log.txt").exists()
 
 
+@pytest.mark.parametrize("method, tile, warned", [("w2ssl", 16, True), ("w2ssl", 32, False), ("mocov3", 16, False)])
+def test_a_map_too_small_for_the_method_is_warned(image_root, tmp_path, capsys, method, tile, warned):
+    """A 32-px montage leaves resnet18 a 1x1 map: W2SSL's four tiles would share one feature."""
+    args = parse(build_parser(), [str(image_root), "-a", "resnet18", "--method", method, "--tile-size", str(tile),
+                                  "-b", "8", "--save-dir", str(tmp_path)])
+    main_moco.check(args, world_size=1)
+    err = capsys.readouterr().err
+    message = ("WARNING: --tile-size 16 leaves resnet18 a 1x1 feature map per input, and w2ssl needs 2x2 (one cell "
+               "per tile) to learn: pass --tile-size 32 or more (112 as published)\n")
+    assert err == (message if warned else "")
+
+
 @pytest.mark.slow
 def test_mocov3_checkpoint_goes_through_probe_knn_and_exports(image_root, tmp_path, capsys):
     """MoCo v3 through main_moco.py (in this process, kNN every epoch), then the linear probe and both exports."""

@@ -120,10 +120,19 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     try:
         main(argv)
     except UserError as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        _say(f"error: {e}")
         return 2
     return 0
+
+
+def warn(message: str) -> None:
+    """``WARNING: message`` on stderr before a run starts (under torchrun: once per node)."""
+    _say(f"WARNING: {message}")
+
+
+def _say(line: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def with_error_boundary(main: Callable[[Sequence[str] | None], None]) -> Callable[[], None]:

@@ -45,6 +45,8 @@ class Method:
     * ``inputs(views, key)``: the collated sample tensors on the device -> ``forward``'s keyword inputs.
     * ``check_batch(batch_size, world)``: raise :class:`~w2ssl.errors.UserError` for a batch it cannot split.
     * ``input_size(tile)``: the side of the images the trunk sees for ``--tile-size`` (for checks).
+    * ``min_map``: the smallest side of the trunk's feature map at which the method can learn (W2SSL: 2,
+      one cell per tile); smaller maps get a warning before the run.
     * ``gpu_transform(args)``: the ``--gpu-aug`` device transform (``w2ssl.data.gpu_augment``), or None if
       the method has none.
     * ``console(current, average)``: the method's fields of the console line (None: every scalar).
@@ -57,6 +59,7 @@ class Method:
     inputs: Callable[[list[Tensor], StepKey], dict[str, Any]]
     check_batch: Callable[[int, int], None]
     input_size: Callable[[int], int]
+    min_map: int = 1
     gpu_transform: Callable[[Namespace], nn.Module] | None = None
     console: Callable[[dict[str, float], dict[str, float]], str] | None = None
     preview: Callable[[list[Tensor], int], dict[str, Tensor]] | None = None

@@ -208,5 +208,5 @@ def preview(tiles: list[Tensor], epoch: int) -> dict[str, Tensor]:
 
 
 register_method(Method("w2ssl", build, lambda args: FourCrop(args.tile_size, args.crop_min), inputs, check_batch,
-                       input_size=lambda tile: 2 * tile, console=console, preview=preview,
+                       input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
                        gpu_transform=lambda args: GpuFourCrop(args.tile_size, args.crop_min)))
