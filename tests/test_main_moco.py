@@ -189,10 +189,10 @@ def test_a_map_too_small_for_the_method_is_warned(image_root, tmp_path, capsys, 
     args = parse(build_parser(), [str(image_root), "-a", "resnet18", "--method", method, "--tile-size", str(tile),
                                   "-b", "8", "--save-dir", str(tmp_path)])
     main_moco.check(args, world_size=1)
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out
     message = ("WARNING: --tile-size 16 leaves resnet18 a 1x1 feature map per input, and w2ssl needs 2x2 (one cell "
                "per tile) to learn: pass --tile-size 32 or more (112 as published)\n")
-    assert err == (message if warned else "")
+    assert out == (message if warned else "")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -126,13 +126,14 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
 
 
 def warn(message: str) -> None:
-    """``WARNING: message`` on stderr before a run starts (under torchrun: once per node)."""
-    _say(f"WARNING: {message}")
+    """``WARNING: message`` on stdout before a run starts, where the run's own warnings go (stderr is for the
+    one ``error:`` line); under torchrun once per node."""
+    _say(f"WARNING: {message}", sys.stdout)
 
 
-def _say(line: str) -> None:
+def _say(line: str, stream: TextIO | None = None) -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=stream or sys.stderr, flush=True)
 
 
 def with_error_boundary(main: Callable[[Sequence[str] | None], None]) -> Callable[[], None]:
