@@ -141,14 +141,15 @@ def check_tile_size(tile: int, arch: str, input_size: Callable[[int], int], trun
     def fits(t: int) -> bool:
         return map_side(t) >= 1
 
-    if tile < 1 or not fits(tile):
+    side = map_side(tile) if tile >= 1 else 0
+    if side < 1:
         fitting = next(t for t in range(max(tile, 1), 4096) if fits(t))
         if any(fits(t) for t in range(1, tile)):  # a ViT: the input's side must be a multiple of 16
             raise UserError(f"--tile-size {tile} does not fit {arch} (an input of {input_size(tile)} px is not a "
                             f"whole number of patches): pass --tile-size {fitting} (112 as published)")
         raise UserError(f"--tile-size {tile} is too small for {arch} (its input must leave the last layer a "
                         f"feature map): pass --tile-size {fitting} or more (112 as published)")
-    return map_side(tile)
+    return side
 
 
 def main(argv: Sequence[str] | None = None) -> None:

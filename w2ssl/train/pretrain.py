@@ -208,7 +208,8 @@ class Pretrainer:
         end = time.perf_counter()
         for batch, bad in islice(batches, self.iters_per_epoch - start):
             data_s = time.perf_counter() - end
-            inputs = self._inputs(batch, bad, first=self.iteration == start)
+            first = self.iteration == start
+            inputs = self._inputs(batch, bad, first)
             t = self.epoch + self.iteration / self.iters_per_epoch
             lr = lr_at(t, self.lr, self.args.warmup_epochs, self.args.epochs)
             m = momentum_at(t, self.args.epochs, self.args.moco_m, self.args.moco_m_cos)
@@ -216,7 +217,7 @@ class Pretrainer:
             self.iteration, self.step = self.iteration + 1, self.step + 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
             batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
-            self._record_time(data_s, batch_s, first=self.iteration - 1 == start)
+            self._record_time(data_s, batch_s, first)
             progress.record(parts, lr, m, data_s, batch_s)
             self._after_step(progress, eta)
             if self._iteration_budget_spent():
