@@ -21,9 +21,9 @@ from w2ssl.data import gpu_decode
 from w2ssl.data import gpu_ops as G
 from w2ssl.data.augment import MEAN, STD, FourCrop, split_left_right
 from w2ssl.data.datasets import PretrainDataset
-from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path, pad_groups, regions
+from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path, pad_groups
 from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch, nvjpeg_decodable
-from w2ssl.data.gpu_params import crop_boxes, jitter_params, jitter_plan, sample_keys, tile_params, uniforms
+from w2ssl.data.gpu_params import crop_boxes, jitter_params, jitter_plan, regions, sample_keys, tile_params, uniforms
 from w2ssl.data.sampler import ResumableSampler
 from w2ssl.errors import UserError
 
@@ -215,17 +215,17 @@ def test_jitter_params_ranges_probability_and_order():
 
 def test_grayscale_solarize_flip_equal_torchvision():
     x = tiles(4)
-    mask = torch.tensor([True, False, True, False])
+    mask, index = torch.tensor([True, False, True, False]), torch.tensor([0, 2])
     ops = [
-        (G.random_grayscale(x, mask), lambda t: TF.rgb_to_grayscale(t, num_output_channels=3)),
-        (G.solarize(x, mask), lambda t: TF.solarize(t, 128 / 255)),
-        (G.hflip(x, mask), TF.horizontal_flip),
+        (G.random_grayscale(x, index), lambda t: TF.rgb_to_grayscale(t, num_output_channels=3)),
+        (G.solarize(x, index), lambda t: TF.solarize(t, 128 / 255)),
+        (G.hflip(x, index), TF.horizontal_flip),
     ]
     for out, ref in ops:
         for k in range(4):
             assert torch.equal(out[k], ref(x[k]) if mask[k] else x[k])
     levels = torch.tensor([127.0, 128.0]).view(1, 1, 1, 2) / 255  # PIL inverts uint8 values >= 128
-    out = G.solarize(levels, torch.tensor([True])).flatten()
+    out = G.solarize(levels, torch.tensor([0])).flatten()
     assert out[0] == levels.flatten()[0] and out[1] == 1 - levels.flatten()[1]
 
 
@@ -243,13 +243,13 @@ def test_blur_radius_and_box_kernels_hand_computed():
 def test_gaussian_blur_impulse_response_and_mask():
     x = torch.zeros(2, 3, 15, 15)
     x[:, :, 7, 7] = 1.0
-    out = G.gaussian_blur(x, torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
+    out = G.gaussian_blur(x, torch.tensor([1.0, 1.0]), torch.tensor([0]))
     profile = torch.tensor([1, 12, 51, 88, 51, 12, 1]) / 216  # ([1, 4, 1] / 6) convolved three times
     expected = torch.zeros(15, 15)
     expected[4:11, 4:11] = profile[:, None] * profile[None, :]
     torch.testing.assert_close(out[0], expected.expand(3, 15, 15))
     assert torch.equal(out[1], x[1])
-    flat = G.gaussian_blur(torch.full((1, 3, 5, 5), 0.3), torch.tensor([2.0]), torch.tensor([True]))
+    flat = G.gaussian_blur(torch.full((1, 3, 5, 5), 0.3), torch.tensor([2.0]), torch.tensor([0]))
     torch.testing.assert_close(flat, torch.full((1, 3, 5, 5), 0.3))  # replicated edges keep a flat tile flat
 
 
@@ -259,7 +259,7 @@ def test_gaussian_blur_equals_pil_within_rounding():
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     for sigma in [0.3, 1.0, 1.7, 2.0]:
         ref = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=np.float64)
-        out = G.gaussian_blur(x, torch.tensor([sigma]), torch.tensor([True]))[0].permute(1, 2, 0).numpy() * 255
+        out = G.gaussian_blur(x, torch.tensor([sigma]), torch.tensor([0]))[0].permute(1, 2, 0).numpy() * 255
         assert np.abs(out - ref).mean() < 0.6 and np.abs(out - ref).max() < 3.5  # PIL rounds after each pass
 
 
@@ -275,8 +275,9 @@ def test_tile_params_probabilities_per_view():
     view1 = torch.arange(n) % 4 < 2
     expected = {"gray": (0.2, 0.2), "blur": (1.0, 0.1), "solarize": (0.0, 0.2), "flip": (0.5, 0.5)}
     for key, (p1, p2) in expected.items():
-        assert abs(p[key][view1].float().mean().item() - p1) < 0.015, key
-        assert abs(p[key][~view1].float().mean().item() - p2) < 0.015, key
+        mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, p[key], True)
+        assert abs(mask[view1].float().mean().item() - p1) < 0.015, key
+        assert abs(mask[~view1].float().mean().item() - p2) < 0.015, key
     assert abs(p["jitter_index"].shape[1] / n - 0.8) < 0.015 and sum(counts[0]) == p["jitter_index"].shape[1]
     assert 0.1 <= p["sigma"].min() < 0.11 and 1.99 < p["sigma"].max() <= 2.0
     assert p["boxes"].shape == (n, 4) and p["factors"].shape == (n, 4)
@@ -561,9 +562,9 @@ def test_cuda_path_matches_cpu():
     index, counts = jitter_plan(applied, order)
     torch.testing.assert_close(G.color_jitter(x.to(dev), factors.to(dev), index.to(dev), counts).cpu(),
                                G.color_jitter(x, factors, index, counts), atol=1e-5, rtol=0)
-    sigma, mask = torch.tensor([0.3, 1.0, 2.0, 1.5]), torch.tensor([True, True, True, False])
-    torch.testing.assert_close(G.gaussian_blur(x.to(dev), sigma.to(dev), mask.to(dev)).cpu(),
-                               G.gaussian_blur(x, sigma, mask), atol=2e-3, rtol=0)  # cuDNN may use TF32
+    sigma, index = torch.tensor([0.3, 1.0, 2.0, 1.5]), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(G.gaussian_blur(x.to(dev), sigma.to(dev), index.to(dev)).cpu(),
+                               G.gaussian_blur(x, sigma, index), atol=1e-5, rtol=0)
     host = images([(40, 52), (40, 52), (30, 20)])
     crop = GpuFourCrop(tile_size=16)
     first = crop([im.to(dev) for im in host], keys(3))
@@ -571,7 +572,7 @@ def test_cuda_path_matches_cpu():
     on_host = crop(host, keys(3))  # the parameters are drawn on the host: the same tiles as on the CPU
     for a, b, c in zip(first[0] + first[1], again[0] + again[1], on_host[0] + on_host[1]):
         assert a.device.type == "cuda" and a.shape == (3, 3, 16, 16) and torch.equal(a, b)
-        assert (a.cpu() - c).abs().mean() < 5e-3  # cuDNN may blur in TF32
+        assert (a.cpu() - c).abs().mean() < 5e-3  # the resize may run in TF32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

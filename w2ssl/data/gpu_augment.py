@@ -33,22 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl.data import gpu_ops as G
-from w2ssl.data.augment import CROSS, MEAN, STD
 from w2ssl.data.gpu_decode import decode_tolerant, read_bytes
-from w2ssl.data.gpu_params import TILES, sample_keys, tile_params
+from w2ssl.data.gpu_params import FOUR_CROP, TILES, four_crop_regions, image_tile_params, sample_keys
 from w2ssl.errors import UserError
 
 PAD_SLACK = 1.25  # a padded group of images may hold at most 25 % more pixels than its images
-
-
-def regions(width: int, cross: float = CROSS) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``((start, width) of the left region, (start, width) of the right region)`` along the width.
-
-    Left columns ``[0, w//2 + cross·w)``, right ``[w//2 − cross·w, w)``, rounded as PIL's ``crop``.
-    """
-    left_end = round(width // 2 + cross * width)
-    right_start = round(width // 2 - cross * width)
-    return (0, left_end), (right_start, width - right_start)
 
 
 def pad_groups(sizes: list[tuple[int, int]], slack: float = PAD_SLACK) -> list[list[int]]:
@@ -107,10 +96,7 @@ class GpuFourCrop(nn.Module):
         if len(keys) != len(images):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
         device, b, t = images[0].device, len(images), self.tile_size
-        # per tile (v1 left, v1 right, v2 left, v2 right): region start, width and height  [4b, 3]
-        region = torch.tensor([[*r, h] for h, w in sizes for r in regions(w) * 2], dtype=torch.int64)
-        host, counts = tile_params(keys, region[:, 1], region[:, 2], self.crop_min)
-        host["boxes"][:, 1] += region[:, 0]  # region coordinates -> image coordinates
+        host, counts = image_tile_params(sizes, keys, self.crop_min, four_crop_regions, FOUR_CROP)
         groups = pad_groups(sizes, self.pad_slack)
         if len(groups) > 1:  # boxes in group order; "restore" puts the groups' tiles back in batch order
             order = torch.tensor([i for g in groups for i in g])
@@ -118,14 +104,8 @@ class GpuFourCrop(nn.Module):
             host["restore"] = order.argsort()
         p = _to_device(host, device)
         tiles = self._crops(images, groups, p).reshape(TILES * b, 3, t, t).div_(255)
-        tiles = G.color_jitter(tiles, p["factors"], p["jitter_index"], counts)
-        tiles = G.random_grayscale(tiles, p["gray"])
-        tiles = G.gaussian_blur(tiles, p["sigma"], p["blur"])
-        tiles = G.solarize(tiles, p["solarize"])
-        tiles = G.hflip(tiles, p["flip"])
-        out = tiles.view(b, TILES, 3, t, t).transpose(0, 1).contiguous()  # [4, b, 3, t, t]
-        for c in range(3):
-            out[:, :, c].sub_(MEAN[c]).div_(STD[c])
+        tiles = G.augment_tiles(G.hflip(tiles, p["flip"]), p, counts)
+        out = tiles.view(b, TILES, 3, t, t).transpose(0, 1).contiguous()
         return [out[0], out[1]], [out[2], out[3]]
 
     def _crops(self, images: list[Tensor], groups: list[list[int]], p: dict[str, Tensor]) -> Tensor:

@@ -12,12 +12,13 @@ without touching the device. Distributions are those of the PIL pipeline (torchv
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from w2ssl.data.augment import CROSS
 from w2ssl.data.datasets import sample_seed
 from w2ssl.data.gpu_ops import BLUR_SIGMA, JITTER
 
@@ -29,7 +30,9 @@ AREA, RATIO, PLACE = slice(0, 10), slice(10, 20), slice(20, 22)  # crop: area an
 JITTER_COIN, FACTORS, ORDER = 22, slice(23, 27), slice(27, 31)  # colour jitter: p, factors, op order keys
 GRAY, BLUR, SIGMA, SOLARIZE, FLIP = 31, 32, 33, 34, 35
 DRAWS_PER_TILE = 36
-TILES = 4  # per sample: view 1 left, view 1 right, view 2 left, view 2 right
+FOUR_CROP = (1, 1, 2, 2)  # the view of each tile of a W2SSL sample: view 1 left, right, view 2 left, right
+TWO_CROP = (1, 2)  # MoCo v3: one tile per view, the whole image
+TILES = len(FOUR_CROP)
 
 
 def sample_keys(seed: int, epochs: Sequence[int], indices: Sequence[int]) -> np.ndarray:
@@ -46,9 +49,9 @@ def uniforms(keys: np.ndarray, count: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def tile_uniforms(keys: np.ndarray) -> Tensor:
-    """``[4b, DRAWS_PER_TILE]`` float64 uniforms of the ``4b`` tiles of the samples ``keys [b]`` (image-major)."""
-    return torch.from_numpy(uniforms(keys, TILES * DRAWS_PER_TILE).reshape(-1, DRAWS_PER_TILE))
+def tile_uniforms(keys: np.ndarray, tiles: int = TILES) -> Tensor:
+    """``[tiles·b, DRAWS_PER_TILE]`` float64 uniforms of the tiles of the samples ``keys [b]`` (image-major)."""
+    return torch.from_numpy(uniforms(keys, tiles * DRAWS_PER_TILE).reshape(-1, DRAWS_PER_TILE))
 
 
 def crop_boxes(width: Tensor, height: Tensor, u: Tensor, scale: tuple[float, float] = (0.2, 1.0),
@@ -114,21 +117,63 @@ def jitter_plan(applied: Tensor, order: Tensor) -> tuple[Tensor, list[list[int]]
     return torch.stack(rows), counts
 
 
-def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float) -> tuple[dict[str, Tensor], list]:
-    """Host parameters of the ``4b`` tiles of the samples ``keys [b]``, image-major.
+def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float,
+                views: Sequence[int] = FOUR_CROP) -> tuple[dict[str, Tensor], list]:
+    """Host parameters of the ``n = len(views)·b`` tiles of the samples ``keys [b]``, image-major.
 
-    ``width, height [4b]`` are the tiles' regions. Returns ``{"boxes": [4b, 4] int64 (top, left, h, w) in
-    region coordinates, "factors": [4b, 4] float32, "jitter_index": [4, m] int64, "sigma": [4b] float32,
-    "gray", "blur", "solarize", "flip": [4b] bool}`` and the jitter plan's counts (:func:`jitter_plan`).
+    ``views`` gives the view (1 or 2) of each tile of a sample; ``width, height [n]`` are the tiles'
+    regions. Returns ``{"boxes": [n, 4] int64 (top, left, h, w) in region coordinates, "factors": [n, 4]
+    float32, "jitter_index": [4, m] int64, "sigma": [n] float32, "gray", "blur", "solarize", "flip": int64
+    indices of the tiles that take the op}`` and the jitter plan's counts (:func:`jitter_plan`).
     Grayscale p = 0.2; blur p = 1.0 (view 1) / 0.1 (view 2) with ``σ ~ U(0.1, 2)``; solarize p = 0 / 0.2;
     flip p = 0.5.
     """
-    u = tile_uniforms(keys)
-    view2 = torch.arange(u.shape[0]) % TILES >= 2
+    u = tile_uniforms(keys, len(views))
+    view2 = torch.tensor([v == 2 for v in views]).repeat(len(keys))
     applied, factors, order = jitter_params(u[:, JITTER_COIN:ORDER.stop])
     index, counts = jitter_plan(applied, order)
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, SIGMA]
+    masks = {"gray": u[:, GRAY] < 0.2, "blur": u[:, BLUR] < torch.where(view2, 0.1, 1.0),
+             "solarize": view2 & (u[:, SOLARIZE] < 0.2), "flip": u[:, FLIP] < 0.5}
     return {"boxes": crop_boxes(width, height, u[:, AREA.start:PLACE.stop], (crop_min, 1.0)),
             "factors": factors, "jitter_index": index, "sigma": sigma.float(),
-            "gray": u[:, GRAY] < 0.2, "blur": u[:, BLUR] < torch.where(view2, 0.1, 1.0),
-            "solarize": view2 & (u[:, SOLARIZE] < 0.2), "flip": u[:, FLIP] < 0.5}, counts
+            **{name: mask.nonzero().flatten() for name, mask in masks.items()}}, counts
+
+
+def regions(width: int, cross: float = CROSS) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((start, width) of the left region, (start, width) of the right region)`` along the width.
+
+    Left columns ``[0, w//2 + cross·w)``, right ``[w//2 − cross·w, w)``, rounded as PIL's ``crop``.
+    """
+    left_end = round(width // 2 + cross * width)
+    right_start = round(width // 2 - cross * width)
+    return (0, left_end), (right_start, width - right_start)
+
+
+def four_crop_regions(width: int) -> list[tuple[int, int]]:
+    """``(start, width)`` of the region of each W2SSL tile (``FOUR_CROP``): left, right, left, right."""
+    return list(regions(width)) * 2
+
+
+def two_crop_regions(width: int) -> list[tuple[int, int]]:
+    """``(start, width)`` of the region of each MoCo v3 view (``TWO_CROP``): the whole image, twice."""
+    return [(0, width)] * 2
+
+
+def tile_regions(sizes: list[tuple[int, int]], layout: Callable[[int], list[tuple[int, int]]]) -> Tensor:
+    """``[n, 3]`` int64 ``(start, width, height)`` of every tile's region, image-major, for images of ``sizes``
+    ``(H, W)``; ``layout(W)`` gives an image's ``(start, width)`` per tile (all rows are kept)."""
+    return torch.tensor([[*r, h] for h, w in sizes for r in layout(w)], dtype=torch.int64)
+
+
+def image_tile_params(sizes: list[tuple[int, int]], keys: np.ndarray, crop_min: float,
+                      layout: Callable[[int], list[tuple[int, int]]], views: Sequence[int]
+                      ) -> tuple[dict[str, Tensor], list]:
+    """:func:`tile_params` of the tiles of images of ``sizes`` ``(H, W)``, their crop boxes in image coordinates.
+
+    ``layout(W)`` is each tile's region (e.g. :func:`four_crop_regions`), ``views`` each tile's view.
+    """
+    region = tile_regions(sizes, layout)
+    host, counts = tile_params(keys, region[:, 1], region[:, 2], crop_min, views)
+    host["boxes"][:, 1] += region[:, 0]  # region coordinates -> image coordinates
+    return host, counts
