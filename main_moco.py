@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     run.add_argument("--max-iters", default=0, type=int, metavar="N",
                      help="stop after N global steps without a checkpoint and print img/s (benchmarks)")
+    run.add_argument("--cpu-aug", default="fast", choices=("fast", "pil"),
+                     help="the loader workers' augmentation: 'fast' (default) batches the METHOD §1 ops of "
+                          "whole batches in compiled loops; 'pil' is the reference pipeline, op by op in PIL")
     run.add_argument("--gpu-aug", action="store_true",
-                     help="decode JPEGs and augment on the GPU (workers only read bytes); PIL stays the default")
+                     help="decode JPEGs and augment on the GPU instead (workers only read bytes)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="NHWC activations (default: on for GPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the trunks")

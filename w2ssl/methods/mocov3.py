@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from w2ssl.data.fast_augment import fast_two_crop
 from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
@@ -120,4 +121,5 @@ def preview(views: list[Tensor], epoch: int) -> dict[str, Tensor]:
 
 register_method(Method("mocov3", build, lambda args: two_crop(args.tile_size, args.crop_min),
                        inputs=lambda views, key: {"x1": views[0], "x2": views[1]}, check_batch=check_batch,
-                       input_size=lambda tile: 2 * tile, preview=preview))
+                       input_size=lambda tile: 2 * tile, preview=preview,
+                       fast_transform=lambda args: fast_two_crop(2 * args.tile_size, args.crop_min)))

@@ -41,7 +41,10 @@ class Method:
 
     * ``build(args, trunk, family)``: the model; ``trunk(**options)`` builds a new trunk of ``--arch``,
       ``family`` is its :func:`~w2ssl.trunks.registry.trunk_spec` family (``"resnet"`` or ``"vit"``).
-    * ``transform(args)``: PIL image -> sample (a list of ``[3, s, s]`` tensors, collated per position).
+    * ``transform(args)``: PIL image -> sample (a list of ``[3, s, s]`` tensors, collated per position):
+      the reference pipeline, ``--cpu-aug pil``.
+    * ``fast_transform(args)``: the same views batched on the CPU, ``--cpu-aug fast`` (the default;
+      ``w2ssl.data.fast_augment.FastViews``), or None if the method has none (then ``transform`` runs).
     * ``inputs(views, key)``: the collated sample tensors on the device -> ``forward``'s keyword inputs.
     * ``check_batch(batch_size, world)``: raise :class:`~w2ssl.errors.UserError` for a batch it cannot split.
     * ``input_size(tile)``: the side of the images the trunk sees for ``--tile-size`` (for checks).
@@ -60,6 +63,7 @@ class Method:
     check_batch: Callable[[int, int], None]
     input_size: Callable[[int], int]
     min_map: int = 1
+    fast_transform: Callable[[Namespace], Any] | None = None
     gpu_transform: Callable[[Namespace], nn.Module] | None = None
     console: Callable[[dict[str, float], dict[str, float]], str] | None = None
     preview: Callable[[list[Tensor], int], dict[str, Tensor]] | None = None

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from w2ssl.data.augment import FourCrop
 from w2ssl.data.datasets import stream_seed
+from w2ssl.data.fast_augment import fast_four_crop
 from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
@@ -209,4 +210,5 @@ def preview(tiles: list[Tensor], epoch: int) -> dict[str, Tensor]:
 
 register_method(Method("w2ssl", build, lambda args: FourCrop(args.tile_size, args.crop_min), inputs, check_batch,
                        input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
+                       fast_transform=lambda args: fast_four_crop(args.tile_size, args.crop_min),
                        gpu_transform=lambda args: GpuFourCrop(args.tile_size, args.crop_min)))

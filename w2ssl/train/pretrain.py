@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from w2ssl import checkpoint as ckpt_io
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
+from w2ssl.data.fast_augment import FastCollate, load_uint8
 from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
 from w2ssl.data.sampler import ResumableSampler, make_loader
 from w2ssl.dist import distributed as D
@@ -47,13 +48,18 @@ class Pretrainer:
         self.method = method_spec(args.method)
 
         train_dir = Path(args.data) / "train"
+        self.gpu_crop: nn.Module | None = None
+        collate = None
         if args.gpu_aug:
             # Workers only read bytes; decoding and the crops run batched on the device.
             self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
-            self.gpu_crop: nn.Module | None = self.method.gpu_transform(args)
+            self.gpu_crop, collate = self.method.gpu_transform(args), collate_pretrain
+        elif args.cpu_aug == "fast" and self.method.fast_transform is not None:
+            # Workers decode with PIL and augment whole batches (w2ssl.data.fast_augment).
+            self.dataset = PretrainDataset(train_dir, None, self.seed, loader=load_uint8)
+            collate = FastCollate(self.method.fast_transform(args), self.seed)
         else:
             self.dataset = PretrainDataset(train_dir, self.method.transform(args), self.seed)
-            self.gpu_crop = None
         if ctx.is_main:
             self.dataset.check_readable()
         self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
@@ -63,7 +69,7 @@ class Pretrainer:
                             f"{args.batch_size}: lower --batch-size")
         workers = math.ceil(args.workers / ctx.local_world_size)
         self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
-                                  collate_fn=collate_pretrain if args.gpu_aug else None)
+                                  collate_fn=collate)
 
         self.model = build_model(args).to(self.device)
         if ctx.world_size > 1:  # each process's heads see only its own samples: statistics over all of them
@@ -191,7 +197,7 @@ class Pretrainer:
             if args.max_iters:
                 report_throughput(self.logger, self.step_seconds, self.device, {
                     "iters": self.step, "batch_size": args.batch_size, "device": str(self.device),
-                    "gpu_aug": args.gpu_aug, "precision": self.precision,
+                    "gpu_aug": args.gpu_aug, "cpu_aug": args.cpu_aug, "precision": self.precision,
                     "epoch_start_data_s": [round(t, 3) for t in self.epoch_start_data]})
         finally:
             self.logger.close()
