@@ -591,15 +591,26 @@ def test_cuda_four_crop_never_waits_for_the_gpu():
 
 # ---- the data benchmark -------------------------------------------------------------------------
 
-def test_bench_data_runs_both_pipelines_on_cpu(tmp_path, capsys):
+def test_bench_data_runs_every_pipeline_on_cpu(tmp_path, capsys):
     argv = ["--root", str(tmp_path), "--images", "6", "--classes", "2", "--batch-size", "3", "--workers", "0",
-            "--tile-size", "16", "--iters", "1", "--warmup", "0", "--device", "cpu"]
+            "--tile-size", "16", "--iters", "1", "--rounds", "1", "--warmup", "0", "--device", "cpu",
+            "--pipelines", "core,loader,gpu"]
     assert bench_data.main(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ["cpu_pipeline_img_s", "gpu_pipeline_img_s", "gpu_decode_img_s", "gpu_augment_img_s"]:
-        assert result[key] > 0
-    assert result["workers"] == 0 and result["image_size"] == [460, 365] and 50 < result["mean_file_kb"] < 120
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ["decode_only", "pil_fourcrop", "fast_fourcrop", "pil_twocrop", "fast_twocrop", "loader_pil_fourcrop",
+                "loader_fast_fourcrop", "gpu_pipeline_img_s", "gpu_decode_img_s", "gpu_augment_img_s"]:
+        assert result[key] > 0, key
+    assert result["ratio_fast_vs_pil"] == result["fast_fourcrop"] / result["pil_fourcrop"]
+    assert "fast / PIL per core: four-crop" in out and "decode only" in out
+    assert result["workers"] == 0 and result["image_size"] == [500, 375] and 20 < result["mean_file_kb"] < 120
     assert len(list(tmp_path.glob("c*/*.jpg"))) == 6
     assert bench_data.main(["--images", "3", "--batch-size", "4"]) == 2  # more per batch than images
-    assert bench_data.main(argv + ["--pipelines", "cpu,tpu"]) == 2
+    assert bench_data.main(argv[:-1] + ["cpu,tpu"]) == 2
     assert "error: --pipelines" in capsys.readouterr().err
+
+
+def test_bench_images_are_photo_like_not_noise():
+    image = bench_data.synthetic_image(0).astype(np.float64)
+    neighbours = np.abs(np.diff(image, axis=1)).mean()  # noise: ~80 levels between neighbours
+    assert neighbours < 12 and image.std() > 30  # smooth almost everywhere, yet far from flat
