@@ -1,7 +1,7 @@
 import torch
 
 from w2ssl.methods.w2ssl import console
-from w2ssl.train.monitor import ETA, AverageMeter, EpochProgress, Logger, format_duration
+from w2ssl.train.monitor import ETA, AverageMeter, EpochProgress, LoaderCheck, Logger, format_duration
 
 
 def test_average_meter_prints_like_the_authors():
@@ -45,7 +45,7 @@ def test_epoch_progress_prints_current_and_average(tmp_path):
     progress.line(step=7, iteration=2, eta="0:01:00", extra={})
     log.close()
     line = (tmp_path / "log.txt").read_text().strip()
-    assert line.startswith("Epoch: [3][ 2/12]\tTime  2.000 ( 2.000)\tData  0.500 ( 0.500)\tLR 1.0000e-01\t")
+    assert line.startswith("Epoch: [3][ 2/12]\tTime  2.000 ( 2.000)\tData  0.500 ( 0.500)\tWait 25%\tLR 1.0000e-01\t")
     assert "Loss 5.0000e+00 (4.0000e+00)\tLoss_loc 5.0000e-01 (5.0000e-01)\tLoss_crop 4.5000e+00 (3.5000e+00)" in line
     assert line.endswith("Where_acc 25.0 (12.5)\timg/s 4.0\tETA 0:01:00")
     assert progress.pending == []
@@ -101,3 +101,22 @@ def test_any_scalars_are_logged_with_the_generic_line(tmp_path):
     line = (tmp_path / "log.txt").read_text()
     fields = "Loss 3.0000e+00 (2.0000e+00)\tctr_acc 50.0 (50.0)\tz_other -2.0000e+00 (-1.0000e+00)"
     assert f"LR 1.0000e-01\t{fields}\timg/s" in line
+
+
+def test_loader_check_warns_once_with_both_rates():
+    lines: list[str] = []
+    check = LoaderCheck(lines.append, batch_size=64, workers=4, steps=4)
+    check.record(data_s=30.0, batch_s=31.0)  # the first step starts the workers: not counted
+    for _ in range(4):
+        check.record(data_s=0.5, batch_s=2.0)  # 25 % waiting: 32 img/s delivered, the step alone 42.7 img/s
+    assert len(lines) == 1 and lines[0].startswith("the input pipeline delivers 32 img/s and the step alone runs "
+                                                   "at 43 img/s: 25% of the step time waits for data")
+    assert "--workers (4 now" in lines[0]
+    for _ in range(10):
+        check.record(data_s=1.9, batch_s=2.0)
+    assert len(lines) == 1  # once per run
+    quiet: list[str] = []
+    fed = LoaderCheck(quiet.append, batch_size=64, workers=4, steps=4)
+    for _ in range(10):
+        fed.record(data_s=0.1, batch_s=2.0)  # 5 %: the GPU hardly waits
+    assert quiet == []

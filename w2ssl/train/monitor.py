@@ -221,6 +221,34 @@ class EpochProgress:
         self.pending = []
         img_s = self.batch_size / max(self.batch_time.avg, 1e-9)
         width = len(str(self.iters))
+        wait = 100 * self.data_time.sum / max(self.batch_time.sum, 1e-9)  # of the step time, this epoch
         self.logger.info(
             f"Epoch: [{self.epoch}][{iteration:>{width}}/{self.iters}]\t{self.batch_time}\t{self.data_time}\t"
+            f"Wait {wait:.0f}%\t"
             f"LR {lr:.4e}\t{self.fields(cur, avg)}\timg/s {img_s:.1f}\tETA {eta}")
+
+
+class LoaderCheck:
+    """Warns once when the input pipeline is slower than the training step.
+
+    Over the run's first ``steps`` steps after the first (which starts the workers), the share of step
+    time spent waiting for a batch; above ``share``, one warning with both rates: the loader's (source
+    images per second of step time, ``batch / (wait + compute)``) and the step's alone (``batch / compute``).
+    """
+
+    def __init__(self, warn: Callable[[str], None], batch_size: int, workers: int, steps: int = 20,
+                 share: float = 0.1):
+        self.warn, self.batch_size, self.workers, self.steps, self.share = warn, batch_size, workers, steps, share
+        self.seen, self.data_s, self.batch_s = 0, 0.0, 0.0
+
+    def record(self, data_s: float, batch_s: float) -> None:
+        self.seen += 1
+        if self.seen == 1 or self.seen > self.steps + 1:
+            return
+        self.data_s, self.batch_s = self.data_s + data_s, self.batch_s + batch_s
+        if self.seen == self.steps + 1 and self.data_s > self.share * self.batch_s:
+            images = self.steps * self.batch_size
+            loader, step = images / self.batch_s, images / max(self.batch_s - self.data_s, 1e-9)
+            self.warn(f"the input pipeline delivers {loader:.0f} img/s and the step alone runs at {step:.0f} img/s: "
+                      f"{100 * self.data_s / self.batch_s:.0f}% of the step time waits for data. Raise --workers "
+                      f"({self.workers} now; README: workers per GPU), or use --gpu-aug")

@@ -28,7 +28,7 @@ from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.methods.registry import StepKey, build_model, method_spec
 from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
-from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration, report_throughput
+from w2ssl.train.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
 from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
 from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.train.speed import prepare_model
@@ -93,6 +93,7 @@ class Pretrainer:
         self.step_seconds: deque[float] = deque(maxlen=max(args.max_iters // 2, 1))
         self.epoch_start_data: deque[float] = deque(maxlen=16)
         self._knn_loaders: tuple | None = None
+        self.loader_check = LoaderCheck(self.logger.warn, args.batch_size, workers)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -224,6 +225,7 @@ class Pretrainer:
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
             batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
             self._record_time(data_s, batch_s, first)
+            self.loader_check.record(data_s, batch_s)
             progress.record(parts, lr, m, data_s, batch_s)
             self._after_step(progress, eta)
             if self._iteration_budget_spent():
