@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--points", type=int, default=6, help="kNN evaluations per run (epochs spread evenly)")
     p.add_argument("--probe-epochs", type=int, default=30, help="cached linear probe epochs (0: no probe)")
     p.add_argument("--no-supervised", action="store_true", help="leave out the supervised ceiling")
+    p.add_argument("--cpu-aug", choices=("fast", "pil"), default="fast",
+                   help="main_moco.py's augmentation pipeline (fast: the default; pil: the reference)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")
     p.add_argument("--per-class", type=int, default=glyphs.PER_CLASS["train"], help="glyphs: train images per class")
     p.add_argument("--val-per-class", type=int, default=glyphs.PER_CLASS["val"], help="glyphs: val images per class")
@@ -124,7 +126,7 @@ def moco_args(args: argparse.Namespace, method: str, data: str) -> list[str]:
     """main_moco.py's flags shared by every run of ``method`` (epochs, seed and folder come per run)."""
     return [data, "--method", method, "-a", args.arch, "--tile-size", str(args.tile_size), "-b", str(args.batch_size),
             "--lr", str(args.lr), "--moco-mlp-dim", str(args.mlp_dim), "--fused-views", "-j", "1",
-            "-p", "100000", "--precision", "fp32"]
+            "-p", "100000", "--precision", "fp32", "--cpu-aug", args.cpu_aug]
 
 
 def thread_env(jobs: int) -> dict[str, str]:
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: run_one(args, job[0], job[1], epochs.get(job[0], 0), data, env), jobs))
     summary = quality_report.summarise(results, per_epoch, gflops)
-    settings = ("arch", "tile_size", "batch_size", "lr", "sup_lr", "mlp_dim", "probe_epochs")
+    settings = ("arch", "tile_size", "batch_size", "lr", "sup_lr", "mlp_dim", "probe_epochs", "cpu_aug")
     record = {"data": data, "train_images": len(train_set), "classes": len(train_set.classes), "budget": spent,
               "epochs": epochs, "gflops_per_image": gflops, "img_s": rate,
               "settings": {k: getattr(args, k) for k in settings},
