@@ -174,3 +174,12 @@ def augment(tiles, out, first, factors, order, jittered, gray, blur, taps, solar
         if blur[k]:
             _blur(x, taps[k, 0], taps[k, 1], taps[k, 2], rows, cols)
         _solarize_normalize(x, solarize[k])
+
+
+def compile_now() -> None:
+    """Compile (or load from numba's disk cache) the kernels in this process: loader workers forked after
+    this inherit the machine code instead of each compiling it again."""
+    tile = np.zeros((1, 3, 2, 2), dtype=np.uint8)
+    flags = np.ones(1, dtype=np.bool_)
+    augment(tile, np.empty((1, 1, 3, 2, 2), dtype=np.float32), 0, np.ones((1, 4), dtype=np.float32),
+            np.arange(4, dtype=np.int64)[None], flags, flags, flags, np.ones((1, 3), dtype=np.float32), flags)

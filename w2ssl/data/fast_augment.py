@@ -142,6 +142,7 @@ class FastCollate:
 
     def __init__(self, views: FastViews, seed: int):
         self.views, self.seed = views, seed
+        cpu_kernels.compile_now()  # built in the main process, before the loader forks its workers
 
     def __call__(self, batch: list[tuple[tuple[Tensor, int, int], str]]) -> tuple[list[Tensor], list[str]]:
         keys = sample_keys(self.seed, [epoch for (_, _, epoch), _ in batch], [index for (_, index, _), _ in batch])
