@@ -135,6 +135,20 @@ def test_a_probe_and_a_finetuning_run_do_not_resume_each_other(small, stripe_dat
     assert code == 2 and "is a finetune checkpoint, not a probe one: resume it with main_finetune.py" in err, err
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_its_scaler(precision, small, stripe_data, random_init, tmp_path,
+                                                           capsys):
+    code, out, err = run(capsys, main_finetune, stripe_data, *COMMON, "--epochs", "1", "--precision", precision,
+                         "--lr", "0.2", "--pretrained", random_init, "--save-dir", tmp_path)
+    assert code == 0, err
+    assert f"1 process(es) on cpu, {precision}, batch 16" in out
+    ckpt = load(tmp_path / "checkpoint.pth.tar")
+    assert ckpt["args"]["precision"] == precision and ckpt["state_dict"]["fc.weight"].dtype == torch.float32
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # fp16 scales the loss; bf16's scaler is disabled
+    reference = {k.removeprefix("base_encoder."): v for k, v in load(random_init)["state_dict"].items()}
+    assert "conv1.weight" in changed_weights(ckpt["state_dict"], reference)
+
+
 # ----------------------------------------------------------------- labelled subset, transfer
 @pytest.mark.parametrize("module", [main_lincls, main_finetune])
 def test_label_fraction_trains_on_the_written_balanced_subset(module, small, stripe_data, random_init, tmp_path,
@@ -168,6 +182,12 @@ def test_bad_label_subset_exits_2_with_one_line(module, flags, message, small, s
     code, _, err = run(capsys, module, stripe_data, *COMMON, "--pretrained", random_init, "--save-dir", tmp_path,
                        *flags)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_knn_refuses_a_label_subset(stripe_data, random_init, tmp_path, capsys):
+    code, _, err = run(capsys, main_lincls, stripe_data, *COMMON, "--knn", "--label-fraction", "0.1",
+                       "--pretrained", random_init, "--save-dir", tmp_path)
+    assert code == 2 and "--knn scores val against every training image: drop --label-fraction" in err, err
 
 
 def test_bad_recipe_flags_exit_2(small, stripe_data, random_init, tmp_path, capsys):

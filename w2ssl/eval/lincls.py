@@ -108,7 +108,6 @@ class LinearProbe:
         return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
                                training=training, bad=self.bad, select=self.labels if split == "train" else None)
 
-
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
     def trunk_features(self, images: Tensor) -> Tensor:
