@@ -170,6 +170,14 @@ def test_label_fraction_trains_on_the_written_balanced_subset(module, small, str
     assert code == 2 and "holds a run trained on other labels" in err, err
 
 
+def test_the_cached_probe_caches_only_the_labelled_subset(small, stripe_data, random_init, tmp_path, capsys):
+    code, out, err = run(capsys, main_lincls, stripe_data, "-a", SMALL, *COMMON, "--epochs", "1", "--cached",
+                         "--label-fraction", "0.25", "--pretrained", random_init, "--save-dir", tmp_path)
+    assert code == 0, err
+    assert "training labels: 16 of the 64 images" in out and "Epoch: [0][0/1]" in out
+    assert "64-d features of 16 training images x 1 view(s) and 32 val images" in out
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--label-fraction", "0"], "must be in (0, 1]"),
     (["--label-fraction", "1.5"], "must be in (0, 1]"),
@@ -258,6 +266,16 @@ def test_cli_finetunes_a_main_moco_checkpoint_on_a_tenth_of_the_labels(image_roo
     assert len((tmp_path / "ft" / KEPT).read_text().splitlines()) == 1 + 3
     ckpt = load(tmp_path / "ft" / "checkpoint.pth.tar")
     assert (ckpt["epoch"], ckpt["arch"], ckpt["args"]["label_fraction"]) == (2, "resnet18", 0.1)
+    # the same checkpoint, every label of another folder (transfer): 4 classes, read from the folder
+    other = tmp_path / "other"
+    write_folder(other / "train", classes=4, per_class=3, size=(32, 32), seed=9)
+    write_folder(other / "val", classes=4, per_class=2, size=(32, 32), seed=10)
+    res = run_script("main_finetune.py", other, "--pretrained", tmp_path / "pretrain" / "checkpoint_0000.pth.tar",
+                     "--input-size", "32", "-b", "4", "--epochs", "1", "--workers", "0", "--seed", "0",
+                     "--print-freq", "1", "--save-dir", tmp_path / "transfer", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "fine-tuning: resnet18, 4 classes" in res.stdout and "Epoch: [0][2/3]" in res.stdout
+    assert load(tmp_path / "transfer" / "model_best.pth.tar")["state_dict"]["fc.weight"].shape == (4, 512)
 
 
 @pytest.mark.slow
