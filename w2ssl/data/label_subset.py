@@ -10,6 +10,7 @@ The kept list is written to ``labels_kept.txt`` in the run's folder, in the form
 from __future__ import annotations
 
 import hashlib
+import os
 from argparse import Namespace
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ def listed(samples: Sequence[Sample], root: str | Path, lines: Sequence[str], so
     names (blank lines and ``#`` comments skipped); a line naming no image, or a name two images share, is a
     :class:`UserError` naming ``source``."""
     root = Path(root)
-    relative = {Path(path).relative_to(root).as_posix(): i for i, (path, _) in enumerate(samples)}
+    relative = {relative_to(path, root): i for i, (path, _) in enumerate(samples)}
     by_name: dict[str, list[int]] = defaultdict(list)
     for i, (path, _) in enumerate(samples):
         by_name[Path(path).name].append(i)
@@ -65,6 +66,11 @@ def listed(samples: Sequence[Sample], root: str | Path, lines: Sequence[str], so
     if not keep:
         raise UserError(f"{source} lists no image: write paths relative to {root}, one per line")
     return [samples[i] for i in sorted(keep)]
+
+
+def relative_to(path: str, root: str | Path) -> str:
+    """``path`` relative to ``root`` with ``/`` separators (``os.path.relpath``: either may be absolute)."""
+    return Path(os.path.relpath(path, root)).as_posix()
 
 
 def digest(samples: Sequence[Sample]) -> int:
@@ -114,7 +120,7 @@ class LabelSubset:
 
     def lines(self) -> list[str]:
         """:attr:`kept` as ``--label-file`` lines: paths relative to the training folder."""
-        return [Path(path).relative_to(self.root).as_posix() for path, _ in self.kept]
+        return [relative_to(path, self.root) for path, _ in self.kept]
 
     def check(self, save_dir: str | Path) -> None:
         """Refuse a ``labels_kept.txt`` in ``save_dir`` that lists other images: a resumed run must train on
