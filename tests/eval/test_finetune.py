@@ -198,6 +198,21 @@ def test_knn_refuses_a_label_subset(stripe_data, random_init, tmp_path, capsys):
     assert code == 2 and "--knn scores val against every training image: drop --label-fraction" in err, err
 
 
+@pytest.mark.parametrize("preset, fraction, epochs", [("finetune_semi1", 0.01, 60), ("finetune_semi10", 0.1, 30)])
+def test_semi_supervised_presets_are_simclrs_protocol(preset, fraction, epochs, small, stripe_data, random_init,
+                                                      tmp_path, capsys):
+    config = Path(__file__).resolve().parents[2] / "configs" / f"{preset}.yaml"
+    args = cli.parse(main_finetune.build_parser(), ["--config", str(config), "DATA"])
+    assert (args.label_fraction, args.label_seed, args.epochs, args.optimizer, args.lr, args.weight_decay,
+            args.warmup_epochs, args.batch_size) == (fraction, 0, epochs, "sgd", 0.05, 0.0, 0, 1024)
+    # its fraction and a --label-file from the command line: refused, not silently one of them
+    kept = tmp_path / "kept.txt"
+    kept.write_text("class0/0.png\n")
+    code, _, err = run(capsys, main_finetune, "--config", config, stripe_data, "--pretrained", random_init,
+                       "--label-file", kept, "--save-dir", tmp_path / "out")
+    assert code == 2 and f"--label-fraction {fraction:g} and --label-file {kept} both given" in err, err
+
+
 def test_bad_recipe_flags_exit_2(small, stripe_data, random_init, tmp_path, capsys):
     base = [stripe_data, *COMMON, "--pretrained", random_init, "--save-dir", tmp_path]
     code, _, err = run(capsys, main_finetune, *base, "--layer-decay", "0.65")

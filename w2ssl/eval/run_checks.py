@@ -46,6 +46,9 @@ def check_classifier_run(args: Namespace, world_size: int, resumes: bool = True)
 def check_label_subset(args: Namespace) -> None:
     """``--label-fraction`` in (0, 1], ``--label-file`` a file, neither with ``-e`` (nothing trains)."""
     fraction, file = args.label_fraction, args.label_file
+    if fraction is not None and file:  # the command line keeps them apart; a --config may bring one
+        raise UserError(f"--label-fraction {fraction:g} and --label-file {file} both given (one may come from "
+                        f"--config): pass one")
     if (fraction is not None or file) and args.evaluate:
         raise UserError("-e/--evaluate trains nothing: drop --label-fraction/--label-file")
     if fraction is not None and not 0 < fraction <= 1:
