@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ViTs: stochastic depth rate (default 0.1)")
     tune.add_argument("--smoothing", default=None, type=float, metavar="S",
                       help="label smoothing of the cross-entropy (ResNet 0, ViT 0.1)")
+    tune.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
+                      help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     cli.add_label_subset(parser)
     parser.set_defaults(cached=False)  # the probe's loop asks: fine-tuning always trains on images
     return parser

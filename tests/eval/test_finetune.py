@@ -149,6 +149,25 @@ def test_mixed_precision_trains_and_checkpoints_its_scaler(precision, small, str
     assert "conv1.weight" in changed_weights(ckpt["state_dict"], reference)
 
 
+@pytest.mark.parametrize("tolerated, code", [(20, 0), (1, 3)])
+def test_fp16_tolerates_max_nonfinite_losses_in_a_row(tolerated, code, small, stripe_data, random_init, tmp_path,
+                                                      capsys, monkeypatch):
+    calls, train_outputs = [], FineTune._train_outputs
+
+    def overflowing(self, x, target):  # the first two steps' losses overflow
+        out = train_outputs(self, x, target)
+        calls.append(1)
+        return {**out, "loss": out["loss"] * float("inf")} if len(calls) <= 2 else out
+    monkeypatch.setattr(FineTune, "_train_outputs", overflowing)
+    got, out, err = run(capsys, main_finetune, stripe_data, "-a", SMALL, *COMMON, "--epochs", "1", "--precision",
+                        "fp16", "--max-nonfinite", tolerated, "--pretrained", random_init, "--save-dir", tmp_path)
+    assert got == code, err
+    if code:
+        assert "non-finite loss at epoch 0 iteration 1" in err and "2 in a row" in err, err
+    else:  # the scaler skipped both steps and halved its scale twice
+        assert load(tmp_path / "checkpoint.pth.tar")["scaler"]["scale"] == 2.0 ** 16 / 4
+
+
 # ----------------------------------------------------------------- labelled subset, transfer
 @pytest.mark.parametrize("module", [main_lincls, main_finetune])
 def test_label_fraction_trains_on_the_written_balanced_subset(module, small, stripe_data, random_init, tmp_path,

@@ -27,6 +27,7 @@ from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import LinearProbe
 from w2ssl.eval.probe_model import build_model, changed_weights
+from w2ssl.train.guard import Guard
 from w2ssl.train.optim import lr_at
 from w2ssl.train.param_groups import param_groups
 from w2ssl.train.speed import prepare_model, to_memory_format
@@ -72,6 +73,11 @@ class FineTune(LinearProbe):
     """One process's share of fine-tuning: the probe's loop with a trainable trunk."""
 
     PROTOCOL, VERB = "finetune", "fine-tuning"
+
+    def __init__(self, ctx: D.Context, args: Namespace):
+        super().__init__(ctx, args)
+        # fp16's GradScaler skips a step whose loss overflowed: tolerate a few in a row, as pre-training does
+        self.guard = Guard(max_nonfinite=args.max_nonfinite if self.precision == "fp16" else 0)
 
     def _build(self, classes: int) -> None:
         args = self.args
