@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 import main_finetune
 import main_lincls
@@ -17,10 +18,11 @@ from tests.conftest import write_folder
 from tests.helpers import SMALL, TINY, register_small_resnet, run_script, small_resnet
 from w2ssl import cli
 from w2ssl.checkpoint import save_atomic
+from w2ssl.data.datasets import eval_transform
 from w2ssl.data.label_subset import KEPT
 from w2ssl.dist.distributed import Context
 from w2ssl.eval.finetune import FineTune
-from w2ssl.eval.probe_model import changed_weights
+from w2ssl.eval.probe_model import Probe, changed_weights
 from w2ssl.trunks import build_trunk, registry
 from w2ssl.trunks.vit import build_vit
 
@@ -123,6 +125,20 @@ def test_resume_continues_weights_optimizer_and_position(small, stripe_data, ran
     assert code == 0, err
     assert "resumed from" in out and "at epoch 2" in out and "Epoch: [2][0/4]" in out and "Epoch: [1]" not in out
     assert load(tmp_path / "checkpoint.pth.tar")["epoch"] == 3
+    # -e on it alone (no --pretrained): the last epoch's accuracy, nothing trained
+    last = [line for line in out.splitlines() if line.startswith(" * Acc@1")][-1]
+    code, evaluated, err = run(capsys, main_finetune, stripe_data, *COMMON, "-e", "--resume",
+                               tmp_path / "checkpoint.pth.tar", "--save-dir", tmp_path / "eval")
+    assert code == 0, err
+    assert [line for line in evaluated.splitlines() if line.startswith(" * Acc@1")] == [last]
+    assert "Epoch:" not in evaluated
+    # which is the accuracy of the checkpoint in eval mode (BatchNorm's running statistics), computed here
+    model = Probe(small_resnet(), 2)
+    model.load_state_dict(load(tmp_path / "checkpoint.pth.tar")["state_dict"])
+    val = ImageFolder(str(stripe_data / "val"), eval_transform(32))
+    with torch.no_grad():
+        hits = sum(int(model.eval()(x[None]).argmax()) == y for x, y in val)
+    assert last.startswith(f" * Acc@1 {100 * hits / len(val):.3f} ")
 
 
 def test_a_probe_and_a_finetuning_run_do_not_resume_each_other(small, stripe_data, random_init, tmp_path, capsys):
