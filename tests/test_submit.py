@@ -94,6 +94,18 @@ def test_probe_job_resumes_unless_told_otherwise(image_root, tmp_path, fake_slur
     assert "job-name=w2ssl-lincls" in (out / "4242_submission.sh").read_text()
 
 
+def test_finetuning_job_resumes_and_gets_its_recipe_checked_before_submitting(image_root, tmp_path, fake_slurm,
+                                                                              trunk_checkpoint, capsys):
+    out = tmp_path / "ft"
+    main = ["--pretrained", str(trunk_checkpoint), "--label-fraction", "0.1", "--save-dir", str(out), str(image_root)]
+    assert cli.run_main(submit.main, ["finetune", "--nodes", "1", "--ngpus-per-node", "8", "--", *main]) == 0
+    job = submitit.helpers.DelayedSubmission.load(out / "4242_submitted.pkl").function
+    assert job.script == "main_finetune" and job.argv == [*main, "--resume", "auto", "--workers", "72"]
+    bad = ["finetune", "--nodes", "1", "--ngpus-per-node", "8", "--", *main, "--layer-decay", "0.7"]
+    assert cli.run_main(submit.main, bad) == 2
+    assert "--layer-decay 0.7 is layer-wise lr decay over a ViT's blocks" in capsys.readouterr().err
+
+
 def test_user_errors_submit_nothing(image_root, tmp_path, fake_slurm, capsys):
     cases = [
         (["pretrain", "--nodes", "2", "--ngpus-per-node", "8", str(image_root)], "put the main script's own flags"),

@@ -14,6 +14,7 @@ import yaml
 from w2ssl.errors import UserError
 from w2ssl.train.step import PRECISIONS
 from w2ssl.trunks import trunk_names
+from w2ssl.trunks.vit import FEATURES
 
 
 def default_workers() -> int:
@@ -60,6 +61,41 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     dist.add_argument("--gpu", default=None, type=int, help="GPU id for a one-process run")
     dist.add_argument("--multiprocessing-distributed", action="store_true",
                       help="spawn one process per GPU of this node (the authors' launch); torchrun works too")
+
+
+def add_classifier(group: argparse._ArgumentGroup, verb: str) -> None:
+    """The flags of a classifier trained on labels over a pre-trained trunk (the probe, fine-tuning):
+    ``--pretrained``, ``-e``, ``--input-size``, ``--vit-feature``, ``--strict-data``."""
+    group.add_argument("--pretrained", default="", metavar="CKPT",
+                       help=f"pre-training checkpoint (ours, the authors' W2SSL or MoCo v3's) whose trunk is {verb}")
+    group.add_argument("-e", "--evaluate", action="store_true",
+                       help="only evaluate on DATA/val (the model of --resume, or --pretrained with a fresh fc)")
+    group.add_argument("--input-size", default=224, type=int, metavar="PX",
+                       help="crop side: RandomResizedCrop(PX) for training, Resize(PX*256/224)+CenterCrop(PX) for val")
+    group.add_argument("--vit-feature", default="avg", choices=FEATURES,
+                       help="a ViT's vector for the classifier (and --knn): avg, the mean of the patch tokens "
+                            "(default: the tokens W2SSL's losses train; its tile read-out never uses the class "
+                            "token, which stays near its initialisation), or cls, the class token (MoCo v3's "
+                            "probe; for MoCo v3 checkpoints); ResNets use the global average of their last map")
+    group.add_argument("--strict-data", action="store_true",
+                       help="stop at the first unreadable image instead of skipping it (and counting it)")
+
+
+def add_label_subset(parser: argparse.ArgumentParser) -> None:
+    """The semi-supervised protocol's flags: train on a class-balanced, seeded fraction of DATA/train's labels
+    (:mod:`w2ssl.data.label_subset`), or on the images a file lists."""
+    group = parser.add_argument_group("labelled subset (semi-supervised protocol)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--label-fraction", default=None, type=float, metavar="F",
+                       help="train on a fraction F of DATA/train's labelled images (e.g. 0.01 or 0.1): per class "
+                            "max(1, round(F x its images)), drawn with --label-seed; the list goes to "
+                            "--save-dir/labels_kept.txt")
+    which.add_argument("--label-file", default="", metavar="FILE",
+                       help="train on the images FILE lists, one per line, relative to DATA/train (class/name.jpg) "
+                            "or bare file names (SimCLR's 1%%/10%% ImageNet lists); # comments")
+    group.add_argument("--label-seed", default=0, type=int, metavar="N",
+                       help="seed of the --label-fraction draw (default 0: the same subset for every run and "
+                            "every --seed)")
 
 
 def add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str,

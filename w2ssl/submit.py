@@ -1,4 +1,4 @@
-"""Submit pre-training or the linear probe to SLURM through submitit, or run it the same way here.
+"""Submit pre-training, the linear probe or fine-tuning to SLURM through submitit, or run it the same way here.
 
     python -m w2ssl.submit pretrain --nodes 1 --ngpus-per-node 8 --partition P -- --batch-size 2048 DATA
 
@@ -23,7 +23,7 @@ from w2ssl.errors import UserError
 from w2ssl.train.requeue import SIGNAL_ENV, TIME_LIMIT_SIGNAL, MainJob, with_resume_auto
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"pretrain": "main_moco", "lincls": "main_lincls"}
+SCRIPTS = {"pretrain": "main_moco", "lincls": "main_lincls", "finetune": "main_finetune"}
 INSTALL = "pip install -r requirements-cluster.txt (submitit 1.5.4)"
 DEFAULT_CPUS_PER_TASK = 10  # as in the DINO/DeiT launchers: one for the trainer, the rest for its loader workers
 
@@ -31,10 +31,12 @@ DEFAULT_CPUS_PER_TASK = 10  # as in the DINO/DeiT launchers: one for the trainer
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m w2ssl.submit",
-        usage="%(prog)s {pretrain,lincls} --nodes N --ngpus-per-node G [options] -- <main script flags>",
-        description="Submit main_moco.py (pretrain) or main_lincls.py (lincls) to SLURM with submitit, one task "
-                    "per GPU; the job saves checkpoint_last and requeues itself at the time limit.")
-    parser.add_argument("kind", choices=tuple(SCRIPTS), help="pretrain: main_moco.py; lincls: main_lincls.py")
+        usage="%(prog)s {pretrain,lincls,finetune} --nodes N --ngpus-per-node G [options] -- <main script flags>",
+        description="Submit main_moco.py (pretrain), main_lincls.py (lincls) or main_finetune.py (finetune) to "
+                    "SLURM with submitit, one task per GPU; the job saves checkpoint_last and requeues itself at "
+                    "the time limit.")
+    parser.add_argument("kind", choices=tuple(SCRIPTS),
+                        help="pretrain: main_moco.py; lincls: main_lincls.py; finetune: main_finetune.py")
     parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     parser.add_argument("--ngpus-per-node", type=int, default=8, metavar="G",
                         help="GPUs (= tasks) per node (default 8)")

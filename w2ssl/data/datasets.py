@@ -158,6 +158,9 @@ def train_transform(size: int = 224) -> transforms.Compose:
                                transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
+Select = Callable[[list[tuple[str, int]], list[str]], list[tuple[str, int]]]  # (samples, classes) -> kept samples
+
+
 class LabelledFolder(Dataset):
     """An ImageFolder's images and labels, tolerant of unreadable files.
 
@@ -168,9 +171,11 @@ class LabelledFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable, what: str, substitute: bool,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, select: Select | None = None):
         folder = image_folder(root, what, warn=warn)
         self.samples, self.classes = folder.samples, folder.classes
+        if select is not None:  # e.g. the labelled subset of the semi-supervised protocol
+            self.samples = select(self.samples, self.classes)
         self.transform, self.substitute = transform, substitute
 
     def __len__(self) -> int:
@@ -250,15 +255,17 @@ class LabelledLoader:
 
 def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
                     what: str, training: bool | None = None, bad: BadImages | None = None,
-                    warn: Callable[[str], None] | None = None) -> tuple[LabelledLoader, int]:
+                    warn: Callable[[str], None] | None = None,
+                    select: Select | None = None) -> tuple[LabelledLoader, int]:
     """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes.
 
     ``training`` (default: ``shuffle``) substitutes unreadable images and pads the shards to equal length
     (every process takes the same steps); evaluation drops unreadable images and gives each image to
     exactly one process, unpadded. ``bad`` counts the unreadable files (default: warn, never stop).
+    ``select`` keeps some of the folder's ``(path, class index)`` samples (it gets them and the class names).
     """
     training = shuffle if training is None else training
-    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn)
+    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn, select=select)
     if not D.is_dist():
         sampler = None
     elif training:

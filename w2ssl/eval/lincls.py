@@ -29,6 +29,7 @@ from w2ssl.data.datasets import (
     seed_everything,
     train_transform,
 )
+from w2ssl.data.label_subset import LabelSubset
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.knn_probe import knn_probe
@@ -53,7 +54,14 @@ from w2ssl.train.step import TrainStep, autocast
 
 
 class LinearProbe:
-    """One process's share of a linear evaluation (full protocol, or ``--cached``)."""
+    """One process's share of a linear evaluation (full protocol, or ``--cached``).
+
+    Fine-tuning (:class:`w2ssl.eval.finetune.FineTune`) is this loop with another model, optimiser and
+    schedule: it overrides :meth:`_build`, :meth:`learning_rate`, :meth:`_train_outputs` and the checks.
+    """
+
+    PROTOCOL = "probe"  # written into checkpoints: a fine-tuning run does not resume a probe, nor the reverse
+    VERB = "probing"
 
     def __init__(self, ctx: D.Context, args: Namespace):
         self.ctx, self.args, self.device = ctx, args, ctx.device
@@ -65,20 +73,11 @@ class LinearProbe:
         self.workers = math.ceil(args.workers / ctx.local_world_size)
         self.root = Path(args.data)
         self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
+        self.labels = LabelSubset.from_args(args)  # None: every training label
         self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
-        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
-                                                 args.vit_feature)
-        self.model.to(self.device)
         self.channels_last = self.device.type == "cuda"
-        prepare_model(self.model, self.channels_last)
-        self.fc: nn.Module = self.model.fc
-        if ctx.world_size > 1:  # only fc trains, so only fc needs gradient averaging
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.fc = nn.parallel.DistributedDataParallel(self.model.fc, device_ids=ids)
         self.lr = scaled_lr(args.lr, args.batch_size)
-        self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
-                                         weight_decay=args.weight_decay)
-        self.train_step = TrainStep(self.optimizer, self.device, "fp32")  # fc trains in float32 (features: above)
+        self._build(classes)
         self.epoch, self.best_acc1 = args.start_epoch, 0.0
         self.iteration = 0  # batches of epoch ``self.epoch`` done (a run stopped by a signal saves mid-epoch)
         self.guard = Guard(max_nonfinite=0)
@@ -86,12 +85,28 @@ class LinearProbe:
         self.cache: FeatureCache | None = None
         self.record = pretrained_record(args)
 
+    def _build(self, classes: int) -> None:
+        """The frozen trunk with a new ``fc`` for ``classes`` classes, its optimiser and step."""
+        args = self.args
+        self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
+                                                 args.vit_feature)
+        self.model.to(self.device)
+        prepare_model(self.model, self.channels_last)
+        self.fc: nn.Module = self.model.fc
+        if self.ctx.world_size > 1:  # only fc trains, so only fc needs gradient averaging
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fc = nn.parallel.DistributedDataParallel(self.model.fc, device_ids=ids)
+        self.optimizer = torch.optim.SGD(self.model.fc.parameters(), self.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay)
+        self.train_step = TrainStep(self.optimizer, self.device, "fp32")  # fc trains in float32 (features: above)
+
     def _loader(self, split: str, transform: Callable, what: str, shuffle: bool = False,
                 training: bool = True) -> tuple[LabelledLoader, int]:
-        """Training loaders replace an unreadable image by another (equal steps on every process); the
-        validation loader leaves it out (accuracy is over the readable images)."""
+        """Training loaders replace an unreadable image by another (equal steps on every process) and hold
+        only the labelled subset, if any; the validation loader leaves unreadable images out (accuracy is
+        over the readable images)."""
         return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
-                               training=training, bad=self.bad)
+                               training=training, bad=self.bad, select=self.labels if split == "train" else None)
 
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
@@ -122,6 +137,8 @@ class LinearProbe:
             self.train_loader, _ = self._loader("train", train_transform(size), "training", shuffle=True)
             train_classes = self.train_loader.dataset.classes
         check_same_classes(train_classes, classes, self.root)
+        if self.labels is not None:
+            self.labels.record(self.args.save_dir, self.device, self.logger.info)
 
     def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
         """The rest of this epoch's batches (after the ``self.iteration`` done) and the epoch's length."""
@@ -135,7 +152,7 @@ class LinearProbe:
         # Skipping would decode the images done once more: a resumed epoch draws as many as were left.
         return islice(self.train_loader, n - self.iteration), n
 
-    def _fc_outputs(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def _train_outputs(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
         """``fc`` on the features of images (or cached features) ``x``: ``[B, K]`` logits, cross-entropy loss."""
         logits = self.fc(self._features(x))
         return {"logits": logits, "loss": F.cross_entropy(logits, target)}
@@ -146,21 +163,29 @@ class LinearProbe:
         return self.val_loader, len(self.val_loader)
 
     # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        """What a checkpoint holds (and :meth:`_load_state` reads back)."""
+        return {"epoch": self.epoch, "iteration": self.iteration, "arch": self.args.arch,
+                "state_dict": self.model.state_dict(), "best_acc1": self.best_acc1,
+                "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args),
+                "pretrained": self.record, "protocol": self.PROTOCOL}
+
     def save(self, is_best: bool) -> None:
         self.guard.flush()  # never write a checkpoint from a non-finite state
         if self.ctx.is_main:
-            state = {"epoch": self.epoch, "iteration": self.iteration, "arch": self.args.arch,
-                     "state_dict": self.model.state_dict(), "best_acc1": self.best_acc1,
-                     "optimizer": self.optimizer.state_dict(), "args": plain_args(self.args),
-                     "pretrained": self.record}
             save_dir = Path(self.args.save_dir)
-            ckpt_io.save_all(state, [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
+            ckpt_io.save_all(self._state(), [save_dir / CHECKPOINT, *([save_dir / BEST] if is_best else [])])
         D.barrier()
 
     def resume(self) -> None:
         path = resume_path(self.args)
         if path is not None:
             state = load_probe(path, self.args.trust_checkpoint)
+            protocol = state.get("protocol", "probe")  # probes saved before this field are probes
+            if protocol != self.PROTOCOL:
+                raise UserError(f"--resume {path} is a {protocol} checkpoint, not a {self.PROTOCOL} one: resume it "
+                                f"with {'main_finetune.py' if protocol == 'finetune' else 'main_lincls.py'}, or "
+                                f"pass another --save-dir")
             if state.get("arch", self.args.arch) != self.args.arch:
                 raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
                                 f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
@@ -173,11 +198,19 @@ class LinearProbe:
             self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
-            self.iteration = int(state.get("iteration", 0))
+            self._load_state(state)
             self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
                              f"(best Acc@1 {self.best_acc1:.3f})")
+        self._check_reference(path)
+
+    def _load_state(self, state: dict) -> None:
+        """The optimiser and the position of checkpoint ``state`` (its weights are loaded and checked)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.best_acc1 = int(state["epoch"]), float(state["best_acc1"])
+        self.iteration = int(state.get("iteration", 0))
+
+    def _check_reference(self, path: Path | None) -> None:
+        """The trunk the sanity check compares with: the pre-trained one, which a resumed probe must hold."""
         if self.reference is None:
             if path is None:
                 raise UserError(no_weights_message(self.args))
@@ -199,13 +232,9 @@ class LinearProbe:
         try:
             self.resume()
             probed = describe_record(self.record)
-            self.logger.info(f"=> probing {probed}")
+            self.logger.info(f"=> {self.VERB} {probed}")
             self.logger.text("probe/pretrained", probed)
-            mode = "cached features" if args.cached else "full protocol"
-            self.logger.info(f"=> linear probe ({mode}): {args.arch}, {self.model.fc.out_features} classes, "
-                             f"{self.ctx.world_size} process(es) on {self.device.type}, {self.precision}, batch "
-                             f"{args.batch_size}, lr {self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256), "
-                             f"input {args.input_size}, seed {self.seed}")
+            self.logger.info(self.summary())
             self.prepare()
             if args.evaluate:
                 self.validate()
@@ -236,17 +265,31 @@ class LinearProbe:
         finally:
             self.logger.close()
 
+    def summary(self) -> str:
+        """The run's one-line description, logged at its start."""
+        args = self.args
+        mode = "cached features" if args.cached else "full protocol"
+        return (f"=> linear probe ({mode}): {args.arch}, {self.model.fc.out_features} classes, "
+                f"{self.ctx.world_size} process(es) on {self.device.type}, {self.precision}, batch "
+                f"{args.batch_size}, lr {self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256), "
+                f"input {args.input_size}, seed {self.seed}")
+
+    def learning_rate(self, i: int, n: int) -> float:
+        """The lr of batch ``i`` of ``n`` in epoch ``self.epoch``: MoCo v3's per-epoch half-cosine, no warm-up."""
+        return lr_at(self.epoch, self.lr, 0, self.args.epochs)
+
     def _train_epoch(self) -> None:
         args, device = self.args, self.device
-        lr = lr_at(self.epoch, self.lr, 0, args.epochs)
         batches, n = self._train_batches()
+        lr = self.learning_rate(self.iteration, n)
         start = self.iteration
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         tally, end = Tally(device), time.perf_counter()
         for i, (x, target, *_) in enumerate(batches, start=start):
             data_time.update(time.perf_counter() - end)
             target = target.to(device, non_blocking=True)
-            out = self.train_step(partial(self._fc_outputs, x, target), lr)
+            lr = self.learning_rate(i, n)
+            out = self.train_step(partial(self._train_outputs, x, target), lr)
             logits, loss = out["logits"].detach(), out["loss"].detach()
             self.iteration = i + 1
             self.guard.push(self.epoch, i, self.epoch * n + i, {"loss": loss})

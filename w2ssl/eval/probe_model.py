@@ -62,14 +62,15 @@ def load_pretrained(path: str | Path, arch: str | None, trust: bool) -> tuple[di
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None, trust: bool = False,
-                vit_feature: str = "avg") -> tuple[Probe, dict[str, Tensor] | None]:
+                vit_feature: str = "avg", **trunk_options) -> tuple[Probe, dict[str, Tensor] | None]:
     """:class:`Probe` of the registered trunk ``arch`` with only ``fc`` trainable, in eval mode, and the trunk
     weights it was loaded with.
 
     ``fc.weight ~ N(0, 0.01)``, ``fc.bias = 0``. The second value is the loaded trunk (the reference
-    of :func:`changed_weights`), or None without ``pretrained``.
+    of :func:`changed_weights`), or None without ``pretrained``. ``trunk_options`` go to the trunk's builder
+    (fine-tuning: a ViT's ``drop_path_rate``).
     """
-    trunk = build_trunk(arch)
+    trunk = build_trunk(arch, **trunk_options)
     reference = None
     if pretrained:
         reference, _ = load_pretrained(pretrained, arch, trust)

@@ -176,5 +176,6 @@ def momentum_at(epoch: float, epochs: float, base_m: float, cosine: bool) -> flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``lr`` on every parameter group, times the group's ``lr_scale`` where it has one (layer-wise decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
