@@ -12,6 +12,7 @@ from pathlib import Path
 
 from w2ssl import cli
 from w2ssl.checkpoint import check_resume_path, file_sha256
+from w2ssl.data.sources import load_subset
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import worker
@@ -88,6 +89,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
         raise UserError("-e/--evaluate evaluates the full model: drop --cached/--knn")
     if args.knn and not args.pretrained:
         raise UserError("--knn needs --pretrained CKPT (the trunk to evaluate)")
+    load_subset(args.subset)
     check_resume_path(args.resume)
     resume = None if args.knn else resume_path(args)
     if args.pretrained:  # a clear error before any process starts, and the checkpoint's own --arch

@@ -29,6 +29,7 @@ from w2ssl.data.datasets import (
     seed_everything,
     train_transform,
 )
+from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.knn_probe import knn_probe
@@ -65,6 +66,7 @@ class LinearProbe:
         self.workers = math.ceil(args.workers / ctx.local_world_size)
         self.root = Path(args.data)
         self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
+        self.subset = load_subset(args.subset)
         self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
         self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
                                                  args.vit_feature)
@@ -91,7 +93,7 @@ class LinearProbe:
         """Training loaders replace an unreadable image by another (equal steps on every process); the
         validation loader leaves it out (accuracy is over the readable images)."""
         return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
-                               training=training, bad=self.bad)
+                               training=training, bad=self.bad, subset=self.subset, cache_dir=self.args.save_dir)
 
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()
