@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=16, help="thread pool of the parallel walk")
+    parser.add_argument("--threads", type=int, default=4, help="threads of the parallel walk")
     parser.add_argument("--root", type=Path, help="where to write the tree (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:

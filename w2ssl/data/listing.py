@@ -154,11 +154,13 @@ def _walk_tree(top: str, label: int, seen: set[tuple[int, int]]) -> tuple[list[t
     return out, skipped
 
 
-def walk(root: str | Path, layout: str, workers: int = 16) -> Listing:
+def walk(root: str | Path, layout: str, workers: int = 4) -> Listing:
     """List ``root`` (``class folders`` or ``folder tree``): its top-level folders are walked in parallel
-    (a thread pool: directory listing releases the GIL), each with its own record of the directories it
-    has been through; if two of them met the same directory, they are walked again one after the other
-    (sorted order) with one record, so the result never depends on the threads' timing."""
+    (a thread pool: directory listing releases the GIL; 4 threads are as fast as one on a warm local disk,
+    BENCHMARKS.md, and overlap the latency of network filesystems, not measured here), each with its own
+    record of the directories it has been through; if two of them met the same directory, they are walked
+    again one after the other (sorted order) with one record, so the result never depends on the threads'
+    timing."""
     root = str(Path(root))
     skipped = Skipped()
     st, scanned = _stat(root, skipped), _scan(root, skipped)
