@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from w2ssl import cli
+from w2ssl.data.sources import load_subset
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import worker
@@ -63,6 +64,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     if args.knn and (args.label_fraction or args.label_file):
         raise UserError("--knn scores val against every training image: drop --label-fraction/--label-file (they "
                         "subset the labels a probe trains on)")
+    load_subset(args.subset)
     check_classifier_run(args, world_size, resumes=not args.knn)
 
 

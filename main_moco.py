@@ -11,6 +11,8 @@ from torch import nn
 
 from w2ssl import cli, demo
 from w2ssl.checkpoint import check_resume_path
+from w2ssl.data.listing import detect_layout
+from w2ssl.data.sources import load_subset
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.methods.registry import build_model, method_names, method_spec
@@ -101,10 +103,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
 def check(args: argparse.Namespace, world_size: int) -> None:
     """Checks that can fail before any process starts."""
     if not args.data:
-        raise UserError("no dataset given: pass DIR (with DIR/train/<class>/<image>), or --demo")
-    train_dir = Path(args.data) / "train"
-    if not train_dir.is_dir():
-        raise UserError(f"{train_dir} does not exist: DIR must hold a train/ folder of class sub-folders")
+        raise UserError("no dataset given: pass DATA (a folder of images, DATA/train/<class>/<image> as ImageNet, "
+                        "or a text file listing image paths), or --demo")
+    detect_layout(args.data)
+    load_subset(args.subset)
     method = method_spec(args.method)
     method.check_batch(args.batch_size, world_size)
     if args.gpu_aug and method.gpu_transform is None:

@@ -109,7 +109,7 @@ def empty_root(tmp_path):
 
 
 @pytest.mark.parametrize("case, args, message", [
-    ("missing train", lambda r, e: [r.parent / "nowhere"], "train does not exist"),
+    ("missing data", lambda r, e: [r.parent / "nowhere"], "nowhere does not exist: pass a folder of images"),
     ("empty dataset", lambda r, e: [e], "has no images"),
     ("batch does not divide", lambda r, e: [r, "-b", "7"], "multiple of 2"),
     ("resume path missing", lambda r, e: [r, "--resume", "/nonexistent.pth.tar"], "does not exist"),

@@ -30,6 +30,9 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     """
     parser.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ (and val/) folders")
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values; the command line overrides it")
+    parser.add_argument("--subset", metavar="FILE",
+                        help="keep only the classes (one name a line, e.g. configs/subsets/imagenet100.txt) or "
+                             "the images (one path a line, relative to FILE) it lists")
     parser.add_argument("-a", "--arch", default=arch, choices=trunk_names(),
                         help="trunk architecture" if arch else
                         "trunk architecture (default: the checkpoint's own, read from its weights)")

@@ -9,7 +9,8 @@ from w2ssl.trunks import build_trunk, register_trunk, registry, trunk_names, tru
 
 
 def test_resnets_are_registered_as_feature_map_trunks():
-    assert trunk_names("resnet") == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    assert trunk_names("resnet") == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet18_cifar",
+                                     "resnet34_cifar", "resnet50_cifar")
     trunk = build_trunk("resnet18").eval()
     out = trunk(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, trunk.num_features, 2, 2) and trunk.num_features == 512

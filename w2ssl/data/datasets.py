@@ -21,7 +21,10 @@ from torchvision.datasets import ImageFolder
 
 from w2ssl.checkpoint import key_list
 from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.listing import Listing, Skipped
 from w2ssl.data.sampler import leave_stop_signals_to_main
+from w2ssl.data.sources import labelled_listing
+from w2ssl.data.subset import Subset
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 
@@ -47,29 +50,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _path_only(path: str) -> str:
+    return path
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class ListedFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` over a :class:`w2ssl.data.listing.Listing` (no second scan)."""
+
+    def __init__(self, listing: Listing, transform: Callable | None = None,
+                 loader: Callable[[str], Any] = load_rgb):
+        self.listing = listing
+        super().__init__(listing.root, transform, loader=loader, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return list(self.listing.classes), {name: i for i, name in enumerate(self.listing.classes)}
+
+    def make_dataset(self, *_, **__) -> list[tuple[str, int]]:
+        return self.listing.samples
+
+
 def image_folder(root: str | Path, what: str = "training", transform: Callable | None = None,
-                 warn: Callable[[str], None] | None = None) -> ImageFolder:
-    """An ``ImageFolder`` at ``root``, checked with clear errors; without ``transform`` its items are
-    file paths (the folder is only listed). Class folders without images are warned about (``warn``,
-    default: a ``WARNING:`` line on stderr from the main process), not refused."""
+                 warn: Callable[[str], None] | None = None, subset: Subset | None = None,
+                 cache_dir: str | Path | None = None) -> ImageFolder:
+    """An ``ImageFolder`` at ``root`` (listed by :mod:`w2ssl.data.listing`: each directory once, hidden
+    entries skipped; cached in ``cache_dir``), restricted to ``subset``, checked with clear errors; without
+    ``transform`` its items are file paths (the folder is only listed). Class folders without images and
+    folders skipped as repeated (symlink loops) or unreadable are warned about (``warn``, default: a
+    ``WARNING:`` line on stderr from the main process), not refused."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{what} folder {root} does not exist: pass DATA whose {root.name}/ holds one "
                         f"sub-folder of images per class (ImageNet layout)")
-    try:
-        folder = ImageFolder(str(root), transform, allow_empty=True) if transform \
-            else ImageFolder(str(root), loader=_path_only, allow_empty=True)
-    except FileNotFoundError as e:  # not even one class sub-folder
-        raise UserError(f"{what} folder {root} has no class sub-folders ({e}); expected "
-                        f"{root}/<class>/<image>.jpg") from None
+    listing = labelled_listing(root, subset, cache_dir, write=D.is_main())
+    if not listing.classes:
+        raise UserError(f"{what} folder {root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
+    folder = ListedFolder(listing, transform, loader=load_rgb if transform else _path_only)
     if not folder.samples:
         raise UserError(f"{what} folder {root} has no images in its {len(folder.classes)} class sub-folders; "
                         f"expected {root}/<class>/<image>.jpg")
+    warn = warn or warn_main
+    skipped = listing.skipped
+    if skipped.repeated or skipped.unreadable:
+        warn(f"{what} folder {root}: skipped {Skipped(Counter(), skipped.repeated, skipped.unreadable).describe()}")
     counts = Counter(folder.targets)
     empty = [name for i, name in enumerate(folder.classes) if counts[i] == 0]
     if empty:
-        (warn or warn_main)(f"{what} folder {root}: class folder(s) {key_list(empty)} hold no images; going on with "
-                            f"the {len(folder.samples)} images of the other {len(folder.classes) - len(empty)}")
+        warn(f"{what} folder {root}: class folder(s) {key_list(empty)} hold no images; going on with "
+             f"the {len(folder.samples)} images of the other {len(folder.classes) - len(empty)}")
     return folder
 
 
@@ -88,18 +121,9 @@ def check_same_classes(train: list[str], val: list[str], root: str | Path) -> No
                         f"{key_list(only_val) or 'none'} ({len(val)} classes)")
 
 
-def _path_only(path: str) -> str:
-    return path
-
-
-def load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
-
-
 class PretrainDataset(Dataset):
-    """Images of an ``ImageFolder`` through ``transform``; items are requested as ``(index, epoch)``.
+    """Images (the paths given, or those of the ``ImageFolder`` at ``images``) through ``transform``; items
+    are requested as ``(index, epoch)``.
 
     Without ``transform`` an item is ``((loaded, index, epoch), bad)``, for augmentation in the main process.
 
@@ -107,9 +131,9 @@ class PretrainDataset(Dataset):
     field (the main process counts them and, with ``strict``, stops).
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None, seed: int,
+    def __init__(self, images: str | Path | list[str], transform: Callable[[Any], Any] | None, seed: int,
                  loader: Callable[[str], Any] = load_rgb):
-        self.samples = [path for path, _ in image_folder(root).samples]
+        self.samples = images if isinstance(images, list) else [path for path, _ in image_folder(images).samples]
         self.transform, self.seed, self.loader = transform, seed, loader
 
     def __len__(self) -> int:
@@ -171,8 +195,9 @@ class LabelledFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable, what: str, substitute: bool,
-                 warn: Callable[[str], None] | None = None, select: Select | None = None):
-        folder = image_folder(root, what, warn=warn)
+                 warn: Callable[[str], None] | None = None, select: Select | None = None,
+                 subset: Subset | None = None, cache_dir: str | Path | None = None):
+        folder = image_folder(root, what, warn=warn, subset=subset, cache_dir=cache_dir)
         self.samples, self.classes = folder.samples, folder.classes
         if select is not None:  # e.g. the labelled subset of the semi-supervised protocol
             self.samples = select(self.samples, self.classes)
@@ -255,17 +280,19 @@ class LabelledLoader:
 
 def labelled_loader(root: str | Path, transform: Callable, batch_size: int, workers: int, shuffle: bool,
                     what: str, training: bool | None = None, bad: BadImages | None = None,
-                    warn: Callable[[str], None] | None = None,
-                    select: Select | None = None) -> tuple[LabelledLoader, int]:
+                    warn: Callable[[str], None] | None = None, select: Select | None = None,
+                    subset: Subset | None = None, cache_dir: str | Path | None = None) -> tuple[LabelledLoader, int]:
     """A loader over the ImageFolder at ``root`` (sharded when distributed) and its number of classes.
 
     ``training`` (default: ``shuffle``) substitutes unreadable images and pads the shards to equal length
     (every process takes the same steps); evaluation drops unreadable images and gives each image to
     exactly one process, unpadded. ``bad`` counts the unreadable files (default: warn, never stop).
     ``select`` keeps some of the folder's ``(path, class index)`` samples (it gets them and the class names).
+    ``subset`` and ``cache_dir``: as for :func:`image_folder`.
     """
     training = shuffle if training is None else training
-    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn, select=select)
+    dataset = LabelledFolder(root, transform, what, substitute=training, warn=warn, select=select, subset=subset,
+                             cache_dir=cache_dir)
     if not D.is_dist():
         sampler = None
     elif training:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
 from w2ssl.data.datasets import BadImages, LabelledLoader, check_same_classes, eval_transform, labelled_loader
+from w2ssl.data.subset import Subset
 from w2ssl.dist import distributed as D
 
 KS = (20, 200)
@@ -219,17 +220,20 @@ def format_knn(result: KnnResult) -> str:
     return f"kNN {' | '.join(parts)} ({result.bank} train, {result.queries} val images{skipped})"
 
 
-def folder_loaders(root: str | Path, size: int, batch_size: int, workers: int,
-                   bad: BadImages | None = None) -> tuple[LabelledLoader, LabelledLoader, int]:
+def folder_loaders(root: str | Path, size: int, batch_size: int, workers: int, bad: BadImages | None = None,
+                   subset: Subset | None = None, cache_dir: str | Path | None = None
+                   ) -> tuple[LabelledLoader, LabelledLoader, int]:
     """Unshuffled center-crop loaders of ``root/train`` (the bank) and ``root/val``, and the class count.
 
     Both must have the same class folders; unreadable images are left out and noted in ``bad``.
+    ``subset`` (``--subset``) and ``cache_dir`` (of the listings): as for ``labelled_loader``.
     """
     root = Path(root)
     bad = bad or BadImages()
     train, classes = labelled_loader(root / "train", eval_transform(size), batch_size, workers, False, "kNN train",
-                                     bad=bad)
-    val, _ = labelled_loader(root / "val", eval_transform(size), batch_size, workers, False, "kNN val", bad=bad)
+                                     bad=bad, subset=subset, cache_dir=cache_dir)
+    val, _ = labelled_loader(root / "val", eval_transform(size), batch_size, workers, False, "kNN val", bad=bad,
+                             subset=subset, cache_dir=cache_dir)
     check_same_classes(train.dataset.classes, val.dataset.classes, root)
     return train, val, classes
 

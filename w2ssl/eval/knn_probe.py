@@ -6,6 +6,7 @@ import time
 from argparse import Namespace
 
 from w2ssl.data.datasets import BadImages
+from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.eval.probe_model import build_model
@@ -20,7 +21,8 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
     try:
         batch, workers = args.batch_size // ctx.world_size, math.ceil(args.workers / ctx.local_world_size)
         train, val, classes = folder_loaders(args.data, args.input_size, batch, workers,
-                                             BadImages(args.strict_data, logger.warn if ctx.is_main else None))
+                                             BadImages(args.strict_data, logger.warn if ctx.is_main else None),
+                                             subset=load_subset(args.subset), cache_dir=args.save_dir)
         model, _ = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint, args.vit_feature)
         model.to(ctx.device)
         channels_last = ctx.device.type == "cuda"

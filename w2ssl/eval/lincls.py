@@ -30,6 +30,7 @@ from w2ssl.data.datasets import (
     train_transform,
 )
 from w2ssl.data.label_subset import LabelSubset
+from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.knn_probe import knn_probe
@@ -74,6 +75,7 @@ class LinearProbe:
         self.root = Path(args.data)
         self.bad = BadImages(args.strict_data, self.logger.warn if ctx.is_main else None)
         self.labels = LabelSubset.from_args(args)  # None: every training label
+        self.subset = load_subset(args.subset)
         self.val_loader, classes = self._loader("val", eval_transform(args.input_size), "validation", training=False)
         self.channels_last = self.device.type == "cuda"
         self.lr = scaled_lr(args.lr, args.batch_size)
@@ -106,7 +108,8 @@ class LinearProbe:
         only the labelled subset, if any; the validation loader leaves unreadable images out (accuracy is
         over the readable images)."""
         return labelled_loader(self.root / split, transform, self.local_batch, self.workers, shuffle, what,
-                               training=training, bad=self.bad, select=self.labels if split == "train" else None)
+                               training=training, bad=self.bad, select=self.labels if split == "train" else None,
+                               subset=self.subset, cache_dir=self.args.save_dir)
 
     # ----------------------------------------------------------------- features and data
     @torch.no_grad()

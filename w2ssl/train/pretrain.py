@@ -22,6 +22,7 @@ from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
 from w2ssl.data.fast_augment import FastCollate, load_uint8
 from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
 from w2ssl.data.sampler import ResumableSampler, make_loader
+from w2ssl.data.sources import load_subset, pretrain_images
 from w2ssl.dist import distributed as D
 from w2ssl.errors import UserError
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
@@ -47,19 +48,23 @@ class Pretrainer:
         self.local_batch = args.batch_size // ctx.world_size
         self.method = method_spec(args.method)
 
-        train_dir = Path(args.data) / "train"
+        listing, how = pretrain_images(args.data, load_subset(args.subset), args.save_dir, write=ctx.is_main)
+        skipped = listing.skipped
+        (self.logger.warn if skipped.repeated or skipped.unreadable else self.logger.info)(
+            f"=> data: {listing.describe()}; {how}; labels unused")
+        images = [path for path, _ in listing.samples]
         self.gpu_crop: nn.Module | None = None
         collate = None
         if args.gpu_aug:
             # Workers only read bytes; decoding and the crops run batched on the device.
-            self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
+            self.dataset = PretrainDataset(images, None, self.seed, loader=encoded_with_path)
             self.gpu_crop, collate = self.method.gpu_transform(args), collate_pretrain
         elif args.cpu_aug == "fast" and self.method.fast_transform is not None:
             # Workers decode with PIL and augment whole batches (w2ssl.data.fast_augment).
-            self.dataset = PretrainDataset(train_dir, None, self.seed, loader=load_uint8)
+            self.dataset = PretrainDataset(images, None, self.seed, loader=load_uint8)
             collate = FastCollate(self.method.fast_transform(args), self.seed)
         else:
-            self.dataset = PretrainDataset(train_dir, self.method.transform(args), self.seed)
+            self.dataset = PretrainDataset(images, self.method.transform(args), self.seed)
         if ctx.is_main:
             self.dataset.check_readable()
         self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
@@ -292,7 +297,8 @@ class Pretrainer:
         """kNN top-1/top-5 of the base trunk on ``--knn-data`` (every process takes part)."""
         if self._knn_loaders is None:
             self._knn_loaders = folder_loaders(self.args.knn_data, self.args.knn_size, 256, min(self.args.workers, 8),
-                                               BadImages(self.args.strict_data, self.logger.warn))
+                                               BadImages(self.args.strict_data, self.logger.warn),
+                                               subset=load_subset(self.args.subset), cache_dir=self.args.save_dir)
         train, val, classes = self._knn_loaders
         result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
                           channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])

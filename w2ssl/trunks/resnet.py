@@ -2,6 +2,11 @@
 
 The trunk keeps torchvision's parameter names (``conv1``, ``bn1``, ``layer1`` … ``layer4``), so its
 state dict loads into ``torchvision.models.<arch>()`` with only ``fc.*`` missing.
+
+``<arch>_cifar``: the small-image stem of the CIFAR ResNets (He et al. 2016 §4.2; SimCLR's and
+solo-learn's CIFAR trunks): a 3x3 stride-1 ``conv1`` and no max-pool, so the map is the input / 8
+(not / 32): a 32-px montage of 16-px tiles leaves a 4x4 map, 2x2 cells per tile. Its ``conv1`` is
+``[64, 3, 3, 3]``; loading it into torchvision needs the same two changes to the model.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torch import Tensor, nn
 from w2ssl.trunks.registry import register_trunk
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+CIFAR_ARCHS = ("resnet18", "resnet34", "resnet50")  # registered as resnet18_cifar, ...
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -24,11 +30,15 @@ class ResNetTrunk(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", norm_layer: Callable[[int], nn.Module] | None = None,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, small_images: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         net = torchvision.models.__dict__[arch](norm_layer=norm_layer, zero_init_residual=zero_init_residual)
+        if small_images:  # the CIFAR stem: [B, 3, H, W] -> [B, C, H/8, W/8]; initialised as torchvision's conv1
+            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
         for name in TRUNK_LAYERS:
             self.add_module(name, getattr(net, name))
         self.num_features: int = net.fc.in_features
@@ -41,4 +51,6 @@ class ResNetTrunk(nn.Module):
 
 for _arch in ARCHS:
     register_trunk(_arch, "resnet")(partial(ResNetTrunk, _arch))
+for _arch in CIFAR_ARCHS:
+    register_trunk(f"{_arch}_cifar", "resnet")(partial(ResNetTrunk, _arch, small_images=True))
 

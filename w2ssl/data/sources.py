@@ -1,0 +1,42 @@
+"""What a run's data arguments name, listed: pre-training's ``DATA`` (any layout) and labelled folders.
+
+Both go through one walker (:mod:`w2ssl.data.listing`), its cache in the run's folder
+(:mod:`w2ssl.data.listing_cache`) and ``--subset`` (:mod:`w2ssl.data.subset`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from w2ssl.data.listing import Listing, detect_layout, read_path_list
+from w2ssl.data.listing_cache import cached_walk
+from w2ssl.data.subset import Subset, apply_subset, read_subset
+from w2ssl.errors import UserError
+
+
+def load_subset(file: str | Path | None) -> Subset | None:
+    return read_subset(file) if file else None
+
+
+def pretrain_images(data: str | Path, subset: Subset | None = None, cache_dir: str | Path | None = None,
+                    write: bool = True) -> tuple[Listing, str]:
+    """The images of pre-training's ``DATA`` (:func:`w2ssl.data.listing.detect_layout`; labels unused),
+    restricted to ``subset``, and how they were listed (walked, or read from the cache)."""
+    layout, root = detect_layout(data)
+    if layout == "path list":
+        listing, how = read_path_list(root), "read from the list"
+    else:
+        listing, how = cached_walk(root, layout, cache_dir, write)
+    listing = apply_subset(listing, subset)
+    if not len(listing):
+        raise UserError(f"{listing.root} has no images ({layout}; skipped: {listing.skipped.describe()}): image "
+                        f"files end in {', '.join(IMG_EXTENSIONS)} (any case)")
+    return listing, how
+
+
+def labelled_listing(root: str | Path, subset: Subset | None = None, cache_dir: str | Path | None = None,
+                     write: bool = True) -> Listing:
+    """The class folders of ``root`` (ImageFolder's classes and order), restricted to ``subset``."""
+    listing, _ = cached_walk(root, "class folders", cache_dir, write)
+    return apply_subset(listing, subset)
