@@ -18,7 +18,7 @@ from w2ssl.methods.registry import Method, StepKey, build_model, method_names, m
 
 def test_builtin_methods_are_registered_in_order():
     assert method_names()[:2] == ("w2ssl", "mocov3")
-    with pytest.raises(ValueError, match="unknown method 'nope'; choose one of w2ssl, mocov3"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose one of w2ssl, mocov3, byol"):
         method_spec("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_method(method_spec("w2ssl"))

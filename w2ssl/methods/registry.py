@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from w2ssl.trunks import build_trunk, trunk_spec
 
-BUILTIN = ("w2ssl.methods.w2ssl", "w2ssl.methods.mocov3")  # imported at the first look-up: they register
+# imported at the first look-up: they register
+BUILTIN = ("w2ssl.methods.w2ssl", "w2ssl.methods.mocov3", "w2ssl.methods.byol")
 
 TrunkBuilder = Callable[..., nn.Module]  # keyword options (e.g. zero_init_residual) -> a new trunk
 
