@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from w2ssl.data.augment import FourCrop
+from w2ssl.data.augment import CROSS, FourCrop
 from w2ssl.data.datasets import stream_seed
 from w2ssl.data.fast_augment import fast_four_crop
 from w2ssl.data.gpu_augment import GpuFourCrop
@@ -208,7 +208,12 @@ def preview(tiles: list[Tensor], epoch: int) -> dict[str, Tensor]:
             for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:]))}
 
 
-register_method(Method("w2ssl", build, lambda args: FourCrop(args.tile_size, args.crop_min), inputs, check_batch,
+def transform(args: Namespace) -> FourCrop:
+    """The PIL four-crop; ``--cross`` and ``--flip-p`` (diagnostics) default to the published values."""
+    return FourCrop(args.tile_size, args.crop_min, getattr(args, "cross", CROSS), getattr(args, "flip_p", 0.5))
+
+
+register_method(Method("w2ssl", build, transform, inputs, check_batch,
                        input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
                        fast_transform=lambda args: fast_four_crop(args.tile_size, args.crop_min),
                        gpu_transform=lambda args: GpuFourCrop(args.tile_size, args.crop_min)))
