@@ -113,8 +113,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     method.check_batch(args.batch_size, world_size)
     if args.gpu_aug and method.gpu_transform is None:
         raise UserError(f"--gpu-aug has no device augmentation for --method {args.method}: drop --gpu-aug")
-    if args.gpu_aug and (args.cross != 0.3 or args.flip_p != 0.5):
-        raise UserError("--cross and --flip-p act on the PIL pipeline only: drop --gpu-aug or those flags")
+    if not 0 <= args.cross < 0.5 or not 0 <= args.flip_p <= 1:
+        raise UserError(f"--cross must be in [0, 0.5) and --flip-p in [0, 1]; got {args.cross} and {args.flip_p}")
     if args.stop_grad_conv1 and (trunk_spec(args.arch).family != "vit" or args.arch.startswith("vit_conv")):
         raise UserError(f"--stop-grad-conv1 freezes a ViT's linear patch projection, which {args.arch} does "
                         f"not have: drop --stop-grad-conv1")
