@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     w2.add_argument("--tile-size", default=112, type=int,
                     help="side of each crop; montages (and MoCo v3's views) are twice as large")
     w2.add_argument("--crop-min", default=0.2, type=float, help="minimum RandomResizedCrop scale")
+    w2.add_argument("--cross", default=0.3, type=float,
+                    help="overlap of the left and right crops, a fraction of the width (0.3 as published; 0: none)")
+    w2.add_argument("--flip-p", default=0.5, type=float,
+                    help="horizontal flip probability of each tile (0.5 as published; for diagnostics)")
     w2.add_argument("--crop_proj_dim", default=256, type=int, help="projector/predictor output dimension")
     w2.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden dimension of the MLP heads")
     w2.add_argument("--loss_t", default=0.3, type=float, help="temperature of the 'what' (SupCon) loss")
@@ -111,6 +115,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     method.check_batch(args.batch_size, world_size)
     if args.gpu_aug and method.gpu_transform is None:
         raise UserError(f"--gpu-aug has no device augmentation for --method {args.method}: drop --gpu-aug")
+    if not 0 <= args.cross < 0.5 or not 0 <= args.flip_p <= 1:
+        raise UserError(f"--cross must be in [0, 0.5) and --flip-p in [0, 1]; got {args.cross} and {args.flip_p}")
     if args.stop_grad_conv1 and (trunk_spec(args.arch).family != "vit" or args.arch.startswith("vit_conv")):
         raise UserError(f"--stop-grad-conv1 freezes a ViT's linear patch projection, which {args.arch} does "
                         f"not have: drop --stop-grad-conv1")

@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader
 from tests.data.test_gpu_augment import gen, keys, tv_distance, write_mixed_folder
 from w2ssl.data import cpu_kernels as K
 from w2ssl.data import gpu_ops as G
-from w2ssl.data.augment import MEAN, STD, FourCrop
+from w2ssl.data.augment import MEAN, STD, FourCrop, split_left_right
 from w2ssl.data.datasets import PretrainDataset
 from w2ssl.data.fast_augment import FastCollate, fast_four_crop, fast_two_crop, kernel_params, load_uint8, resize_crops
+from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.data.gpu_params import FOUR_CROP, TWO_CROP, four_crop_regions, image_tile_params, tile_params
 from w2ssl.data.sampler import ResumableSampler
 from w2ssl.data.twocrop import TwoCrop
@@ -232,3 +233,22 @@ def test_bad_arguments():
         fast_two_crop(8, crop_min=1.5)
     with pytest.raises(ValueError, match="2 keys"):
         fast_four_crop(8)([load_uint8_array(photo())], keys(2))
+
+
+def test_where_diagnostic_knobs_reach_every_pipeline():
+    # --flip-p 0: no tile is mirrored on any path; --cross 0: the regions meet at the middle, as PIL's split
+    n = 400
+    p, _ = image_tile_params([(40, 60)] * n, keys(n), 0.2, four_crop_regions, FOUR_CROP, flip_p=0.0)
+    assert len(p["flip"]) == 0
+    p, _ = image_tile_params([(40, 60)] * n, keys(n), 0.2, four_crop_regions, FOUR_CROP, flip_p=1.0)
+    assert len(p["flip"]) == 4 * n
+    assert four_crop_regions(60, cross=0.0) == [(0, 30), (30, 30)] * 2
+    left, right = split_left_right(Image.new("RGB", (60, 40)), cross=0.0)
+    assert (left.size, right.size) == ((30, 40), (30, 40))
+    image = load_uint8_array(photo(40, 60))
+    unflipped = fast_four_crop(8, 0.2, cross=0.0, flip_p=0.0)([image], keys(1))
+    p, counts = image_tile_params([(40, 60)], keys(1), 0.2, lambda w: four_crop_regions(w, 0.0), FOUR_CROP, 0.0)
+    assert int(p["boxes"][1, 1]) >= 30 and int(p["boxes"][0, 1] + p["boxes"][0, 3]) <= 30  # right tile, right half
+    gpu = GpuFourCrop(8, 0.2, cross=0.0, flip_p=0.0)([image.contiguous()], keys(1))
+    for a, b in zip(unflipped, gpu[0] + gpu[1]):
+        assert (a - b).abs().mean() < 0.05  # the same crops: fixed-point vs float resize only

@@ -30,8 +30,9 @@ class Solarize:
 
 
 def view(tile_size: int = 112, crop_min: float = 0.2, blur_p: float = 1.0,
-         solarize_p: float = 0.0) -> transforms.Compose:
-    """One augmentation pipeline: PIL image -> normalised ``[3, tile, tile]`` tensor."""
+         solarize_p: float = 0.0, flip_p: float = 0.5) -> transforms.Compose:
+    """One augmentation pipeline: PIL image -> normalised ``[3, tile, tile]`` tensor (``flip_p``: horizontal
+    flip probability, 0.5 as published)."""
     steps = [
         transforms.RandomResizedCrop(tile_size, scale=(crop_min, 1.0)),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -40,7 +41,7 @@ def view(tile_size: int = 112, crop_min: float = 0.2, blur_p: float = 1.0,
     ]
     if solarize_p > 0:
         steps.append(transforms.RandomApply([Solarize()], p=solarize_p))
-    steps += [transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    steps += [transforms.RandomHorizontalFlip(flip_p), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     return transforms.Compose(steps)
 
 
@@ -51,12 +52,15 @@ def split_left_right(img: Image.Image, cross: float = CROSS) -> tuple[Image.Imag
 
 
 class FourCrop:
-    """PIL image -> ``[v1(left), v1(right), v2(left), v2(right)]``, each ``[3, tile, tile]``."""
+    """PIL image -> ``[v1(left), v1(right), v2(left), v2(right)]``, each ``[3, tile, tile]``.
 
-    def __init__(self, tile_size: int = 112, crop_min: float = 0.2):
-        self.view1 = view(tile_size, crop_min, blur_p=1.0, solarize_p=0.0)
-        self.view2 = view(tile_size, crop_min, blur_p=0.1, solarize_p=0.2)
+    ``cross`` (overlap, :func:`split_left_right`) and ``flip_p`` default to the published values."""
+
+    def __init__(self, tile_size: int = 112, crop_min: float = 0.2, cross: float = CROSS, flip_p: float = 0.5):
+        self.cross = cross
+        self.view1 = view(tile_size, crop_min, blur_p=1.0, solarize_p=0.0, flip_p=flip_p)
+        self.view2 = view(tile_size, crop_min, blur_p=0.1, solarize_p=0.2, flip_p=flip_p)
 
     def __call__(self, img: Image.Image) -> list[Tensor]:
-        left, right = split_left_right(img)
+        left, right = split_left_right(img, self.cross)
         return [self.view1(left), self.view1(right), self.view2(left), self.view2(right)]

@@ -17,6 +17,7 @@ METHOD §1: PIL rounds to uint8 after every op, these ops stay in float.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from w2ssl.data import cpu_kernels
 from w2ssl.data import gpu_ops as G
+from w2ssl.data.augment import CROSS
 from w2ssl.data.datasets import load_rgb
 from w2ssl.data.gpu_params import (
     FOUR_CROP,
@@ -100,12 +102,13 @@ class FastViews:
     """
 
     def __init__(self, size: int, crop_min: float, layout: Callable[[int], list[tuple[int, int]]],
-                 views: Sequence[int], chunk: int = CHUNK):
+                 views: Sequence[int], chunk: int = CHUNK, flip_p: float = 0.5):
         if size < 1:
             raise UserError(f"--tile-size must be >= 1, got {size}")
         if not 0 < crop_min <= 1:
             raise UserError(f"--crop-min must be in (0, 1], got {crop_min}")
         self.size, self.crop_min, self.layout, self.views, self.chunk = size, crop_min, layout, tuple(views), chunk
+        self.flip_p = flip_p
 
     def __call__(self, images: list[Tensor], keys: np.ndarray) -> list[Tensor]:
         if len(keys) != len(images):
@@ -118,14 +121,17 @@ class FastViews:
     def _augment(self, images: list[Tensor], keys: np.ndarray, out: Tensor, first: int) -> None:
         """Write the normalised tiles of a chunk of images, the samples ``first, first + 1, ...`` of ``out``."""
         sizes = [(im.shape[1], im.shape[2]) for im in images]
-        p, counts = image_tile_params(sizes, keys, self.crop_min, self.layout, self.views)
+        p, counts = image_tile_params(sizes, keys, self.crop_min, self.layout, self.views, self.flip_p)
         tiles = resize_crops(images, p["boxes"], p["flip"], self.size)
         cpu_kernels.augment(tiles.numpy(), out.numpy(), first, *kernel_params(p, counts, len(tiles)))
 
 
-def fast_four_crop(tile_size: int = 112, crop_min: float = 0.2) -> FastViews:
-    """W2SSL's four tiles per image (``w2ssl.data.augment.FourCrop``): view 1 left, right, view 2 left, right."""
-    return FastViews(tile_size, crop_min, four_crop_regions, FOUR_CROP)
+def fast_four_crop(tile_size: int = 112, crop_min: float = 0.2, cross: float = CROSS, flip_p: float = 0.5
+                   ) -> FastViews:
+    """W2SSL's four tiles per image (``w2ssl.data.augment.FourCrop``): view 1 left, right, view 2 left, right;
+    ``cross`` (the regions' overlap) and ``flip_p`` default to the published values."""
+    return FastViews(tile_size, crop_min, functools.partial(four_crop_regions, cross=cross), FOUR_CROP,
+                     flip_p=flip_p)
 
 
 def fast_two_crop(size: int = 224, crop_min: float = 0.2) -> FastViews:

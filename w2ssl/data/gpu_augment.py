@@ -26,6 +26,7 @@ has its distribution (RandomResizedCrop with the 10-attempt fallback, ColorJitte
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl.data import gpu_ops as G
+from w2ssl.data.augment import CROSS
 from w2ssl.data.gpu_decode import decode_tolerant, read_bytes
 from w2ssl.data.gpu_params import FOUR_CROP, TILES, four_crop_regions, image_tile_params, sample_keys
 from w2ssl.errors import UserError
@@ -83,20 +85,22 @@ class GpuFourCrop(nn.Module):
     :func:`pad_groups`); it changes speed and memory, not the result.
     """
 
-    def __init__(self, tile_size: int = 112, crop_min: float = 0.2, pad_slack: float = PAD_SLACK):
+    def __init__(self, tile_size: int = 112, crop_min: float = 0.2, pad_slack: float = PAD_SLACK,
+                 cross: float = CROSS, flip_p: float = 0.5):
         super().__init__()
         if tile_size < 1:
             raise UserError(f"--tile-size must be >= 1, got {tile_size}")
         if not 0 < crop_min <= 1:
             raise UserError(f"--crop-min must be in (0, 1], got {crop_min}")
         self.tile_size, self.crop_min, self.pad_slack = tile_size, crop_min, pad_slack
+        self.layout, self.flip_p = functools.partial(four_crop_regions, cross=cross), flip_p
 
     def forward(self, images: list[Tensor], keys: np.ndarray) -> tuple[list[Tensor], list[Tensor]]:
         sizes = _check_images(images)
         if len(keys) != len(images):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
         device, b, t = images[0].device, len(images), self.tile_size
-        host, counts = image_tile_params(sizes, keys, self.crop_min, four_crop_regions, FOUR_CROP)
+        host, counts = image_tile_params(sizes, keys, self.crop_min, self.layout, FOUR_CROP, self.flip_p)
         groups = pad_groups(sizes, self.pad_slack)
         if len(groups) > 1:  # boxes in group order; "restore" puts the groups' tiles back in batch order
             order = torch.tensor([i for g in groups for i in g])

@@ -118,7 +118,7 @@ def jitter_plan(applied: Tensor, order: Tensor) -> tuple[Tensor, list[list[int]]
 
 
 def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float,
-                views: Sequence[int] = FOUR_CROP) -> tuple[dict[str, Tensor], list]:
+                views: Sequence[int] = FOUR_CROP, flip_p: float = 0.5) -> tuple[dict[str, Tensor], list]:
     """Host parameters of the ``n = len(views)·b`` tiles of the samples ``keys [b]``, image-major.
 
     ``views`` gives the view (1 or 2) of each tile of a sample; ``width, height [n]`` are the tiles'
@@ -126,7 +126,7 @@ def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float
     float32, "jitter_index": [4, m] int64, "sigma": [n] float32, "gray", "blur", "solarize", "flip": int64
     indices of the tiles that take the op}`` and the jitter plan's counts (:func:`jitter_plan`).
     Grayscale p = 0.2; blur p = 1.0 (view 1) / 0.1 (view 2) with ``σ ~ U(0.1, 2)``; solarize p = 0 / 0.2;
-    flip p = 0.5.
+    flip p = ``flip_p`` (0.5 as published).
     """
     u = tile_uniforms(keys, len(views))
     view2 = torch.tensor([v == 2 for v in views]).repeat(len(keys))
@@ -134,7 +134,7 @@ def tile_params(keys: np.ndarray, width: Tensor, height: Tensor, crop_min: float
     index, counts = jitter_plan(applied, order)
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, SIGMA]
     masks = {"gray": u[:, GRAY] < 0.2, "blur": u[:, BLUR] < torch.where(view2, 0.1, 1.0),
-             "solarize": view2 & (u[:, SOLARIZE] < 0.2), "flip": u[:, FLIP] < 0.5}
+             "solarize": view2 & (u[:, SOLARIZE] < 0.2), "flip": u[:, FLIP] < flip_p}
     return {"boxes": crop_boxes(width, height, u[:, AREA.start:PLACE.stop], (crop_min, 1.0)),
             "factors": factors, "jitter_index": index, "sigma": sigma.float(),
             **{name: mask.nonzero().flatten() for name, mask in masks.items()}}, counts
@@ -150,9 +150,9 @@ def regions(width: int, cross: float = CROSS) -> tuple[tuple[int, int], tuple[in
     return (0, left_end), (right_start, width - right_start)
 
 
-def four_crop_regions(width: int) -> list[tuple[int, int]]:
+def four_crop_regions(width: int, cross: float = CROSS) -> list[tuple[int, int]]:
     """``(start, width)`` of the region of each W2SSL tile (``FOUR_CROP``): left, right, left, right."""
-    return list(regions(width)) * 2
+    return list(regions(width, cross)) * 2
 
 
 def two_crop_regions(width: int) -> list[tuple[int, int]]:
@@ -167,13 +167,13 @@ def tile_regions(sizes: list[tuple[int, int]], layout: Callable[[int], list[tupl
 
 
 def image_tile_params(sizes: list[tuple[int, int]], keys: np.ndarray, crop_min: float,
-                      layout: Callable[[int], list[tuple[int, int]]], views: Sequence[int]
+                      layout: Callable[[int], list[tuple[int, int]]], views: Sequence[int], flip_p: float = 0.5
                       ) -> tuple[dict[str, Tensor], list]:
     """:func:`tile_params` of the tiles of images of ``sizes`` ``(H, W)``, their crop boxes in image coordinates.
 
     ``layout(W)`` is each tile's region (e.g. :func:`four_crop_regions`), ``views`` each tile's view.
     """
     region = tile_regions(sizes, layout)
-    host, counts = tile_params(keys, region[:, 1], region[:, 2], crop_min, views)
+    host, counts = tile_params(keys, region[:, 1], region[:, 2], crop_min, views, flip_p)
     host["boxes"][:, 1] += region[:, 0]  # region coordinates -> image coordinates
     return host, counts

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from w2ssl.data.augment import FourCrop
 from w2ssl.data.datasets import stream_seed
-from w2ssl.data.fast_augment import fast_four_crop
+from w2ssl.data.fast_augment import FastViews, fast_four_crop
 from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
@@ -208,7 +208,22 @@ def preview(tiles: list[Tensor], epoch: int) -> dict[str, Tensor]:
             for name, (left, right) in (("view1", tiles[:2]), ("view2", tiles[2:]))}
 
 
-register_method(Method("w2ssl", build, lambda args: FourCrop(args.tile_size, args.crop_min), inputs, check_batch,
+def transform(args: Namespace) -> FourCrop:
+    """The PIL four-crop (``--cpu-aug pil``); ``--cross`` and ``--flip-p`` are the published 0.3 and 0.5 by
+    default, other values are diagnostics (METHOD §5, notes)."""
+    return FourCrop(args.tile_size, args.crop_min, args.cross, args.flip_p)
+
+
+def fast_transform(args: Namespace) -> FastViews:
+    """The same four-crop batched in the loader workers (``--cpu-aug fast``)."""
+    return fast_four_crop(args.tile_size, args.crop_min, args.cross, args.flip_p)
+
+
+def gpu_transform(args: Namespace) -> GpuFourCrop:
+    """The same four-crop on the device (``--gpu-aug``)."""
+    return GpuFourCrop(args.tile_size, args.crop_min, cross=args.cross, flip_p=args.flip_p)
+
+
+register_method(Method("w2ssl", build, transform, inputs, check_batch,
                        input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
-                       fast_transform=lambda args: fast_four_crop(args.tile_size, args.crop_min),
-                       gpu_transform=lambda args: GpuFourCrop(args.tile_size, args.crop_min)))
+                       fast_transform=fast_transform, gpu_transform=gpu_transform))
