@@ -113,7 +113,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     floor = summary.get("random")
     panels = (("wall_s", "wall-clock per run (s)"), ("images", "source images seen"), ("gflops", "trunk GFLOPs"))
-    for ax, (x, label) in zip(axes, panels):
+    for ax, (x, axis_label) in zip(axes, panels):
         for kind in summary:
             if kind == "random":
                 continue
@@ -128,7 +128,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
                             color=line.get_color(), alpha=0.2)
         if floor:
             ax.axhline(floor["knn_mean"], color="grey", ls=":", label=label("random"))
-        ax.set_xlabel(label)
+        ax.set_xlabel(axis_label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("kNN top-1 (%)")
     axes[-1].legend(fontsize=8)
