@@ -10,7 +10,11 @@ seed and lr) and reports the where-accuracy and where-loss of its last epoch (ru
 epoch, from ``log.txt``); a setting makes the task learnable if its where-accuracy reaches
 ``LEARNABLE`` %, against 50 % for a coin toss.
 
-Prints a table and one JSON line. Example: ``python bench/where_diagnostic.py --epochs 10``.
+``--control`` runs the positive control instead: the same images with a faint diagonal texture, ``/`` on the left half
+and ``\\`` on the right (a cue a tile does carry, and that a flip turns into the other side's), trained with
+and without the flip: it shows whether the measurement can see a where task that is learnable.
+
+Prints a table and one JSON line. Example: ``python bench/where_diagnostic.py --epochs 10 --control``.
 """
 from __future__ import annotations
 
@@ -46,6 +50,28 @@ def settings(tile: int) -> dict[str, list[str]]:
             "all three": ["--flip-p", "0", "--cross", "0", *larger]}
 
 
+def control_dataset(source: Path, out: Path, amplitude: float = 24.0, period: int = 6) -> Path:
+    """``out/train/<class>/``: ``source/train``'s images with diagonal stripes, ``/`` on the left half and ``\\``
+    on the right (``amplitude`` grey levels, ``period`` px); written once."""
+    import numpy as np
+    from PIL import Image
+
+    done = out / "train" / ".complete"
+    if done.is_file():
+        return out
+    for path in sorted((source / "train").glob("*/*.jpg")):
+        img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        h, w = img.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        diagonal = np.where(xx < w // 2, xx + yy, xx - yy)  # "/" left, "\\" right
+        img = img + amplitude * np.sign(np.sin(2 * np.pi * diagonal / period))[..., None]
+        target = out / "train" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(target, quality=95)
+    done.touch()
+    return out
+
+
 def last_epoch_loss_loc(log: Path) -> float | None:
     found = None
     for line in log.read_text().splitlines() if log.is_file() else []:
@@ -56,7 +82,7 @@ def last_epoch_loss_loc(log: Path) -> float | None:
 
 
 def run_setting(args: argparse.Namespace, name: str, setting: list[str], data: Path, env: dict[str, str]) -> dict:
-    run = args.out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    run = args.out / "runs" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     cmd = [sys.executable, str(ROOT / "main_moco.py"), str(data), "-a", args.arch, "-b", str(args.batch_size),
            "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)), "--lr", str(args.lr),
            "--moco-mlp-dim", str(args.mlp_dim), "--fused-views", "-j", "1", "-p", "100000", "--precision", "fp32",
@@ -84,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp-dim", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="settings trained at a time")
+    p.add_argument("--control", action="store_true", help="run the positive control instead (see the docstring)")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.jobs < 1 or args.tile_size < 16:
         raise UserError("need --epochs >= 1, --jobs >= 1 and --tile-size >= 16")
@@ -96,15 +123,20 @@ def diagnose(argv: list[str] | None = None) -> None:
     if not (Path(data) / "train").is_dir():
         raise UserError(f"{data}/train does not exist: --data needs a train/ folder of images")
     env = thread_env(args.jobs)
+    jobs = [(name, flags, Path(data)) for name, flags in settings(args.tile_size).items()]
+    if args.control:
+        control = control_dataset(Path(data), args.out / "control")
+        jobs = [(f"control: {name}", flags, control) for name, flags, _ in jobs[:2]]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda item: run_setting(args, *item, Path(data), env),
-                                settings(args.tile_size).items()))
+        results = list(pool.map(lambda job: run_setting(args, *job, env), jobs))
     rows = [[r["setting"], r["where_acc"], r["loss_loc"], "yes" if r["learnable"] else "no"] for r in results]
     print(markdown_table(["setting", "where-acc % (last epoch)", "where loss (ln 2 = 0.693)",
                           f"learnable (>= {LEARNABLE:.0f} %)"], rows))
-    learnable = [r["setting"] for r in results[1:-1] if r["learnable"]]
-    print("=> one factor alone that makes it learnable: " + (", ".join(learnable) or "none"), flush=True)
-    print(json_line({"epochs": args.epochs, "arch": args.arch, "tile_size": args.tile_size, "results": results,
+    learnable = [r["setting"] for r in results[1:4] if r["learnable"]]
+    if not args.control:
+        print("=> one factor alone that makes it learnable: " + (", ".join(learnable) or "none"), flush=True)
+    print(json_line({"epochs": args.epochs, "arch": args.arch, "tile_size": args.tile_size, "control": args.control,
+                     "results": results,
                      "learnable_alone": learnable, **versions()}), flush=True)
 
 
