@@ -88,7 +88,7 @@ def test_quality_runs_end_to_end_at_a_tiny_size(tmp_path):
     record = json.loads((tmp_path / "quality.json").read_text())
     assert record["epochs"] == {"w2ssl": 1, "w2ssl-nowhere": 1, "mocov3": 1}  # 80 images / 80 per epoch
     nowhere = (tmp_path / "runs" / "w2ssl-nowhere-0" / "log.txt").read_text()
-    assert "Loss_loc" in nowhere and "W2SSL without where" in out.stdout and "seed spread" in out.stdout
+    assert "Loss_loc" in nowhere and "W2SSL without where" in out.stdout and "too few seeds to tell" in out.stdout
     assert (tmp_path / "quality.png").stat().st_size > 1000
     assert not list(tmp_path.glob("runs/**/*.pth.tar"))  # evaluated, then removed (the probe's too)
 
