@@ -257,3 +257,24 @@ def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
         optimizer.step()
         losses.append(out["loss"].item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+def test_the_where_head_learns_a_cue_that_tiles_carry():
+    # The where task is learnable when left and right tiles differ (here: a bright left edge on left tiles,
+    # a bright right edge on right ones): a broken label, permutation or read-out would keep it at chance.
+    torch.manual_seed(0)
+    model = tiny_model(loss_what_weight=0.0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    accs = []
+    for step in range(40):
+        (l1, r1), (l2, r2) = random_views(8, 32, seed=step)
+        for left, right in ((l1, r1), (l2, r2)):
+            left[..., :8] += 3.0
+            right[..., -8:] += 3.0
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(step))
+        out = model([l1, r1], [l2, r2], m=0.99, perm=perm)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        accs.append(out["where_acc"].item())
+    assert sum(accs[:5]) / 5 < 0.8 and sum(accs[-10:]) / 10 > 0.9, accs
