@@ -50,7 +50,7 @@ def settings(tile: int) -> dict[str, list[str]]:
             "all three": ["--flip-p", "0", "--cross", "0", *larger]}
 
 
-def control_dataset(source: Path, out: Path, amplitude: float = 24.0, period: int = 6) -> Path:
+def control_dataset(source: Path, out: Path, amplitude: float = 40.0, period: int = 12) -> Path:
     """``out/train/<class>/``: ``source/train``'s images with diagonal stripes, ``/`` on the left half and ``\\``
     on the right (``amplitude`` grey levels, ``period`` px); written once."""
     import numpy as np
