@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from w2ssl.data.listing import Folder, Listing, Skipped, walk
@@ -72,16 +73,19 @@ def load(path: Path, root: str | Path, layout: str) -> Listing | None:
     return Listing(root, layout, list(record["classes"]), folders, skipped)
 
 
-def cached_walk(root: str | Path, layout: str, cache_dir: str | Path | None, write: bool = True) -> tuple[Listing,
-                                                                                                        str]:
+def cached_walk(root: str | Path, layout: str, cache_dir: str | Path | None, write: bool = True,
+                check: Callable[[Listing], None] | None = None) -> tuple[Listing, str]:
     """The listing of ``root`` (:func:`w2ssl.data.listing.walk`), from the cache in ``cache_dir`` when valid;
-    a fresh walk is cached there when ``write`` (the main process). Also says how it was obtained."""
+    a fresh walk is cached there when ``write`` (the main process) and ``check(listing)`` raises nothing (a
+    run refused for its data leaves no file behind). Also says how it was obtained."""
     path = cache_path(cache_dir, root, layout) if cache_dir is not None else None
     start = time.perf_counter()
     if path is not None and (listing := load(path, root, layout)) is not None:
         return listing, f"from the cached list {path} in {time.perf_counter() - start:.2f} s"
     listing = walk(root, layout)
     how = f"listed in {time.perf_counter() - start:.2f} s"
+    if check is not None:
+        check(listing)
     if path is not None and write and save(listing, path):
         how += f", cached in {path}"
     return listing, how

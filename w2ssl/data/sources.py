@@ -20,19 +20,27 @@ def load_subset(file: str | Path | None) -> Subset | None:
 
 
 def pretrain_images(data: str | Path, subset: Subset | None = None, cache_dir: str | Path | None = None,
-                    write: bool = True) -> tuple[Listing, str]:
+                    write: bool = True, batch_size: int = 1) -> tuple[Listing, str]:
     """The images of pre-training's ``DATA`` (:func:`w2ssl.data.listing.detect_layout`; labels unused),
-    restricted to ``subset``, and how they were listed (walked, or read from the cache)."""
+    restricted to ``subset``, and how they were listed (walked, or read from the cache). UserError when
+    they are fewer than one batch of ``batch_size`` (before anything is cached)."""
     layout, root = detect_layout(data)
+
+    def check(listing: Listing) -> None:
+        chosen = apply_subset(listing, subset)
+        if not len(chosen):
+            raise UserError(f"{chosen.root} has no images ({layout}; skipped: {chosen.skipped.describe()}): image "
+                            f"files end in {', '.join(IMG_EXTENSIONS)} (any case)")
+        if len(chosen) < batch_size:
+            raise UserError(f"the training folder has {len(chosen)} images, fewer than one batch of {batch_size}: "
+                            f"lower --batch-size")
+
     if layout == "path list":
         listing, how = read_path_list(root), "read from the list"
     else:
-        listing, how = cached_walk(root, layout, cache_dir, write)
-    listing = apply_subset(listing, subset)
-    if not len(listing):
-        raise UserError(f"{listing.root} has no images ({layout}; skipped: {listing.skipped.describe()}): image "
-                        f"files end in {', '.join(IMG_EXTENSIONS)} (any case)")
-    return listing, how
+        listing, how = cached_walk(root, layout, cache_dir, write, check)
+    check(listing)
+    return apply_subset(listing, subset), how
 
 
 def labelled_listing(root: str | Path, subset: Subset | None = None, cache_dir: str | Path | None = None,

@@ -48,7 +48,8 @@ class Pretrainer:
         self.local_batch = args.batch_size // ctx.world_size
         self.method = method_spec(args.method)
 
-        listing, how = pretrain_images(args.data, load_subset(args.subset), args.save_dir, write=ctx.is_main)
+        listing, how = pretrain_images(args.data, load_subset(args.subset), args.save_dir, write=ctx.is_main,
+                                       batch_size=args.batch_size)
         skipped = listing.skipped
         (self.logger.warn if skipped.repeated or skipped.unreadable else self.logger.info)(
             f"=> data: {listing.describe()}; {how}; labels unused")
