@@ -92,8 +92,8 @@ def test_no_readable_image_fails_at_start(tmp_path):
     bad.mkdir(parents=True)
     for i in range(3):
         (bad / f"{i}.jpg").write_bytes(b"junk")
-    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "4", "--workers", "0",
-                     "--save-dir", tmp_path / "run")
+    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "2", "--workers", "0",
+                     "--save-dir", tmp_path / "run")  # a batch the 3 files fill: only their content is wrong
     assert res.returncode == 2 and "none of the 3 image files" in res.stderr
 
 
