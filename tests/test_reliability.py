@@ -90,11 +90,11 @@ def test_strict_data_stops_naming_the_file(dirty_root, tmp_path):
 def test_no_readable_image_fails_at_start(tmp_path):
     bad = tmp_path / "bad" / "train" / "c"
     bad.mkdir(parents=True)
-    for i in range(3):
+    for i in range(4):
         (bad / f"{i}.jpg").write_bytes(b"junk")
-    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "2", "--workers", "0",
-                     "--save-dir", tmp_path / "run")  # a batch the 3 files fill: only their content is wrong
-    assert res.returncode == 2 and "none of the 3 image files" in res.stderr
+    res = run_script("main_moco.py", tmp_path / "bad", *TINY, "-b", "4", "--workers", "0",
+                     "--save-dir", tmp_path / "run")  # a batch the 4 files fill: only their content is wrong
+    assert res.returncode == 2 and "none of the 4 image files" in res.stderr
 
 
 def test_nan_loss_stops_without_touching_checkpoints(image_root, tmp_path):
