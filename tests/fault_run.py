@@ -2,6 +2,7 @@
 
     python tests/fault_run.py kill STEP MAIN_MOCO_ARGS...   SIGKILL as global step STEP starts (a hard crash)
     python tests/fault_run.py nan STEP MAIN_MOCO_ARGS...    global step STEP's loss is multiplied by NaN
+    python tests/fault_run.py raise STEP MAIN_MOCO_ARGS...  global step STEP raises RuntimeError (a bug)
 
 Steps count from 0 over the whole run (a resumed run continues the count). One process only: the
 patch lives in this interpreter.
@@ -29,6 +30,8 @@ def inject(kind: str, at_step: int) -> None:
             return step(self, *args, **kwargs)
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "raise":
+            raise RuntimeError(f"injected failure at global step {at_step}")
         net = self.net
 
         def poisoned(*a, **kw) -> dict:
@@ -46,8 +49,8 @@ def inject(kind: str, at_step: int) -> None:
 
 if __name__ == "__main__":
     kind, at = sys.argv[1], int(sys.argv[2])
-    if kind not in ("kill", "nan"):
-        raise SystemExit(f"usage: {sys.argv[0]} kill|nan STEP MAIN_MOCO_ARGS...")
+    if kind not in ("kill", "nan", "raise"):
+        raise SystemExit(f"usage: {sys.argv[0]} kill|nan|raise STEP MAIN_MOCO_ARGS...")
     inject(kind, at)
     sys.argv = [sys.argv[0], *sys.argv[3:]]
     with_error_boundary(main_moco.main)()

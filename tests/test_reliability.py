@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import write_folder
 from tests.helpers import ROOT, TINY, cpu_env, logged_losses, run_script
@@ -76,6 +77,30 @@ def test_bad_images_are_skipped_and_counted(dirty_root, tmp_path):
     assert "bad image files so far: 2" in (out / "log.txt").read_text()
     assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["bad_files"] == sorted(
         [str(dirty_root / "train" / "class0" / "corrupt.jpg"), str(dirty_root / "train" / "class1" / "empty.jpg")])
+
+
+@pytest.mark.parametrize("gpu_aug", [False, True])
+def test_one_pixel_wide_image_is_skipped_and_counted(tmp_path, gpu_aug):
+    # issue 26 item 1: --gpu-aug raised ValueError on a 1x1 JPEG, and with loader workers never exited
+    root = tmp_path / "tiny"
+    write_folder(root / "train", per_class=6)
+    Image.new("RGB", (1, 1), (3, 4, 5)).save(root / "train" / "class0" / "tiny.jpg")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(root / "train" / "class1" / "extra.jpg")  # 20 images: one batch
+    out = tmp_path / "run"
+    res = run_script("main_moco.py", root, *TINY, "-b", "20", "--workers", "2", "--epochs", "1", "--save-dir", out,
+                     *(["--gpu-aug"] if gpu_aug else []), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "bad image files so far: 1" in (out / "log.txt").read_text()
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["bad_files"] == [
+        str(root / "train" / "class0" / "tiny.jpg")]
+
+
+def test_an_unexpected_error_with_loader_workers_exits(image_root, tmp_path):
+    # workers ignore SIGTERM, which multiprocessing's exit hook sends them: the error's traceback kept their
+    # loader alive and the process waited for them for ever
+    res = run_script("tests/fault_run.py", "raise", "2", *common(image_root, tmp_path / "run", 2, epochs=1),
+                     timeout=120)
+    assert res.returncode == 1 and "injected failure at global step 2" in res.stderr
 
 
 def test_strict_data_stops_naming_the_file(dirty_root, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl import checkpoint as ckpt_io
-from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.augment import MEAN, STD, load_splittable
 from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
 from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
 from w2ssl.data.sampler import ResumableSampler, make_loader
@@ -52,7 +52,7 @@ class Pretrainer:
             self.dataset = PretrainDataset(train_dir, None, self.seed, loader=encoded_with_path)
             self.gpu_crop: nn.Module | None = self.method.gpu_transform(args)
         else:
-            self.dataset = PretrainDataset(train_dir, self.method.transform(args), self.seed)
+            self.dataset = PretrainDataset(train_dir, self.method.transform(args), self.seed, loader=load_splittable)
             self.gpu_crop = None
         if ctx.is_main:
             self.dataset.check_readable()
