@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-training checkpoint (ours, the authors' W2SSL or MoCo v3's) whose trunk is probed")
     probe.add_argument("-e", "--evaluate", action="store_true",
                        help="only evaluate on DATA/val (the model of --resume, or --pretrained with a fresh fc)")
-    probe.add_argument("--input-size", default=224, type=int, metavar="PX",
+    probe.add_argument("--input-size", default=224, type=cli.positive_int, metavar="PX",
                        help="crop side: RandomResizedCrop(PX) for training, Resize(PX*256/224)+CenterCrop(PX) for val")
     mode = probe.add_mutually_exclusive_group()
     mode.add_argument("--cached", action="store_true",
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "checkpoints); ResNets use the global average of their last map")
     probe.add_argument("--strict-data", action="store_true",
                        help="stop at the first unreadable image instead of skipping it (and counting it)")
-    probe.add_argument("--cached-aug", default=0, type=int, metavar="K",
+    probe.add_argument("--cached-aug", default=0, type=cli.nonneg_int, metavar="K",
                        help="with --cached: also cache K augmented passes over DATA/train, one drawn per image "
                             "and epoch")
     return parser
@@ -73,6 +73,10 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     """Checks that can fail before any process starts."""
     if not args.data:
         raise UserError("no dataset given: pass DATA with DATA/train and DATA/val class sub-folders")
+    cli.check_folder(args.data, "DATA")
+    cli.check_folder(args.save_dir, "--save-dir", output=True)
+    cli.check_file(args.pretrained, "--pretrained")
+    cli.check_file(args.config, "--config")
     needed = ("val",) if args.evaluate else ("train", "val")
     for split in needed:
         if not (Path(args.data) / split).is_dir():
@@ -80,10 +84,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
                             f"of class sub-folders (ImageNet layout)")
     if args.batch_size <= 0 or args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of the {world_size} processes")
-    if args.input_size <= 0 or args.epochs <= 0:
-        raise UserError("--input-size and --epochs must be positive")
-    if args.cached_aug < 0 or (args.cached_aug and not args.cached):
-        raise UserError(f"--cached-aug {args.cached_aug} needs --cached and K >= 0")
+    if args.cached_aug and not args.cached:
+        raise UserError(f"--cached-aug {args.cached_aug} needs --cached")
     if args.evaluate and (args.cached or args.knn):
         raise UserError("-e/--evaluate evaluates the full model: drop --cached/--knn")
     if args.knn and not args.pretrained:

@@ -169,7 +169,7 @@ def run_inprocess(main, argv) -> int:
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "mocov3", "--gpu-aug"], "--gpu-aug has no device augmentation for --method mocov3: drop --gpu-aug"),
-    (["--method", "mocov3", "-b", "0"], "--batch-size 0 must be a positive multiple of the 1 processes"),
+    (["--method", "mocov3", "-b", "0"], "--batch-size 0 must be a whole number >= 1"),
     (["--method", "mocov3", "-b", "1"], "fewer than 2 images"),
     (["--stop-grad-conv1"], "which resnet18 does not have: drop --stop-grad-conv1"),
     (["-a", "vit_conv_small", "--stop-grad-conv1"], "which vit_conv_small does not have"),
