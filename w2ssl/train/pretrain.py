@@ -10,6 +10,7 @@ import time
 from argparse import Namespace
 from collections import deque
 from collections.abc import Iterator
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration, report_throughput
 from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.train.runlock import RunLock
 from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.train.speed import prepare_model
 from w2ssl.train.step import PRECISIONS, TrainStep, resolve_precision
@@ -303,7 +305,10 @@ def train(ctx: D.Context, args: Namespace) -> None:
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     trainer = Pretrainer(ctx, args)
-    with trainer.guard:  # stop signals are caught while it trains, and handed back after
+    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.train.runlock).
+    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock, trainer.guard:
+        if lock is not None and (stale := lock.stale_message()):
+            trainer.logger.warn(stale)
         trainer.run()
     if ctx.is_main:
         print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)
