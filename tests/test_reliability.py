@@ -159,6 +159,18 @@ def test_sigterm_saves_and_resume_continues(image_root, tmp_path):
     shutil.rmtree(out)
 
 
+def test_another_seed_on_resume_is_ignored_with_a_warning(image_root, tmp_path):
+    # issue 26 item 4: --seed 1 on resume was applied silently (final weights 0.53 away from the run resumed)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script("main_moco.py", *common(image_root, a, 0, epochs=2)).returncode == 0
+    assert run_script("main_moco.py", *common(image_root, b, 0, epochs=1)).returncode == 0
+    resumed = run_script("main_moco.py", *common(image_root, b, 0, epochs=2), "--seed", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "WARNING: resuming" in resumed.stdout and "--seed 1 ignored, the run goes on with its 0" in resumed.stdout
+    sa, sb = state_dict(a / "checkpoint_last.pth.tar"), state_dict(b / "checkpoint_last.pth.tar")
+    assert max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa) <= 1e-6
+
+
 def test_unseeded_run_keeps_its_seed_across_a_resume(image_root, tmp_path):
     unseeded = [a for a in TINY if a not in ("--seed", "0")]
     args = [image_root, *unseeded, "-b", "8", "--workers", "0", "--save-dir", tmp_path]

@@ -30,6 +30,7 @@ from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, EpochProgress, Logger, format_duration, report_throughput
 from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.train.resume_args import reconcile
 from w2ssl.train.runlock import RunLock
 from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.train.speed import prepare_model
@@ -114,9 +115,7 @@ class Pretrainer:
         if found is None:
             return
         path, state = found
-        if state.get("method", "w2ssl") != self.args.method:
-            raise UserError(f"{path} was pre-trained with --method {state.get('method', 'w2ssl')}: pass that "
-                            f"method, or another --save-dir (or --resume none) to start a new run")
+        reconcile(state, self.args, path, self.logger.warn)  # other arguments than the checkpoint's: refused or warned
         ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -128,8 +127,8 @@ class Pretrainer:
         # Saved after an epoch's last step: the loop then ends that epoch and writes its checkpoint.
         self.iteration = min(self.iteration, self.iters_per_epoch)
         self.bad_files = set(state.get("bad_files", []))
-        if self.args.seed is None and "seed" in state:
-            # The run's own seed decides its batches and augmentations: keep it across restarts.
+        if "seed" in state:
+            # The run's own seed decides its batches and augmentations: kept across restarts (resume_args).
             self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
         if "rng" in state:
             set_rng_state(state["rng"])
