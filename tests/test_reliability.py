@@ -171,6 +171,26 @@ def test_another_seed_on_resume_is_ignored_with_a_warning(image_root, tmp_path):
     assert max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa) <= 1e-6
 
 
+def test_sigterm_stops_after_the_step_it_came_in(image_root, tmp_path):
+    # issue 26 item 6: the stop came 2-3 steps after the signal. Steps are made 1.5 s long so that the signal
+    # surely lands in the step after the last one logged.
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "fault_run.py"), "slow", "1500",
+           *map(str, common(image_root, out, 0, epochs=1))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+    log, deadline = out / "log.txt", time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "Epoch: [0][1/6]" in log.read_text()):
+        time.sleep(0.05)
+    logged = len(logged_losses(log))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    delay = time.monotonic() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["iteration"] == logged + 1
+    assert len(logged_losses(log)) == logged + 1 and delay < 1.5 + 10, delay  # one step, a save, the exit
+
+
 def test_unseeded_run_keeps_its_seed_across_a_resume(image_root, tmp_path):
     unseeded = [a for a in TINY if a not in ("--seed", "0")]
     args = [image_root, *unseeded, "-b", "8", "--workers", "0", "--save-dir", tmp_path]

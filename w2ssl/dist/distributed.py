@@ -223,6 +223,19 @@ def all_reduce_max(x: Tensor) -> Tensor:
     return x
 
 
+def host_group() -> dist.ProcessGroup:
+    """A group of every process whose collectives run on host tensors: the default group under gloo, else a
+    new gloo group (every process must call this at the same point)."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def host_max(value: int, group: dist.ProcessGroup) -> int:
+    """The maximum of the host integer ``value`` over ``group`` (no device involved, so no wait for it)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
 def ddp(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
     """DDP over the default group, without re-sending buffers before each forward.
 

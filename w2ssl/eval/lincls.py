@@ -260,7 +260,7 @@ class LinearProbe:
                                  f"{tally.text()}")
                 self.logger.scalars(self.epoch * n + i, {"loss": last[0] / last[3], "acc1": 100 * last[1] / last[3]})
             end = time.perf_counter()
-            if self.guard.stop:
+            if self.guard.poll_signal():
                 break
         self.guard.flush()
         if self.guard.stop and self.iteration < n:  # stopped mid-epoch: save what this epoch did so far

@@ -252,7 +252,7 @@ class Pretrainer:
         self.logger.advance_bar()
         if self.iteration % args.print_freq == 0 or not mid_epoch:
             progress.line(self.step, self.iteration, eta.step(self.step), {"bad_files": len(self.bad_files)})
-        if self.guard.stop and mid_epoch:
+        if self.guard.poll_signal() and mid_epoch:
             self._stop_on_signal()
         if args.save_freq_iters and self.step % args.save_freq_iters == 0 and mid_epoch:
             self.save(epoch_end=False)
