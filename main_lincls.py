@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extract frozen features once, then train fc on them (fast; no per-epoch augmentation)")
     mode.add_argument("--knn", action="store_true",
                       help="weighted kNN accuracy (k=20 and 200, T=0.07) of the --pretrained trunk instead of a probe")
-    probe.add_argument("--cached-aug", default=0, type=int, metavar="K",
+    probe.add_argument("--cached-aug", default=0, type=cli.nonneg_int, metavar="K",
                        help="with --cached: also cache K augmented passes over DATA/train, one drawn per image "
                             "and epoch")
     cli.add_label_subset(parser)
@@ -55,8 +55,14 @@ def split_joined_dist_url(args: argparse.Namespace) -> str | None:
 
 def check(args: argparse.Namespace, world_size: int) -> None:
     """Checks that can fail before any process starts."""
-    if args.cached_aug < 0 or (args.cached_aug and not args.cached):
-        raise UserError(f"--cached-aug {args.cached_aug} needs --cached and K >= 0")
+    if not args.data:
+        raise UserError("no dataset given: pass DATA with DATA/train and DATA/val class sub-folders")
+    cli.check_folder(args.data, "DATA")
+    cli.check_folder(args.save_dir, "--save-dir", output=True)
+    cli.check_file(args.pretrained, "--pretrained")
+    cli.check_file(args.config, "--config")
+    if args.cached_aug and not args.cached:
+        raise UserError(f"--cached-aug {args.cached_aug} needs --cached")
     if args.evaluate and (args.cached or args.knn):
         raise UserError("-e/--evaluate evaluates the full model: drop --cached/--knn")
     if args.knn and not args.pretrained:

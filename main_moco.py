@@ -38,36 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
     w2 = parser.add_argument_group("W2SSL")
     w2.add_argument("--tile-size", default=112, type=int,
                     help="side of each crop; montages (and MoCo v3's views) are twice as large")
-    w2.add_argument("--crop-min", default=0.2, type=float, help="minimum RandomResizedCrop scale")
+    w2.add_argument("--crop-min", default=0.2, type=cli.fraction, help="minimum RandomResizedCrop scale")
     w2.add_argument("--cross", default=0.3, type=float,
                     help="overlap of the left and right crops, a fraction of the width (0.3 as published; 0: none)")
-    w2.add_argument("--flip-p", default=0.5, type=float,
+    w2.add_argument("--flip-p", default=0.5, type=cli.unit_interval,
                     help="horizontal flip probability of each tile (0.5 as published; for diagnostics)")
-    w2.add_argument("--crop_proj_dim", default=256, type=int, help="projector/predictor output dimension")
-    w2.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden dimension of the MLP heads")
-    w2.add_argument("--loss_t", default=0.3, type=float, help="temperature of the 'what' (SupCon) loss")
-    w2.add_argument("--loss_loc", default=1.0, type=float, help="weight of the 'where' loss")
-    w2.add_argument("--loss_crop", default=1.0, type=float, help="weight of the 'what' loss")
-    w2.add_argument("--moco-m", default=0.99, type=float, help="momentum of the EMA encoder")
+    w2.add_argument("--crop_proj_dim", default=256, type=cli.positive_int, help="projector/predictor output dimension")
+    w2.add_argument("--moco-mlp-dim", default=4096, type=cli.positive_int, help="hidden dimension of the MLP heads")
+    w2.add_argument("--loss_t", default=0.3, type=cli.positive_float, help="temperature of the 'what' (SupCon) loss")
+    w2.add_argument("--loss_loc", default=1.0, type=cli.nonneg_float, help="weight of the 'where' loss")
+    w2.add_argument("--loss_crop", default=1.0, type=cli.nonneg_float, help="weight of the 'what' loss")
+    w2.add_argument("--moco-m", default=0.99, type=cli.unit_interval, help="momentum of the EMA encoder")
     w2.add_argument("--moco-m-cos", action=argparse.BooleanOptionalAction, default=False,
                     help="raise the momentum to 1 on a half-cosine")
-    w2.add_argument("--moco-dim", default=256, type=int,
+    w2.add_argument("--moco-dim", default=256, type=cli.positive_int,
                     help="--method mocov3: projector/predictor output dimension (unused by W2SSL, as in the "
                          "authors' code)")
-    w2.add_argument("--moco-t", default=1.0, type=float,
+    w2.add_argument("--moco-t", default=1.0, type=cli.positive_float,
                     help="--method mocov3: InfoNCE temperature (unused by W2SSL, as in the authors' code)")
     w2.add_argument("--loss_clu", default=1.0, type=float, help="authors' flag, unused by their released model")
     w2.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
-    w2.add_argument("--warmup-epochs", default=10, type=int, metavar="N")
+    w2.add_argument("--warmup-epochs", default=10, type=cli.nonneg_int, metavar="N")
     run = parser.add_argument_group("running")
-    run.add_argument("--save-freq-iters", default=0, type=int, metavar="N",
+    run.add_argument("--save-freq-iters", default=0, type=cli.nonneg_int, metavar="N",
                      help="also write checkpoint_last every N iterations (0: only at epoch ends)")
-    run.add_argument("--keep", default=0, type=int, metavar="N", help="keep the N newest epoch checkpoints (0: all)")
+    run.add_argument("--keep", default=0, type=cli.nonneg_int, metavar="N",
+                     help="keep the N newest epoch checkpoints (0: all)")
     run.add_argument("--strict-data", action="store_true",
                      help="stop at the first unreadable image instead of skipping it")
-    run.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
+    run.add_argument("--max-nonfinite", default=20, type=cli.nonneg_int, metavar="N",
                      help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
-    run.add_argument("--max-iters", default=0, type=int, metavar="N",
+    run.add_argument("--max-iters", default=0, type=cli.nonneg_int, metavar="N",
                      help="stop after N global steps without a checkpoint and print img/s (benchmarks)")
     run.add_argument("--cpu-aug", default="fast", choices=("fast", "pil"),
                      help="the loader workers' augmentation: 'fast' (default) batches the METHOD §1 ops of "
@@ -81,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run both views through each encoder and head in one call, every BatchNorm still "
                           "normalising each view on its own: same math, half the calls (faster for small "
                           "montages on CPUs, slower for large ones; see BENCHMARKS.md)")
-    run.add_argument("--knn-every", default=0, type=int, metavar="E", help="kNN-evaluate every E epochs (0: never)")
+    run.add_argument("--knn-every", default=0, type=cli.nonneg_int, metavar="E",
+                     help="kNN-evaluate every E epochs (0: never)")
     run.add_argument("--knn-data", metavar="DIR", help="labelled ImageFolder root with train/ and val/ for --knn-every")
-    run.add_argument("--knn-size", default=224, type=int, help="center-crop size for --knn-every")
+    run.add_argument("--knn-size", default=224, type=cli.positive_int, help="center-crop size for --knn-every")
     run.add_argument("--demo", action="store_true",
                      help="pre-train on a small embedded photo set with CPU-sized settings, then compare kNN "
                           "accuracy with a random trunk")
@@ -111,6 +113,9 @@ def check(args: argparse.Namespace, world_size: int) -> None:
                         "or a text file listing image paths), or --demo")
     detect_layout(args.data)
     load_subset(args.subset)
+    cli.check_folder(args.save_dir, "--save-dir", output=True)
+    cli.check_folder(args.knn_data, "--knn-data")
+    cli.check_file(args.config, "--config")
     method = method_spec(args.method)
     method.check_batch(args.batch_size, world_size)
     if args.gpu_aug and method.gpu_transform is None:

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.data import make_folder  # noqa: E402
+from w2ssl.cli import check_folder, check_values, nonneg_int, positive_int, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,19 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=None, help="dataset root (DATA/train is generated if missing)")
-    p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--classes", type=int, default=16)
-    p.add_argument("--iters", type=int, default=50, help="training steps to run")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--tile-size", type=int, default=112)
+    p.add_argument("--images", type=positive_int, default=3000)
+    p.add_argument("--classes", type=positive_int, default=16)
+    p.add_argument("--iters", type=positive_int, default=50, help="training steps to run")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--tile-size", type=positive_int, default=112)
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=nonneg_int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--precision", default=None)
     p.add_argument("--gpu-aug", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--save-freq-iters", type=int, default=0, help="also checkpoint every N steps (not timed)")
-    return p.parse_args(argv)
+    p.add_argument("--save-freq-iters", type=nonneg_int, default=0, help="also checkpoint every N steps (not timed)")
+    args = check_values(p, p.parse_args(argv))
+    check_folder(args.root, "--root", output=True)
+    return args
 
 
 def run(args: argparse.Namespace, root: Path) -> dict:
@@ -61,6 +64,11 @@ def run(args: argparse.Namespace, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line."""
+    return run_main(benchmark, argv)
+
+
+def benchmark(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.root is not None:
         out = run(args, args.root)
@@ -70,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"end to end: {out['e2e_img_s']:.1f} source img/s on {out['device']} "
           f"(gpu_aug={out['gpu_aug']}); first-batch data time of later epochs: {out['epoch_start_data_s']}")
     print(json.dumps(out))
-    return 0
 
 
 if __name__ == "__main__":

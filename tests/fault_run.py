@@ -2,6 +2,8 @@
 
     python tests/fault_run.py kill STEP MAIN_MOCO_ARGS...   SIGKILL as global step STEP starts (a hard crash)
     python tests/fault_run.py nan STEP MAIN_MOCO_ARGS...    global step STEP's loss is multiplied by NaN
+    python tests/fault_run.py raise STEP MAIN_MOCO_ARGS...  global step STEP raises RuntimeError (a bug)
+    python tests/fault_run.py slow MS MAIN_MOCO_ARGS...     every step takes MS milliseconds longer
 
 Steps count from 0 over the whole run (a resumed run continues the count). One process only: the
 patch lives in this interpreter.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,10 +28,15 @@ def inject(kind: str, at_step: int) -> None:
     step = Pretrainer._step
 
     def faulty(self: Pretrainer, *args, **kwargs):  # noqa: ANN202 - mirrors Pretrainer._step
+        if kind == "slow":
+            time.sleep(at_step / 1000)
+            return step(self, *args, **kwargs)
         if self.step != at_step:
             return step(self, *args, **kwargs)
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "raise":
+            raise RuntimeError(f"injected failure at global step {at_step}")
         net = self.net
 
         def poisoned(*a, **kw) -> dict:
@@ -46,8 +54,8 @@ def inject(kind: str, at_step: int) -> None:
 
 if __name__ == "__main__":
     kind, at = sys.argv[1], int(sys.argv[2])
-    if kind not in ("kill", "nan"):
-        raise SystemExit(f"usage: {sys.argv[0]} kill|nan STEP MAIN_MOCO_ARGS...")
+    if kind not in ("kill", "nan", "raise", "slow"):
+        raise SystemExit(f"usage: {sys.argv[0]} kill|nan|raise|slow STEP MAIN_MOCO_ARGS...")
     inject(kind, at)
     sys.argv = [sys.argv[0], *sys.argv[3:]]
     with_error_boundary(main_moco.main)()

@@ -1,4 +1,6 @@
 import argparse
+import importlib.util
+import re
 
 import pytest
 
@@ -84,3 +86,109 @@ def test_a_failed_check_after_launch_leaves_no_outputs(image_root, tmp_path, cap
         cli.run_main(main_moco.main, argv)
     assert stop.value.code == 2 and "fewer than one batch" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---- value ranges and path kinds (issue 26 items 5 and 8) -------------------------------------------
+
+@pytest.mark.parametrize("rule, good, bad", [
+    (cli.positive_int, [1, "7"], [0, -1, "0"]),
+    (cli.nonneg_int, [0, 3], [-1]),
+    (cli.positive_float, [1e-9, "0.6"], [0.0, -1.0, float("nan"), float("inf"), "-1"]),
+    (cli.nonneg_float, [0.0, 2.5], [-1e-9, float("nan")]),
+    (cli.fraction, [1.0, 0.2], [0.0, 1.5]),
+    (cli.unit_interval, [0.0, 1.0], [-0.1, 1.01]),
+    (cli.below_one, [0.0, 0.9], [1.0, -0.5]),
+])
+def test_ranged_types_accept_and_refuse(rule, good, bad):
+    assert all(rule.accepts(v) for v in good) and not any(rule.accepts(v) for v in bad)
+    assert not rule.accepts([1, 2])  # a YAML list where a number is expected
+
+
+@pytest.mark.parametrize("argv, config, message", [
+    (["--epochs", "0"], "", "--epochs 0 must be a whole number >= 1"),
+    (["--lr", "-1"], "", "--lr -1.0 must be a finite number > 0"),
+    (["--momentum", "1.5"], "", "--momentum 1.5 must be in \\[0, 1\\)"),
+    ([], "epochs: 0\n", "--epochs 0 must be"),  # argparse passes config values around type=
+    ([], "lr: .nan\n", "--lr nan must be"),
+])
+def test_out_of_range_values_are_one_user_error(tmp_path, argv, config, message):
+    extra = []
+    if config:
+        (tmp_path / "c.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(UserError, match=message):
+        cli.parse(parser(), [*extra, *argv])
+
+
+def test_check_folder_and_check_file(tmp_path):
+    a_file, a_dir = tmp_path / "f.txt", tmp_path / "d"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    cli.check_folder(a_dir, "--save-dir", output=True)
+    cli.check_folder(tmp_path / "new" / "deeper", "--save-dir", output=True)
+    cli.check_file(tmp_path / "missing.pth", "--resume")  # missing input: the caller's own message
+    with pytest.raises(UserError, match="--save-dir .*f.txt is a file, not a folder"):
+        cli.check_folder(a_file, "--save-dir", output=True)
+    with pytest.raises(UserError, match="f.txt is a file, not a folder: pass a path under a folder"):
+        cli.check_folder(a_file / "run", "--save-dir", output=True)
+    with pytest.raises(UserError, match="--pretrained .*d is a folder, not a file"):
+        cli.check_file(a_dir, "--pretrained")
+    with pytest.raises(UserError, match="f.txt is a file, not a folder"):
+        cli.check_file(a_file / "out.pth", "OUT", output=True)
+
+
+def _entry(name: str):
+    """``(argv) -> exit code`` of each entry point, in this process."""
+    from tests.helpers import ROOT
+
+    if name in ("main_moco", "main_lincls", "submit"):
+        module = importlib.import_module("w2ssl.submit" if name == "submit" else name)
+        return lambda argv: cli.run_main(module.main, argv)
+    if name == "export":
+        from w2ssl import export
+        return export.main
+    if name == "e2e":
+        from bench import e2e
+        return e2e.main
+    path = ROOT / "transfer" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("main_moco", ["{data}", "--epochs", "0"], "--epochs 0 must be a whole number >= 1"),
+    ("main_moco", ["{data}", "--lr", "-1"], "--lr -1.0 must be a finite number > 0"),
+    ("main_moco", ["{data}", "--crop-min", "0"], "--crop-min 0.0 must be in \\(0, 1\\]"),
+    ("main_moco", ["{data}", "--save-dir", "{file}"], "--save-dir .* is a file, not a folder"),
+    ("main_moco", ["{file}"], "f.txt has no images \\(path list"),  # a file as DATA is a list of image paths
+    ("main_lincls", ["{data}", "--epochs", "0"], "--epochs 0 must be"),
+    ("main_lincls", ["{data}", "--input-size", "-3"], "--input-size -3 must be"),
+    ("main_lincls", ["{data}", "--pretrained", "{dir}", "--save-dir", "{dir}/run"], "--pretrained .* is a folder"),
+    ("main_lincls", ["{data}", "--save-dir", "{file}", "--pretrained", "x"], "--save-dir .* is a file"),
+    ("export", ["{dir}", "{dir}/out.pth", "--to", "timm"], "CKPT .* is a folder, not a file"),
+    ("export", ["{file}", "{file}/out.pth", "--to", "timm"], "OUT .*: .* is a file, not a folder"),
+    ("convert-pretrain-to-detectron2", ["{dir}", "{dir}/out.pkl"], "CHECKPOINT .* is a folder"),
+    ("finetune_torchvision", ["--checkpoint", "{file}", "--momentum", "1"], "--momentum 1.0 must be in \\[0, 1\\)"),
+    ("finetune_torchvision", ["--checkpoint", "{file}", "--train-json", "{file}", "--train-images", "{file}"],
+     "--train-images .* is a file, not a folder"),
+    ("finetune_torchvision", ["--checkpoint", "{file}", "--eval-only", "--val-json", "{file}", "--val-images",
+                              "{dir}", "--output-dir", "{file}"], "--output-dir .* is a file"),
+    ("submit", ["pretrain", "--mem-gb", "0", "--", "{data}"], "--mem-gb 0 must be"),
+    ("submit", ["pretrain", "--job-dir", "{file}", "--", "{data}"], "--job-dir .* is a file"),
+    ("e2e", ["--iters", "0"], "--iters 0 must be"),
+    ("e2e", ["--root", "{file}"], "--root .* is a file"),
+])
+def test_every_entry_point_refuses_bad_values_and_paths(image_root, tmp_path, capsys, name, argv, message):
+    (tmp_path / "f.txt").write_text("not a folder")
+    (tmp_path / "d").mkdir()
+    argv = [a.format(data=image_root, file=tmp_path / "f.txt", dir=tmp_path / "d") for a in argv]
+    try:
+        code = _entry(name)(argv)
+    except SystemExit as stop:  # refused in the launched worker (its error boundary exits), after the checks
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err

@@ -136,7 +136,7 @@ def test_wrong_arch_and_bad_output_exit_2(tmp_path, capsys):
     assert "trunk is a resnet18 but --arch resnet50 was given" in err
     assert "does not exist" in run_error([ckpt, tmp_path / "no" / "out.pth", "--to", "timm", "--arch", "resnet18"],
                                          capsys)
-    assert "is a directory" in run_error([ckpt, tmp_path, "--to", "timm", "--arch", "resnet18"], capsys)
+    assert "is a folder, not a file" in run_error([ckpt, tmp_path, "--to", "timm", "--arch", "resnet18"], capsys)
     assert "is the input" in run_error([ckpt, ckpt, "--to", "timm", "--arch", "resnet18"], capsys)
 
 

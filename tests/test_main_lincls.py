@@ -480,3 +480,25 @@ def test_vit_feature_cls_on_a_resnet_is_refused(image_root, synthetic, tmp_path,
                                  "--pretrained", synthetic, "--save-dir", tmp_path)
     assert code == 2 and err == ("error: --vit-feature cls reads a ViT's class token; --arch resnet18 has none: "
                                  "drop --vit-feature\n"), err
+
+
+@pytest.mark.parametrize("mode", [[], ["--cached"]])
+def test_a_signal_stops_the_probe_after_the_step_it_came_in(image_root, synthetic, tmp_path, capsys, monkeypatch,
+                                                            mode):
+    # issue 26 item 6: the probe went on one or two steps after the signal
+    import os
+    import signal
+
+    fc_outputs = LinearProbe._train_outputs
+
+    def signalled_in_step_1(self, x, target):
+        if self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler only notes it
+        return fc_outputs(self, x, target)
+
+    monkeypatch.setattr(LinearProbe, "_train_outputs", signalled_in_step_1)
+    out = tmp_path / "out"
+    code, _, err = run_inprocess(capsys, image_root, *PROBE, "-b", "4", "--epochs", "2", *mode, "--pretrained",
+                                 synthetic, "--save-dir", out)  # 24 train images: 6 steps per epoch
+    assert code == 128 + signal.SIGTERM and "saved" in err and "epoch 0 iteration 2" in err, err
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=True)["iteration"] == 2

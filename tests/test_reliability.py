@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import write_folder
 from tests.helpers import ROOT, TINY, cpu_env, logged_losses, run_script
@@ -78,6 +79,30 @@ def test_bad_images_are_skipped_and_counted(dirty_root, tmp_path):
         [str(dirty_root / "train" / "class0" / "corrupt.jpg"), str(dirty_root / "train" / "class1" / "empty.jpg")])
 
 
+@pytest.mark.parametrize("gpu_aug", [False, True])
+def test_one_pixel_wide_image_is_skipped_and_counted(tmp_path, gpu_aug):
+    # issue 26 item 1: --gpu-aug raised ValueError on a 1x1 JPEG, and with loader workers never exited
+    root = tmp_path / "tiny"
+    write_folder(root / "train", per_class=6)
+    Image.new("RGB", (1, 1), (3, 4, 5)).save(root / "train" / "class0" / "tiny.jpg")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(root / "train" / "class1" / "extra.jpg")  # 20 images: one batch
+    out = tmp_path / "run"
+    res = run_script("main_moco.py", root, *TINY, "-b", "20", "--workers", "2", "--epochs", "1", "--save-dir", out,
+                     *(["--gpu-aug"] if gpu_aug else []), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "bad image files so far: 1" in (out / "log.txt").read_text()
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["bad_files"] == [
+        str(root / "train" / "class0" / "tiny.jpg")]
+
+
+def test_an_unexpected_error_with_loader_workers_exits(image_root, tmp_path):
+    # workers ignore SIGTERM, which multiprocessing's exit hook sends them: the error's traceback kept their
+    # loader alive and the process waited for them for ever
+    res = run_script("tests/fault_run.py", "raise", "2", *common(image_root, tmp_path / "run", 2, epochs=1),
+                     timeout=120)
+    assert res.returncode == 1 and "injected failure at global step 2" in res.stderr
+
+
 def test_strict_data_stops_naming_the_file(dirty_root, tmp_path):
     res = run_script("main_moco.py", dirty_root, *TINY, "-b", "4", "--workers", "0", "--epochs", "1",
                      "--save-dir", tmp_path / "run", "--strict-data")
@@ -132,6 +157,38 @@ def test_sigterm_saves_and_resume_continues(image_root, tmp_path):
     assert f"at epoch {stopped_at[0]} iteration {stopped_at[1]}" in res.stdout
     assert (out / "checkpoint_0002.pth.tar").is_file()
     shutil.rmtree(out)
+
+
+def test_another_seed_on_resume_is_ignored_with_a_warning(image_root, tmp_path):
+    # issue 26 item 4: --seed 1 on resume was applied silently (final weights 0.53 away from the run resumed)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script("main_moco.py", *common(image_root, a, 0, epochs=2)).returncode == 0
+    assert run_script("main_moco.py", *common(image_root, b, 0, epochs=1)).returncode == 0
+    resumed = run_script("main_moco.py", *common(image_root, b, 0, epochs=2), "--seed", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "WARNING: resuming" in resumed.stdout and "--seed 1 ignored, the run goes on with its 0" in resumed.stdout
+    sa, sb = state_dict(a / "checkpoint_last.pth.tar"), state_dict(b / "checkpoint_last.pth.tar")
+    assert max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa) <= 1e-6
+
+
+def test_sigterm_stops_after_the_step_it_came_in(image_root, tmp_path):
+    # issue 26 item 6: the stop came 2-3 steps after the signal. Steps are made 1.5 s long so that the signal
+    # surely lands in the step after the last one logged.
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "fault_run.py"), "slow", "1500",
+           *map(str, common(image_root, out, 0, epochs=1))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+    log, deadline = out / "log.txt", time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "Epoch: [0][1/6]" in log.read_text()):
+        time.sleep(0.05)
+    logged = len(logged_losses(log))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    delay = time.monotonic() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert torch.load(out / "checkpoint_last.pth.tar", weights_only=True)["iteration"] == logged + 1
+    assert len(logged_losses(log)) == logged + 1 and delay < 1.5 + 10, delay  # one step, a save, the exit
 
 
 def test_unseeded_run_keeps_its_seed_across_a_resume(image_root, tmp_path):

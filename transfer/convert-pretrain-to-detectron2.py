@@ -23,7 +23,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from w2ssl.checkpoint import save_all
-from w2ssl.cli import add_trust_checkpoint, run_main
+from w2ssl.cli import add_trust_checkpoint, check_file, run_main
 from w2ssl.errors import UserError
 from w2ssl.trunk_weights import read_trunk
 from w2ssl.trunks import trunk_names
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_file(args.checkpoint, "CHECKPOINT")
+    check_file(args.output, "OUTPUT", output=True)
     out = Path(args.output)
     # detectron2 picks its loader by extension: only ".pkl" reads a pickle of numpy arrays.
     if out.suffix != ".pkl":

@@ -30,6 +30,7 @@ from transfer import engine
 from transfer.coco_data import CocoDetection, eval_loader, train_loader
 from transfer.coco_eval import evaluate, predict
 from transfer.detector import MODELS, NORMS, build_detector
+from w2ssl import cli
 from w2ssl.cli import add_precision, add_trust_checkpoint
 from w2ssl.data.datasets import BadImages
 from w2ssl.dist.distributed import init_torchrun, is_dist, is_main, rank, world_size
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("schedule (defaults: COCO 1x at a total batch of 16)")
     g.add_argument("--batch-size", type=int, default=2, help="images per process")
     g.add_argument("--lr", type=float, default=0.02, help="for the total batch: scale it linearly with it")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--momentum", type=cli.below_one, default=0.9)
+    g.add_argument("--weight-decay", type=cli.nonneg_float, default=1e-4)
     g.add_argument("--iters", type=int, default=90000)
     g.add_argument("--steps", type=int, nargs="*", default=[60000, 80000], help="iterations where lr drops 10x")
     g.add_argument("--warmup-iters", type=int, default=1000)
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate the newest of OUTPUT_DIR/detector_{final,last}.pth")
     g.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return cli.check_values(p, p.parse_args(argv))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -108,6 +109,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--steps {args.steps} must be increasing positive iterations")
     if args.lr <= 0 or args.warmup_iters < 0 or args.workers < 0 or args.eval_period < 0:
         raise UserError("--lr must be positive; --warmup-iters, --workers, --eval-period not negative")
+    for flag in ("checkpoint", "train_json", "val_json"):
+        cli.check_file(getattr(args, flag), "--" + flag.replace("_", "-"))
+    for flag in ("train_images", "val_images"):
+        cli.check_folder(getattr(args, flag), "--" + flag.replace("_", "-"))
+    cli.check_folder(args.output_dir, "--output-dir", output=True)
     if args.precision != "fp32" and not args.device.startswith("cuda"):
         raise UserError(f"--precision {args.precision} needs a CUDA --device; use --precision fp32 on {args.device}")
 

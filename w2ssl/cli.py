@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +16,81 @@ from w2ssl.errors import UserError
 from w2ssl.train.step import PRECISIONS
 from w2ssl.trunks import trunk_names
 from w2ssl.trunks.vit import FEATURES
+
+
+class Ranged:
+    """An argparse ``type=`` that converts like ``convert`` (argparse's own message when that fails) and
+    whose range :func:`check_values` checks after parsing: one ``error:`` line, exit 2, and values from
+    ``--config`` (which argparse does not pass through ``type=``) are checked too."""
+
+    def __init__(self, convert: Callable[[str], Any], name: str, ok: Callable[[Any], bool], rule: str):
+        self.convert, self.__name__, self.ok, self.rule = convert, name, ok, rule
+
+    def __call__(self, text: str) -> Any:
+        return self.convert(text)
+
+    def accepts(self, value: object) -> bool:
+        try:
+            return bool(self.ok(self.convert(value) if isinstance(value, str) else value))
+        except (TypeError, ValueError):
+            return False
+
+
+def _finite(ok: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and ok(v)
+
+
+positive_int = Ranged(int, "int", lambda v: v >= 1, "must be a whole number >= 1")
+nonneg_int = Ranged(int, "int", lambda v: v >= 0, "must be a whole number >= 0")
+positive_float = Ranged(float, "float", _finite(lambda v: v > 0), "must be a finite number > 0")
+nonneg_float = Ranged(float, "float", _finite(lambda v: v >= 0), "must be a finite number >= 0")
+fraction = Ranged(float, "float", _finite(lambda v: 0 < v <= 1), "must be in (0, 1]")
+unit_interval = Ranged(float, "float", _finite(lambda v: 0 <= v <= 1), "must be in [0, 1]")
+below_one = Ranged(float, "float", _finite(lambda v: 0 <= v < 1), "must be in [0, 1)")
+
+
+def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Raise :class:`UserError` for the first value of a :class:`Ranged` flag out of its range."""
+    for action in parser._actions:
+        if isinstance(action.type, Ranged):
+            value = getattr(args, action.dest, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None and not action.type.accepts(v):
+                    flag = next((o for o in action.option_strings if o.startswith("--")), action.dest)
+                    raise UserError(f"{flag} {v} {action.type.rule}: pass a value in that range")
+    return args
+
+
+def check_folder(path: str | Path | None, flag: str, output: bool = False) -> None:
+    """``path`` (given as ``flag``) names a folder: refuse a file there, and for an ``output`` folder (made
+    if missing) a file in place of a parent; a missing input folder is left to the caller's own message."""
+    if path is None or path == "":
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder: pass a folder (or move the file away)")
+    if output:
+        _check_parents(path, flag)
+
+
+def check_file(path: str | Path | None, flag: str, output: bool = False) -> None:
+    """``path`` (given as ``flag``) names a file: refuse a folder there, and for an ``output`` file a file in
+    place of a parent folder; a missing input file is left to the caller's own message."""
+    if path is None or path == "":
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder, not a file: pass the path of a file")
+    if output:
+        _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder: pass a path under a folder")
+            return
 
 
 def default_workers() -> int:
@@ -36,18 +112,19 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     parser.add_argument("-a", "--arch", default=arch, choices=trunk_names(),
                         help="trunk architecture" if arch else
                         "trunk architecture (default: the checkpoint's own, read from its weights)")
-    parser.add_argument("-j", "--workers", default=default_workers(), type=int, metavar="N",
+    parser.add_argument("-j", "--workers", default=default_workers(), type=nonneg_int, metavar="N",
                         help="data-loading workers per node (split over its processes)")
-    parser.add_argument("--epochs", default=epochs, type=int, metavar="N")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+    parser.add_argument("--epochs", default=epochs, type=positive_int, metavar="N")
+    parser.add_argument("--start-epoch", default=0, type=nonneg_int, metavar="N",
                         help="epoch to start at (a resumed checkpoint overrides it)")
-    parser.add_argument("-b", "--batch-size", default=batch_size, type=int, metavar="N",
+    parser.add_argument("-b", "--batch-size", default=batch_size, type=positive_int, metavar="N",
                         help="global batch size, summed over all processes")
-    parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
+    parser.add_argument("--lr", "--learning-rate", default=lr, type=positive_float, metavar="LR", dest="lr",
                         help="base learning rate, scaled by batch-size/256")
-    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="optimizer momentum")
-    parser.add_argument("--wd", "--weight-decay", default=wd, type=float, metavar="W", dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N", help="log every N iterations")
+    parser.add_argument("--momentum", default=0.9, type=below_one, metavar="M", help="optimizer momentum")
+    parser.add_argument("--wd", "--weight-decay", default=wd, type=nonneg_float, metavar="W", dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=print_freq, type=positive_int, metavar="N",
+                        help="log every N iterations")
     parser.add_argument("--resume", default=resume, metavar="PATH",
                         help="checkpoint to resume from, 'auto' (the newest loadable one in --save-dir) or 'none' "
                              "(default: %(default)s)")
@@ -61,7 +138,7 @@ def add_common(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, w
     dist.add_argument("--rank", default=-1, type=int, help="node rank (with --multiprocessing-distributed)")
     dist.add_argument("--dist-url", default="env://", type=str, help="rendezvous URL, e.g. tcp://localhost:10001")
     dist.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPUs; gloo is used on CPU")
-    dist.add_argument("--gpu", default=None, type=int, help="GPU id for a one-process run")
+    dist.add_argument("--gpu", default=None, type=nonneg_int, help="GPU id for a one-process run")
     dist.add_argument("--multiprocessing-distributed", action="store_true",
                       help="spawn one process per GPU of this node (the authors' launch); torchrun works too")
 
@@ -73,7 +150,7 @@ def add_classifier(group: argparse._ArgumentGroup, verb: str) -> None:
                        help=f"pre-training checkpoint (ours, the authors' W2SSL or MoCo v3's) whose trunk is {verb}")
     group.add_argument("-e", "--evaluate", action="store_true",
                        help="only evaluate on DATA/val (the model of --resume, or --pretrained with a fresh fc)")
-    group.add_argument("--input-size", default=224, type=int, metavar="PX",
+    group.add_argument("--input-size", default=224, type=positive_int, metavar="PX",
                        help="crop side: RandomResizedCrop(PX) for training, Resize(PX*256/224)+CenterCrop(PX) for val")
     group.add_argument("--vit-feature", default="avg", choices=FEATURES,
                        help="a ViT's vector for the classifier (and --knn): avg, the mean of the patch tokens "
@@ -131,7 +208,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
-    return parser.parse_args(argv)
+    return check_values(parser, parser.parse_args(argv))
 
 
 def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:

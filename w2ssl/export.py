@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from w2ssl.checkpoint import save_all
-from w2ssl.cli import add_trust_checkpoint, run_main
+from w2ssl.cli import add_trust_checkpoint, check_file, run_main
 from w2ssl.errors import UserError
 from w2ssl.trunk_weights import read_trunk
 from w2ssl.trunks import trunk_names, trunk_spec
@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_file(args.ckpt, "CKPT")
+    check_file(args.out, "OUT", output=True)
     weights, arch = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
     print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; {loading_hint(arch)}")
 

@@ -49,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-task", type=int, metavar="C",
                         help=f"CPUs per GPU task (default: {DEFAULT_CPUS_PER_TASK}, or 1 + the main script's "
                              f"--workers per task when it sets them)")
-    parser.add_argument("--mem-gb", type=int, metavar="GB", help="memory per node (default: the partition's)")
+    parser.add_argument("--mem-gb", type=cli.positive_int, metavar="GB",
+                        help="memory per node (default: the partition's)")
     parser.add_argument("--signal-delay", type=int, default=120, metavar="S",
                         help=f"send SIG{TIME_LIMIT_SIGNAL.name[3:]} S seconds before the time limit: save, requeue "
                              f"(default 120)")
-    parser.add_argument("--max-timeouts", type=int, default=20, metavar="K",
+    parser.add_argument("--max-timeouts", type=cli.nonneg_int, default=20, metavar="K",
                         help="requeue at most K times at the time limit (default 20; preemptions do not count)")
     parser.add_argument("--job-dir", metavar="DIR",
                         help="submitit's files and logs (default: the main script's --save-dir, next to log.txt)")
@@ -154,8 +155,10 @@ def last_line(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ours, theirs = split_argv(sys.argv[1:] if argv is None else argv)
-    opts = build_parser().parse_args(ours)
+    parser = build_parser()
+    opts = cli.check_values(parser, parser.parse_args(ours))
     check_options(opts)
+    cli.check_folder(opts.job_dir, "--job-dir", output=True)
     job_argv, args = main_argv(opts, theirs)
     job_dir = Path(opts.job_dir or args.save_dir).resolve()
     executor = make_executor(opts, job_dir, cpus_per_task(opts, args.workers or 0))

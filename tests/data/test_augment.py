@@ -1,10 +1,11 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from w2ssl.data.augment import MEAN, STD, FourCrop, split_left_right
+from w2ssl.data.augment import MEAN, MIN_WIDTH, STD, FourCrop, load_splittable, split_left_right
 
 
 def test_left_right_regions_follow_the_spec():
@@ -57,3 +58,12 @@ def test_views_differ_in_blur_and_solarize():
     # Blur radius ~ U(0.1, 2): below ~0.5 it leaves a checkerboard almost intact, so "always" reads ~0.75.
     assert rates[0, 0] > 0.55 and rates[1, 0] < 0.3, rates
     assert rates[0, 1] == 0 and 0.1 < rates[1, 1] < 0.3, rates
+
+
+def test_load_splittable_refuses_images_without_a_left_region(tmp_path):
+    Image.new("RGB", (1, 5)).save(tmp_path / "thin.png")
+    Image.new("RGB", (MIN_WIDTH, 1)).save(tmp_path / "ok.png")
+    assert split_left_right(Image.new("RGB", (1, 5)))[0].size[0] == 0  # why: the left region is empty
+    with pytest.raises(ValueError, match="1 px wide"):
+        load_splittable(str(tmp_path / "thin.png"))
+    assert load_splittable(str(tmp_path / "ok.png")).size == (MIN_WIDTH, 1)

@@ -428,6 +428,18 @@ def test_ranks_draw_different_parameters(tmp_path):
     assert all((tiles[i] - tiles[j]).abs().amax(dim=(1, 2, 3)).min() > 0.1 for i in range(8) for j in range(i))
 
 
+def test_augment_batch_replaces_and_reports_too_narrow_images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(12, 10), (1, 1), (10, 14)]):  # (width, height); the 1x1 has no left region
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    batch = collate_pretrain([(((encoded_with_path(p)), i, 0), "") for i, p in enumerate(paths)])[0]
+    tiles, bad = augment_batch(batch, GpuFourCrop(tile_size=8), 0, torch.device("cpu"))
+    assert bad == [paths[1]]
+    assert [tuple(t.shape) for t in tiles] == [(3, 3, 8, 8)] * 4 and all(torch.isfinite(t).all() for t in tiles)
+
+
 @pytest.mark.slow
 def test_main_moco_gpu_aug_on_cpu(image_root, tmp_path):
     out = tmp_path / "run"

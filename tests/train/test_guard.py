@@ -49,6 +49,16 @@ def test_a_stop_signal_sets_stop_after_the_step_is_checked(sig):
         assert guard.stop and guard.signal == sig
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_poll_signal_stops_at_the_step_boundary_after_the_signal(sig):
+    with Guard(max_nonfinite=0) as guard:
+        guard.push(0, 0, 0, parts(1.0))
+        assert not guard.poll_signal()
+        os.kill(os.getpid(), sig)  # during step 1
+        guard.push(0, 1, 1, parts(1.0))
+        assert guard.poll_signal() and guard.stop and guard.signal == sig  # at once, no device flags read
+
+
 def test_handlers_are_installed_only_inside_with_and_restored_after():
     def mine(signum, frame):
         pass

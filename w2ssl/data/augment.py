@@ -10,6 +10,9 @@ from torchvision import transforms
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CROSS = 0.3
+# The narrowest image whose left and right regions both keep a column (a 1-px-wide image has an empty
+# left region): narrower ones are skipped and counted as unreadable, in both pipelines.
+MIN_WIDTH = 2
 
 
 class GaussianBlur:
@@ -43,6 +46,16 @@ def view(tile_size: int = 112, crop_min: float = 0.2, blur_p: float = 1.0,
         steps.append(transforms.RandomApply([Solarize()], p=solarize_p))
     steps += [transforms.RandomHorizontalFlip(flip_p), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     return transforms.Compose(steps)
+
+
+def load_splittable(path: str) -> Image.Image:
+    """Pre-training's PIL loader: an RGB image at least :data:`MIN_WIDTH` wide (ValueError otherwise, which
+    :class:`w2ssl.data.datasets.PretrainDataset` counts as an unreadable file)."""
+    with open(path, "rb") as f:
+        img = Image.open(f).convert("RGB")
+    if img.width < MIN_WIDTH:
+        raise ValueError(f"{path} is {img.width} px wide, narrower than the {MIN_WIDTH} px its two regions need")
+    return img
 
 
 def split_left_right(img: Image.Image, cross: float = CROSS) -> tuple[Image.Image, Image.Image]:

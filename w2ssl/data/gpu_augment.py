@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl.data import gpu_ops as G
-from w2ssl.data.augment import CROSS
+from w2ssl.data.augment import CROSS, MIN_WIDTH
 from w2ssl.data.gpu_decode import decode_tolerant, read_bytes
 from w2ssl.data.gpu_params import FOUR_CROP, TILES, four_crop_regions, image_tile_params, sample_keys
 from w2ssl.errors import UserError
@@ -137,12 +137,13 @@ def _to_device(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Te
 
 
 def _check_images(images: list[Tensor]) -> list[tuple[int, int]]:
-    """``(H, W)`` of each image; ValueError unless all are uint8 ``[3, H, W]`` (W >= 2) on one device."""
+    """``(H, W)`` of each image; ValueError unless all are uint8 ``[3, H, W]`` (W >= MIN_WIDTH) on one device."""
     if not images:
         raise ValueError("GpuFourCrop needs at least one image")
     for i, im in enumerate(images):
-        if im.dtype != torch.uint8 or im.ndim != 3 or im.shape[0] != 3 or im.shape[2] < 2:
-            raise ValueError(f"image {i}: expected uint8 [3, H, W] with W >= 2, got {im.dtype} {list(im.shape)}")
+        if im.dtype != torch.uint8 or im.ndim != 3 or im.shape[0] != 3 or im.shape[2] < MIN_WIDTH:
+            raise ValueError(f"image {i}: expected uint8 [3, H, W] with W >= {MIN_WIDTH}, got {im.dtype} "
+                             f"{list(im.shape)}")
         if im.device != images[0].device:
             raise ValueError(f"image {i} is on {im.device}, image 0 on {images[0].device}")
     return [(im.shape[1], im.shape[2]) for im in images]
@@ -171,7 +172,9 @@ def collate_pretrain(batch: list[tuple[tuple[tuple[Tensor, str], int, int], str]
 def augment_batch(batch: EncodedBatch, crop: GpuFourCrop, seed: int, device: torch.device
                   ) -> tuple[list[Tensor], list[str]]:
     """The four ``[b, 3, t, t]`` tile batches of ``batch`` on ``device`` (view 1 left, right, view 2 left,
-    right), each sample's from ``(seed, epoch, index)`` alone, and the files that failed to decode."""
-    images, bad = decode_tolerant(batch.data, batch.paths, device)
+    right), each sample's from ``(seed, epoch, index)`` alone, and the files that failed to decode or are
+    narrower than :data:`~w2ssl.data.augment.MIN_WIDTH` (each replaced by a good image of the batch, as the
+    PIL pipeline replaces them by the next readable file)."""
+    images, bad = decode_tolerant(batch.data, batch.paths, device, usable=lambda im: im.shape[2] >= MIN_WIDTH)
     view1, view2 = crop(images, sample_keys(seed, batch.epochs, batch.indices))
     return [*view1, *view2], bad

@@ -8,6 +8,7 @@ error but with wrong colours. On the CPU every file goes through torchvision's `
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -131,22 +132,31 @@ def _decode_one_cuda(data: Tensor, index: int, device: torch.device) -> Tensor:
         return _decode_cpu(data, index).to(device, non_blocking=True)
 
 
-def decode_tolerant(data: list[Tensor], paths: list[str], device: torch.device) -> tuple[list[Tensor], list[str]]:
-    """Like :func:`decode_batch`, but a file that cannot be decoded is replaced by a readable one of
-    the batch; returns the images and the paths of the bad files."""
+def decode_tolerant(data: list[Tensor], paths: list[str], device: torch.device,
+                    usable: Callable[[Tensor], bool] = lambda image: True) -> tuple[list[Tensor], list[str]]:
+    """Like :func:`decode_batch`, but a file that cannot be decoded, or whose image is not ``usable``
+    (e.g. too small), is replaced by a good one of the batch; returns the images and the paths of the bad files."""
     try:
-        return decode_batch(data, device), []
+        decoded: list[Tensor | None] = decode_batch(data, device)
     except ValueError:
-        pass
+        decoded = [_decode_or_none(d, device) for d in data]
     images: list[Tensor | None] = []
     bad = []
-    for d, path in zip(data, paths):
-        try:
-            images.append(decode_batch([d], device)[0])
-        except ValueError:
-            images.append(None)
+    for image, path in zip(decoded, paths):
+        ok = image is not None and usable(image)
+        images.append(image if ok else None)
+        if not ok:
             bad.append(path)
+    if not bad:
+        return images, []
     good = [img for img in images if img is not None]
     if not good:
-        raise UserError(f"no image of a batch can be decoded (first: {paths[0]}): check the dataset")
+        raise UserError(f"no image of a batch can be decoded and used (first: {paths[0]}): check the dataset")
     return [img if img is not None else good[i % len(good)] for i, img in enumerate(images)], bad
+
+
+def _decode_or_none(data: Tensor, device: torch.device) -> Tensor | None:
+    try:
+        return decode_batch([data], device)[0]
+    except ValueError:
+        return None

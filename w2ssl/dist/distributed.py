@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from w2ssl.data.sampler import end_loader_workers
 from w2ssl.train import failfast
 from w2ssl.errors import StoppedByPeer, TrainingStopped, UserError
 
@@ -165,6 +166,7 @@ def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args
         sys.exit(e.code)
     except Exception:
         failfast.ignore_stop_signals()
+        end_loader_workers()
         code = failfast.failed_before()
         if code is not None:  # this failure follows from another process's, which said why
             sys.exit(code)
@@ -219,6 +221,19 @@ def all_reduce_max(x: Tensor) -> Tensor:
     if is_dist():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
+
+def host_group() -> dist.ProcessGroup:
+    """A group of every process whose collectives run on host tensors: the default group under gloo, else a
+    new gloo group (every process must call this at the same point)."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def host_max(value: int, group: dist.ProcessGroup) -> int:
+    """The maximum of the host integer ``value`` over ``group`` (no device involved, so no wait for it)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
 
 
 def ddp(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:

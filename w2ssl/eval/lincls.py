@@ -11,6 +11,7 @@ import math
 import time
 from argparse import Namespace
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -49,6 +50,7 @@ from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, AverageMeter, Logger, format_duration
 from w2ssl.train.optim import lr_at, scaled_lr
+from w2ssl.train.runlock import RunLock
 from w2ssl.train.runstate import plain_args, shared_seed
 from w2ssl.train.speed import prepare_model, to_memory_format
 from w2ssl.train.step import TrainStep, autocast
@@ -304,7 +306,7 @@ class LinearProbe:
                                  f"{tally.text()}")
                 self.logger.scalars(self.epoch * n + i, {"loss": last[0] / last[3], "acc1": 100 * last[1] / last[3]})
             end = time.perf_counter()
-            if self.guard.stop:
+            if self.guard.poll_signal():
                 break
         self.guard.flush()
         if self.guard.stop and self.iteration < n:  # stopped mid-epoch: save what this epoch did so far
@@ -342,5 +344,8 @@ def worker(ctx: D.Context, args: Namespace) -> None:
         knn_probe(ctx, args)  # nothing to save: a signal ends it at once
     else:
         probe = LinearProbe(ctx, args)
-        with probe.guard:  # stop signals are caught while it trains, and handed back after
+        # stop signals are caught while it trains, and handed back after; rank 0 holds the folder
+        with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock, probe.guard:
+            if lock is not None and (stale := lock.stale_message()):
+                probe.logger.warn(stale)
             probe.run()

@@ -5,6 +5,11 @@ Each step's flags stay on the device and are read one step later, when the GPU h
 them, so the check costs no pipeline bubble. With a process group they are max-reduced first, so every
 process stops at the same step for the same reason (no process is left waiting in a collective).
 :meth:`Guard.flush` reads the newest flags at once (before any checkpoint is written).
+
+Stop signals are agreed on sooner, at every step boundary (:meth:`Guard.poll_signal`): the signal is a host
+value, so one process reads its own flag and a process group max-reduces it over a host (gloo) group,
+without waiting for the device. A run stops after the step during which the signal came (reading the
+device flags one step later stopped it one or two steps after that).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class Guard:
         self._error: UserError | None = None
         self._pending: StepRecord | None = None
         self._previous: dict[int, object] = {}
+        self._host_group: object | None = None
 
     def __enter__(self) -> Guard:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -83,6 +89,18 @@ class Guard:
         if self._pending is not None:
             record, self._pending = self._pending, None
             self._check(record)
+
+    def poll_signal(self) -> bool:
+        """At a step boundary: agree now with every process on a stop signal received so far (sets
+        :attr:`stop` and :attr:`signal`); every process must call it at the same boundaries."""
+        signum = self.signal or 0
+        if D.is_dist():
+            if self._host_group is None:
+                self._host_group = D.host_group()
+            signum = D.host_max(signum, self._host_group)
+        if signum:
+            self.stop, self.signal = True, signum
+        return self.stop
 
     def stopped(self, saved: Path, epoch: int, iteration: int) -> TrainingStopped:
         """The one line every process exits with (rank 0 prints it) after agreeing on :attr:`signal`."""

@@ -10,6 +10,7 @@ import time
 from argparse import Namespace
 from collections import deque
 from collections.abc import Iterator
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl import checkpoint as ckpt_io
-from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.augment import MEAN, STD, load_splittable
 from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
 from w2ssl.data.fast_augment import FastCollate, load_uint8
 from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
@@ -31,6 +32,8 @@ from w2ssl.train.disk import DiskPlan, checkpoint_bytes
 from w2ssl.train.guard import Guard
 from w2ssl.train.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
 from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.train.resume_args import reconcile
+from w2ssl.train.runlock import RunLock
 from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.train.speed import prepare_model
 from w2ssl.train.step import PRECISIONS, TrainStep, resolve_precision
@@ -65,7 +68,7 @@ class Pretrainer:
             self.dataset = PretrainDataset(images, None, self.seed, loader=load_uint8)
             collate = FastCollate(self.method.fast_transform(args), self.seed)
         else:
-            self.dataset = PretrainDataset(images, self.method.transform(args), self.seed)
+            self.dataset = PretrainDataset(images, self.method.transform(args), self.seed, loader=load_splittable)
         if ctx.is_main:
             self.dataset.check_readable()
         self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
@@ -125,9 +128,7 @@ class Pretrainer:
         if found is None:
             return
         path, state = found
-        if state.get("method", "w2ssl") != self.args.method:
-            raise UserError(f"{path} was pre-trained with --method {state.get('method', 'w2ssl')}: pass that "
-                            f"method, or another --save-dir (or --resume none) to start a new run")
+        reconcile(state, self.args, path, self.logger.warn)  # other arguments than the checkpoint's: refused or warned
         ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -139,8 +140,8 @@ class Pretrainer:
         # Saved after an epoch's last step: the loop then ends that epoch and writes its checkpoint.
         self.iteration = min(self.iteration, self.iters_per_epoch)
         self.bad_files = set(state.get("bad_files", []))
-        if self.args.seed is None and "seed" in state:
-            # The run's own seed decides its batches and augmentations: keep it across restarts.
+        if "seed" in state:
+            # The run's own seed decides its batches and augmentations: kept across restarts (resume_args).
             self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
         if "rng" in state:
             set_rng_state(state["rng"])
@@ -265,7 +266,7 @@ class Pretrainer:
         self.logger.advance_bar()
         if self.iteration % args.print_freq == 0 or not mid_epoch:
             progress.line(self.step, self.iteration, eta.step(self.step), {"bad_files": len(self.bad_files)})
-        if self.guard.stop and mid_epoch:
+        if self.guard.poll_signal() and mid_epoch:
             self._stop_on_signal()
         if args.save_freq_iters and self.step % args.save_freq_iters == 0 and mid_epoch:
             self.save(epoch_end=False)
@@ -318,7 +319,10 @@ def train(ctx: D.Context, args: Namespace) -> None:
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     trainer = Pretrainer(ctx, args)
-    with trainer.guard:  # stop signals are caught while it trains, and handed back after
+    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.train.runlock).
+    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock, trainer.guard:
+        if lock is not None and (stale := lock.stale_message()):
+            trainer.logger.warn(stale)
         trainer.run()
     if ctx.is_main:
         print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)

@@ -1,0 +1,88 @@
+"""One run per ``--save-dir``: an exclusive lock on a file in the run folder, held while the run writes there.
+
+``fcntl.lockf`` takes a POSIX record lock, which the kernel drops when its process ends in any way (SIGKILL
+and crashes included), so a dead run never keeps its folder locked; on NFS, Linux forwards such locks to the
+server (NLM for NFSv3, the protocol's own locks for v4) unless the share is mounted ``nolock``. POSIX locks
+belong to the process (not to the open file), are not inherited by forked loader workers, and are released
+when the process closes *any* descriptor of the file: the holder opens the file once only.
+
+The file holds ``pid host start-time`` of the holder while it runs and is emptied when it ends cleanly; a
+non-empty file whose lock can be taken is left by a run that died (SIGKILL, a lost node): that is said in
+one warning line, and the new run goes on.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+from w2ssl.errors import UserError
+
+LOCK_NAME = "w2ssl.lock"
+
+
+def describe(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+
+
+class RunLock:
+    """``with RunLock(folder, flag):`` holds ``folder/w2ssl.lock`` (``flag`` names the folder's option in
+    messages), or raises :class:`UserError` naming the holder. :attr:`stale` is then the holder left by a
+    dead run, if any (for the caller to warn about)."""
+
+    def __init__(self, folder: str | Path, flag: str = "--save-dir"):
+        self.path, self.flag = Path(folder) / LOCK_NAME, flag
+        self.stale: dict | None = None
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # never truncates a holder's record before the lock is ours
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            holder = _read(self.path)
+            raise UserError(f"{self.flag} {self.path.parent} is in use by another run ({describe(holder)}): wait "
+                            f"for it to end or stop it, or pass another {self.flag}") from None
+        f.seek(0)
+        self.stale = _parse(f.read()) or None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()  # ended cleanly: nothing stale is left behind
+            self._file.close()  # releases the lock
+            self._file = None
+
+    def stale_message(self) -> str | None:
+        if self.stale is None:
+            return None
+        return (f"{self.path} was left by a run that ended without releasing it ({describe(self.stale)}); "
+                f"that run is gone (its lock was free): this run takes the folder over")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return _parse(path.read_text())
+    except OSError:
+        return {}
+
+
+def _parse(text: str) -> dict:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {"pid": "?", "host": "?", "started": "?"}
+    return value if isinstance(value, dict) else {}
