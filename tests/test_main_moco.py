@@ -222,8 +222,9 @@ def test_mocov3_checkpoint_goes_through_probe_knn_and_exports(image_root, tmp_pa
         assert torch.equal(weights["conv1.weight"], ckpt["state_dict"]["base_encoder.conv1.weight"])
     resumed = run_inprocess(main_moco.main, [image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "3",
                                              "--save-dir", out])
-    refused = "cannot go on with --method w2ssl (the checkpoint: --method mocov3): pass --method mocov3"
-    assert resumed == 2 and refused in capsys.readouterr().err
+    err = capsys.readouterr().err  # every refused difference is named, then the flags that go on
+    assert resumed == 2 and "cannot go on with --method w2ssl (the checkpoint: --method mocov3)" in err
+    assert ": pass --method mocov3 --moco-dim 16, or another --save-dir" in err
 
 
 

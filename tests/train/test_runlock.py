@@ -22,9 +22,22 @@ def test_the_holder_is_recorded_and_a_clean_end_leaves_nothing_stale(tmp_path):
         record = json.loads((tmp_path / "run" / LOCK_NAME).read_text())
         assert record["pid"] == os.getpid() and record["host"] and record["started"]
         assert lock.stale_message() is None
+        (tmp_path / "run" / "log.txt").write_text("a line\n")
     assert (tmp_path / "run" / LOCK_NAME).read_text() == ""
     with RunLock(tmp_path / "run") as again:
         assert again.stale is None
+
+
+def test_a_run_that_wrote_nothing_leaves_no_lock_nor_the_folders_it_made(tmp_path):
+    (tmp_path / "keep").mkdir()
+    with RunLock(tmp_path / "keep" / "a" / "b"):
+        assert (tmp_path / "keep" / "a" / "b" / LOCK_NAME).is_file()
+    assert list((tmp_path / "keep").iterdir()) == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_text("")  # an earlier run's lock file is not this holder's to remove
+    with RunLock(tmp_path / "run"):
+        pass
+    assert (tmp_path / "run" / LOCK_NAME).read_text() == ""
 
 
 def test_a_dead_runs_record_is_reported_as_stale(tmp_path):

@@ -343,9 +343,11 @@ def worker(ctx: D.Context, args: Namespace) -> None:
     if args.knn:
         knn_probe(ctx, args)  # nothing to save: a signal ends it at once
     else:
-        probe = LinearProbe(ctx, args)
-        # stop signals are caught while it trains, and handed back after; rank 0 holds the folder
-        with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock, probe.guard:
-            if lock is not None and (stale := lock.stale_message()):
-                probe.logger.warn(stale)
-            probe.run()
+        # rank 0 holds the folder before it reads or writes there; stop signals are caught while the probe
+        # trains, and handed back after
+        with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
+            probe = LinearProbe(ctx, args)
+            with probe.guard:
+                if lock is not None and (stale := lock.stale_message()):
+                    probe.logger.warn(stale)
+                probe.run()

@@ -58,6 +58,7 @@ class Pretrainer:
             f"=> data: {listing.describe()}; {how}; labels unused")
         images = [path for path, _ in listing.samples]
         self.gpu_crop: nn.Module | None = None
+        self.fast_collate: FastCollate | None = None
         collate = None
         if args.gpu_aug:
             # Workers only read bytes; decoding and the crops run batched on the device.
@@ -66,7 +67,7 @@ class Pretrainer:
         elif args.cpu_aug == "fast" and self.method.fast_transform is not None:
             # Workers decode with PIL and augment whole batches (w2ssl.data.fast_augment).
             self.dataset = PretrainDataset(images, None, self.seed, loader=load_uint8)
-            collate = FastCollate(self.method.fast_transform(args), self.seed)
+            collate = self.fast_collate = FastCollate(self.method.fast_transform(args), self.seed)
         else:
             self.dataset = PretrainDataset(images, self.method.transform(args), self.seed, loader=load_splittable)
         if ctx.is_main:
@@ -143,6 +144,8 @@ class Pretrainer:
         if "seed" in state:
             # The run's own seed decides its batches and augmentations: kept across restarts (resume_args).
             self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
+            if self.fast_collate is not None:
+                self.fast_collate.seed = self.seed
         if "rng" in state:
             set_rng_state(state["rng"])
         self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
@@ -318,11 +321,13 @@ def train(ctx: D.Context, args: Namespace) -> None:
     """The worker that :func:`w2ssl.dist.distributed.launch` runs in every process."""
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
-    trainer = Pretrainer(ctx, args)
-    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.train.runlock).
-    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock, trainer.guard:
-        if lock is not None and (stale := lock.stale_message()):
-            trainer.logger.warn(stale)
-        trainer.run()
+    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.train.runlock) before it
+    # reads a checkpoint there or writes anything.
+    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
+        trainer = Pretrainer(ctx, args)
+        with trainer.guard:
+            if lock is not None and (stale := lock.stale_message()):
+                trainer.logger.warn(stale)
+            trainer.run()
     if ctx.is_main:
         print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)

@@ -8,7 +8,9 @@ when the process closes *any* descriptor of the file: the holder opens the file 
 
 The file holds ``pid host start-time`` of the holder while it runs and is emptied when it ends cleanly; a
 non-empty file whose lock can be taken is left by a run that died (SIGKILL, a lost node): that is said in
-one warning line, and the new run goes on.
+one warning line, and the new run goes on. The lock is taken before the run checks or writes anything; a
+run that wrote nothing (it failed its checks) removes the lock file and the folders it made for it, so it
+leaves no trace.
 """
 from __future__ import annotations
 
@@ -38,9 +40,12 @@ class RunLock:
         self.path, self.flag = Path(folder) / LOCK_NAME, flag
         self.stale: dict | None = None
         self._file: IO[str] | None = None
+        self._made: list[Path] = []  # what this holder created: the lock file, then new folders, innermost first
 
     def __enter__(self) -> RunLock:
+        made = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        made = ([self.path] if not self.path.exists() else []) + made
         f = open(self.path, "a+")  # never truncates a holder's record before the lock is ours
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -56,15 +61,22 @@ class RunLock:
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
         f.flush()
-        self._file = f
+        self._file, self._made = f, made
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.seek(0)
-            self._file.truncate()  # ended cleanly: nothing stale is left behind
-            self._file.close()  # releases the lock
-            self._file = None
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()  # ended cleanly: nothing stale is left behind
+        if self._made[:1] == [self.path] and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink()  # the run wrote nothing: neither does the lock (unlinked while still held)
+            for folder in self._made[1:]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        self._file.close()  # releases the lock
+        self._file = None
 
     def stale_message(self) -> str | None:
         if self.stale is None:
