@@ -16,7 +16,7 @@ from w2ssl.data.sources import load_subset
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
 from w2ssl.methods.registry import build_model, method_names, method_spec
-from w2ssl.train import disk
+from w2ssl.system import disk
 from w2ssl.train.pretrain import train
 from w2ssl.trunks import trunk_names, trunk_spec
 

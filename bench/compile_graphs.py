@@ -24,7 +24,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from bench.heads import free_port  # noqa: E402
 from w2ssl.cli import run_main  # noqa: E402
 from w2ssl.dist.syncbn import convert  # noqa: E402
-from w2ssl.methods.viewnorm import normalise_per_view  # noqa: E402
+from w2ssl.dist.viewnorm import normalise_per_view  # noqa: E402
 from w2ssl.trunks import build_trunk, trunk_names  # noqa: E402
 
 

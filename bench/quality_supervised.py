@@ -1,7 +1,7 @@
 """The supervised ceiling of bench/quality.py: the same trunk trained with labels, cross-entropy.
 
 One ``--size``-pixel view per image (RandomResizedCrop down to ``--crop-min`` as pre-training, flip), LARS with
-the linear-scaling rule, warm-up and half-cosine schedule (w2ssl.train.optim), as the self-supervised
+the linear-scaling rule, warm-up and half-cosine schedule (w2ssl.engine.optim), as the self-supervised
 runs. Each epoch writes ``checkpoint_%04d.pth.tar`` in the pre-training layout (``state_dict`` with
 ``base_encoder.<torchvision key>``, ``arch``), so kNN and ``main_lincls.py --pretrained`` read it, and
 ``epochs.json``: seconds since the start at each epoch's end. ``--max-iters N`` only times N steps.
@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from w2ssl.checkpoint import epoch_name, save_atomic  # noqa: E402
 from w2ssl.data.augment import MEAN, STD  # noqa: E402
 from w2ssl.data.datasets import image_folder, seed_everything  # noqa: E402
-from w2ssl.train.optim import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
+from w2ssl.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
 from w2ssl.trunks import build_trunk  # noqa: E402
 
 

@@ -36,12 +36,12 @@ from torch import Tensor, nn  # noqa: E402
 
 from bench import common  # noqa: E402
 from w2ssl.cli import add_precision, run_main  # noqa: E402
+from w2ssl.engine.optim import LARS  # noqa: E402
+from w2ssl.engine.speed import prepare_model, to_memory_format  # noqa: E402
+from w2ssl.engine.step import TrainStep, resolve_precision  # noqa: E402
 from w2ssl.errors import UserError  # noqa: E402
 from w2ssl.methods.mocov3 import MoCoV3  # noqa: E402
 from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
-from w2ssl.train.optim import LARS  # noqa: E402
-from w2ssl.train.speed import prepare_model, to_memory_format  # noqa: E402
-from w2ssl.train.step import TrainStep, resolve_precision  # noqa: E402
 from w2ssl.trunks import build_trunk, trunk_names, trunk_spec  # noqa: E402
 from w2ssl.trunks.vit import PATCH  # noqa: E402
 

@@ -16,9 +16,9 @@ import w2ssl.methods.w2ssl
 from bench import common, e2e, step
 from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet, small_resnet
 from w2ssl import cli
+from w2ssl.engine.speed import prepare_model
 from w2ssl.errors import UserError
 from w2ssl.train import pretrain
-from w2ssl.train.speed import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

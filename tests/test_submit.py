@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, run_script
-from w2ssl import cli, submit
-from w2ssl.train import requeue
+from w2ssl import cli, requeue, submit
 
 submitit = pytest.importorskip("submitit")
 

@@ -18,7 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from transfer import coco_data, coco_eval, detector, engine
 from w2ssl.data.augment import MEAN, STD
-from w2ssl.train.step import PRECISIONS, TrainStep
+from w2ssl.engine.step import PRECISIONS, TrainStep
 from w2ssl.trunk_weights import extract_trunk, load_trunk
 
 # pycocotools' mask decoding under numpy 2 warns about __array__; not ours to fix.

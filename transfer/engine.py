@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl.checkpoint import load, save_atomic
+from w2ssl.engine.step import TrainStep
 from w2ssl.errors import UserError
-from w2ssl.train.step import TrainStep
 
 LAST = "detector_last.pth"
 FINAL = "detector_final.pth"

@@ -34,9 +34,9 @@ from w2ssl import cli
 from w2ssl.cli import add_precision, add_trust_checkpoint
 from w2ssl.data.datasets import BadImages
 from w2ssl.dist.distributed import init_torchrun, is_dist, is_main, rank, world_size
+from w2ssl.engine.monitor import ETA
+from w2ssl.engine.step import PRECISIONS, TrainStep
 from w2ssl.errors import TrainingStopped, UserError
-from w2ssl.train.monitor import ETA
-from w2ssl.train.step import PRECISIONS, TrainStep
 from w2ssl.trunk_weights import read_trunk
 from w2ssl.trunks import trunk_names
 

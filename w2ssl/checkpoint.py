@@ -11,15 +11,15 @@ import pickle
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-from w2ssl.errors import UserError
-from w2ssl.train.disk import format_bytes, free_bytes
+from w2ssl.errors import UserError, key_list
+from w2ssl.system.disk import format_bytes, free_bytes
 
 LAST = "checkpoint_last.pth.tar"
 
@@ -179,12 +179,6 @@ def _reason(e: pickle.UnpicklingError) -> str:
             return lines[i + 1]
     return lines[-1] if lines else type(e).__name__
 
-
-def key_list(keys: Iterable[str], shown: int = 3) -> str:
-    """``'a', 'b', 'c' and 120 more``: a few names of a long key list, for one-line messages."""
-    keys = list(keys)
-    text = ", ".join(repr(k) for k in keys[:shown])
-    return f"{text} and {len(keys) - shown} more" if len(keys) > shown else text
 
 
 def kind(ckpt: dict) -> str:

@@ -12,8 +12,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from w2ssl.engine.step import PRECISIONS
 from w2ssl.errors import UserError
-from w2ssl.train.step import PRECISIONS
 from w2ssl.trunks import trunk_names
 from w2ssl.trunks.vit import FEATURES
 
@@ -180,7 +180,7 @@ def add_label_subset(parser: argparse.ArgumentParser) -> None:
 
 def add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str,
                   default: str | None = None) -> None:
-    """``--precision`` with the names of :data:`w2ssl.train.step.PRECISIONS`."""
+    """``--precision`` with the names of :data:`w2ssl.engine.step.PRECISIONS`."""
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default=default, help=help)
 
 

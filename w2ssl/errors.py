@@ -1,4 +1,8 @@
-"""The exception types that the entry scripts turn into a one-line message and an exit code."""
+"""The exception types that the entry scripts turn into a one-line message and an exit code, and the
+formatting those one-line messages share."""
+from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class UserError(ValueError):
@@ -15,3 +19,10 @@ class TrainingStopped(Exception):
 
 class StoppedByPeer(TrainingStopped):
     """Another process stopped with an error and printed it: exit with ``code``, print nothing."""
+
+
+def key_list(keys: Iterable[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 120 more``: a few names of a long key list, for one-line messages."""
+    keys = list(keys)
+    text = ", ".join(repr(k) for k in keys[:shown])
+    return f"{text} and {len(keys) - shown} more" if len(keys) > shown else text

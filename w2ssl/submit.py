@@ -2,7 +2,7 @@
 
     python -m w2ssl.submit pretrain --nodes 1 --ngpus-per-node 8 --partition P -- --batch-size 2048 DATA
 
-One task per GPU runs the entry script's own ``main`` (see :mod:`w2ssl.train.requeue`), which saves and
+One task per GPU runs the entry script's own ``main`` (see :mod:`w2ssl.requeue`), which saves and
 requeues the job at the time limit. ``--local`` runs the same job through submitit's local executor
 on this machine (its GPUs, or CPU processes) and waits for it. ``submitit`` is optional:
 ``pip install -r requirements-cluster.txt``.
@@ -20,7 +20,7 @@ from typing import Any
 
 from w2ssl import cli
 from w2ssl.errors import UserError
-from w2ssl.train.requeue import SIGNAL_ENV, TIME_LIMIT_SIGNAL, MainJob, with_resume_auto
+from w2ssl.requeue import SIGNAL_ENV, TIME_LIMIT_SIGNAL, MainJob, with_resume_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"pretrain": "main_moco", "lincls": "main_lincls", "finetune": "main_finetune"}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from w2ssl.checkpoint import key_list, kind, load
-from w2ssl.errors import UserError
+from w2ssl.checkpoint import kind, load
+from w2ssl.errors import UserError, key_list
 from w2ssl.trunks import trunk_names, trunk_shapes, trunk_spec
 
 DEFAULT_ARCH = "resnet50"  # when a checkpoint says nothing about its architecture

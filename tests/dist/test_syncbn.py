@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.dist.test_distributed import free_port
 from w2ssl.dist.syncbn import SyncNorm, convert
-from w2ssl.methods.viewnorm import PerViewNorm, normalise_per_view
+from w2ssl.dist.viewnorm import PerViewNorm, normalise_per_view
 
 STEPS = 3
 # name -> (module builder, per-process input shape of rank r (rows may differ), views)

@@ -201,7 +201,7 @@ def test_cuda_loss_matches_cpu_and_bf16_channels_last_is_close():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_training_step_makes_no_host_sync(fused):
-    from w2ssl.train.optim import LARS
+    from w2ssl.engine.optim import LARS
 
     torch.manual_seed(0)
     model = tiny_model(fused_views=fused).cuda().to(memory_format=torch.channels_last)

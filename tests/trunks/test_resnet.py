@@ -7,8 +7,8 @@ import torchvision
 
 import w2ssl.trunks.resnet
 from tests.helpers import random_views, tiny_model
+from w2ssl.engine.optim import LARS
 from w2ssl.methods.gridpool import grid_pool
-from w2ssl.train.optim import LARS
 from w2ssl.trunks.resnet import ResNetTrunk
 
 

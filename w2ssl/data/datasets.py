@@ -19,14 +19,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from w2ssl.checkpoint import key_list
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.listing import Listing, Skipped
 from w2ssl.data.sampler import leave_stop_signals_to_main
 from w2ssl.data.sources import labelled_listing
 from w2ssl.data.subset import Subset
 from w2ssl.dist import distributed as D
-from w2ssl.errors import UserError
+from w2ssl.errors import UserError, key_list
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

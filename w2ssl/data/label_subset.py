@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from w2ssl.checkpoint import key_list
 from w2ssl.data.datasets import stream_seed
 from w2ssl.dist import distributed as D
-from w2ssl.errors import UserError
+from w2ssl.errors import UserError, key_list
 
 KEPT = "labels_kept.txt"
 Sample = tuple[str, int]

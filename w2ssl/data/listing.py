@@ -20,8 +20,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from w2ssl.checkpoint import key_list
-from w2ssl.errors import UserError
+from w2ssl.errors import UserError, key_list
 
 LAYOUTS = ("class folders", "folder tree", "path list")
 

@@ -6,13 +6,12 @@ and a resumed run continues with the very batches the uninterrupted run would ha
 """
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from w2ssl.train import stopsignals
+from w2ssl.system import stopsignals
 
 
 class ResumableSampler(Sampler):
@@ -69,15 +68,6 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     """
     stopsignals.ignore()
 
-
-def end_loader_workers() -> None:
-    """Kill this process's loader workers now (a process leaving on an error). They ignore SIGTERM (above),
-    and an error's traceback keeps their loader alive past ``multiprocessing``'s exit hook, which
-    SIGTERMs its daemonic children and then waits for them: without this the process never exits."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join()
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,

@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from w2ssl.checkpoint import key_list
 from w2ssl.data.listing import Folder, Listing, Skipped, is_image
-from w2ssl.errors import UserError
+from w2ssl.errors import UserError, key_list
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Processes: launch modes, collectives, synchronised BatchNorm and the tile exchange."""
+"""Processes: launch modes, collectives, synchronised and per-view BatchNorm (no method in here)."""

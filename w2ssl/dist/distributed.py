@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from w2ssl.data.sampler import end_loader_workers
-from w2ssl.train import failfast
+from w2ssl.system import failfast
 from w2ssl.errors import StoppedByPeer, TrainingStopped, UserError
 
 
@@ -166,7 +165,7 @@ def _run_worker(worker: Callable[[Context, Namespace], None], ctx: Context, args
         sys.exit(e.code)
     except Exception:
         failfast.ignore_stop_signals()
-        end_loader_workers()
+        failfast.end_loader_workers()
         code = failfast.failed_before()
         if code is not None:  # this failure follows from another process's, which said why
             sys.exit(code)

@@ -10,7 +10,7 @@ The result equals plain BatchNorm on the concatenation of every process's batch:
 (after DDP's averaging of parameter gradients) and running statistics (unbiased variance, ``momentum``
 including ``None`` for a cumulative average). With no process group, or one process, it is plain
 BatchNorm. :func:`convert` re-classes the BatchNorms of a model in place, so parameters, buffers,
-state-dict keys, ``isinstance`` checks and the per-view mixin (:mod:`w2ssl.methods.viewnorm`) are kept.
+state-dict keys, ``isinstance`` checks and the per-view mixin (:mod:`w2ssl.dist.viewnorm`) are kept.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from w2ssl.methods.viewnorm import PerViewNorm, normalise_per_view
+from w2ssl.dist.viewnorm import PerViewNorm, normalise_per_view
 
 
 def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:

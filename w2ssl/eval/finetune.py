@@ -10,7 +10,7 @@ the family's standard recipe (:data:`RECIPES`, the defaults of ``main_finetune.p
   decay, a cosine decay per iteration; 60 epochs (SimCLR: 60 for 1 % of the labels, 30 for 10 %).
 * ViTs: MAE's fine-tuning (He et al. 2022, appendix A.2; DeiT's recipe with BEiT's layer-wise decay):
   AdamW (0.9, 0.999), lr 5e-4 × batch / 256, weight decay 0.05 (none on norms, biases and the class
-  token), layer-wise lr decay 0.65 (:mod:`w2ssl.train.param_groups`), 5 warm-up epochs then cosine
+  token), layer-wise lr decay 0.65 (:mod:`w2ssl.engine.param_groups`), 5 warm-up epochs then cosine
   per iteration, drop path 0.1, label smoothing 0.1; 100 epochs. MAE's mixup, cutmix, RandAugment and
   random erasing are not applied: the augmentation is the probe's RandomResizedCrop + flip.
 """
@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from w2ssl.dist import distributed as D
+from w2ssl.engine.guard import Guard
+from w2ssl.engine.optim import lr_at
+from w2ssl.engine.param_groups import param_groups
+from w2ssl.engine.speed import prepare_model, to_memory_format
+from w2ssl.engine.step import TrainStep, resolve_precision
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import LinearProbe
 from w2ssl.eval.probe_model import build_model, changed_weights
-from w2ssl.train.guard import Guard
-from w2ssl.train.optim import lr_at
-from w2ssl.train.param_groups import param_groups
-from w2ssl.train.speed import prepare_model, to_memory_format
-from w2ssl.train.step import TrainStep, resolve_precision
 from w2ssl.trunks import trunk_spec
 
 RECIPES: dict[str, dict[str, object]] = {

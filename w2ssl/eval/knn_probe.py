@@ -8,11 +8,11 @@ from argparse import Namespace
 from w2ssl.data.datasets import BadImages
 from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
+from w2ssl.engine.monitor import Logger, format_duration
+from w2ssl.engine.speed import prepare_model
+from w2ssl.engine.step import PRECISIONS
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.eval.probe_model import build_model
-from w2ssl.train.monitor import Logger, format_duration
-from w2ssl.train.speed import prepare_model
-from w2ssl.train.step import PRECISIONS
 
 
 def knn_probe(ctx: D.Context, args: Namespace) -> None:

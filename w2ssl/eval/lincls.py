@@ -33,6 +33,12 @@ from w2ssl.data.datasets import (
 from w2ssl.data.label_subset import LabelSubset
 from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
+from w2ssl.engine.guard import Guard
+from w2ssl.engine.monitor import ETA, AverageMeter, Logger, format_duration
+from w2ssl.engine.optim import lr_at, scaled_lr
+from w2ssl.engine.runstate import plain_args, shared_seed
+from w2ssl.engine.speed import prepare_model, to_memory_format
+from w2ssl.engine.step import TrainStep, autocast
 from w2ssl.errors import UserError
 from w2ssl.eval.knn_probe import knn_probe
 from w2ssl.eval.metrics import Tally, coverage
@@ -47,13 +53,7 @@ from w2ssl.eval.probe_folder import (
     resume_path,
 )
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
-from w2ssl.train.guard import Guard
-from w2ssl.train.monitor import ETA, AverageMeter, Logger, format_duration
-from w2ssl.train.optim import lr_at, scaled_lr
-from w2ssl.train.runlock import RunLock
-from w2ssl.train.runstate import plain_args, shared_seed
-from w2ssl.train.speed import prepare_model, to_memory_format
-from w2ssl.train.step import TrainStep, autocast
+from w2ssl.system.runlock import RunLock
 
 
 class LinearProbe:

@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from w2ssl.data.fast_augment import fast_two_crop
 from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import syncbn
+from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.losses.byol import byol_loss
 from w2ssl.methods import heads
 from w2ssl.methods.mocov3 import check_batch, preview
 from w2ssl.methods.momentum import MomentumPairs
 from w2ssl.methods.registry import Method, TrunkBuilder, register_method
-from w2ssl.methods.viewnorm import normalise_per_view, per_view
 
 
 class BYOL(nn.Module):

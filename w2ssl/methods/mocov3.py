@@ -18,12 +18,12 @@ from w2ssl.data.fast_augment import fast_two_crop
 from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
+from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.errors import UserError
 from w2ssl.losses.infonce import infonce
 from w2ssl.methods import heads, vit_heads
 from w2ssl.methods.momentum import MomentumPairs
 from w2ssl.methods.registry import Method, TrunkBuilder, register_method
-from w2ssl.methods.viewnorm import normalise_per_view, per_view
 
 
 class MoCoV3(nn.Module):
@@ -41,7 +41,7 @@ class MoCoV3(nn.Module):
     same value) and ``ctr_acc`` (top-1 of the positive key, both directions), this process's own values.
 
     With ``fused_views`` each encoder and head runs once on both views, every BatchNorm still taking
-    each view's statistics on their own (:mod:`w2ssl.methods.viewnorm`).
+    each view's statistics on their own (:mod:`w2ssl.dist.viewnorm`).
     """
 
     def __init__(self, base_encoder: Callable[[], nn.Module], dim: int = 256, mlp_dim: int = 4096,

@@ -14,15 +14,15 @@ from w2ssl.data.fast_augment import FastViews, fast_four_crop
 from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.dist import distributed as D
 from w2ssl.dist import syncbn
-from w2ssl.dist.exchange import montage_tiles
+from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.errors import UserError
 from w2ssl.losses.supcon import supcon_loss
 from w2ssl.methods import heads, vit_heads
+from w2ssl.methods.exchange import montage_tiles
 from w2ssl.methods.gridpool import grid_pool
 from w2ssl.methods.momentum import MomentumPairs
 from w2ssl.methods.montage import arrange, assemble, local_indices, split_grid, tile_labels
 from w2ssl.methods.registry import Method, StepKey, TrunkBuilder, register_method
-from w2ssl.methods.viewnorm import normalise_per_view, per_view
 
 
 class W2SSL(nn.Module):
@@ -40,7 +40,7 @@ class W2SSL(nn.Module):
     only its own montages and tiles.
 
     With ``fused_views`` each encoder and head runs once on both views, every BatchNorm still taking
-    each view's statistics on their own (:mod:`w2ssl.methods.viewnorm`): the same math in half the calls.
+    each view's statistics on their own (:mod:`w2ssl.dist.viewnorm`): the same math in half the calls.
     """
 
     def __init__(self, base_encoder: Callable[[], nn.Module], dim: int = 256, mlp_dim: int = 4096,

@@ -1,1 +1,1 @@
-"""Pre-training: the trainer, its optimiser and schedules, logging, and keeping a run alive."""
+"""Pre-training: the trainer and the rules for resuming it."""

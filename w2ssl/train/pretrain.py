@@ -25,18 +25,18 @@ from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with
 from w2ssl.data.sampler import ResumableSampler, make_loader
 from w2ssl.data.sources import load_subset, pretrain_images
 from w2ssl.dist import distributed as D
+from w2ssl.engine.guard import Guard
+from w2ssl.engine.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
+from w2ssl.engine.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.engine.runstate import plain_args, rng_state, set_rng_state, shared_seed
+from w2ssl.engine.speed import prepare_model
+from w2ssl.engine.step import PRECISIONS, TrainStep, resolve_precision
 from w2ssl.errors import UserError
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.methods.registry import StepKey, build_model, method_spec
-from w2ssl.train.disk import DiskPlan, checkpoint_bytes
-from w2ssl.train.guard import Guard
-from w2ssl.train.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
-from w2ssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.system.disk import DiskPlan, checkpoint_bytes
+from w2ssl.system.runlock import RunLock
 from w2ssl.train.resume_args import reconcile
-from w2ssl.train.runlock import RunLock
-from w2ssl.train.runstate import plain_args, rng_state, set_rng_state, shared_seed
-from w2ssl.train.speed import prepare_model
-from w2ssl.train.step import PRECISIONS, TrainStep, resolve_precision
 
 
 class Pretrainer:
@@ -321,7 +321,7 @@ def train(ctx: D.Context, args: Namespace) -> None:
     """The worker that :func:`w2ssl.dist.distributed.launch` runs in every process."""
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
-    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.train.runlock) before it
+    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.system.runlock) before it
     # reads a checkpoint there or writes anything.
     with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
         trainer = Pretrainer(ctx, args)

@@ -1,6 +1,6 @@
 """One process's failure ends the whole run within seconds, reported once.
 
-Errors that a process meets inside a training step travel with the step's flags (:mod:`w2ssl.train.guard`), so
+Errors that a process meets inside a training step travel with the step's flags (:mod:`w2ssl.engine.guard`), so
 every process stops at the same step. Any other failure (an error before the first step, in a save, a
 crash) leaves the other processes waiting in a collective: with NCCL until its timeout. So a failing
 process marks the run as failed in the process group's key-value store (which needs no collective), and
@@ -8,13 +8,14 @@ a watcher thread in every process ends it when the mark appears and it has not s
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
 
 import torch.distributed as dist
 
-from w2ssl.train import stopsignals
+from w2ssl.system import stopsignals
 
 _COUNT, _CODE = "w2ssl/failed", "w2ssl/exit_code"
 
@@ -91,3 +92,12 @@ class Watcher:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+def end_loader_workers() -> None:
+    """Kill this process's loader workers now (a process leaving on an error). They ignore SIGTERM (above),
+    and an error's traceback keeps their loader alive past ``multiprocessing``'s exit hook, which
+    SIGTERMs its daemonic children and then waits for them: without this the process never exits."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()

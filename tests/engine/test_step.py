@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from w2ssl.engine import step as step_mod
+from w2ssl.engine.step import PRECISIONS, TrainStep, autocast, check_precision, resolve_precision
 from w2ssl.errors import UserError
-from w2ssl.train import step as step_mod
-from w2ssl.train.step import PRECISIONS, TrainStep, autocast, check_precision, resolve_precision
 
 CPU = torch.device("cpu")
 X = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]])

@@ -11,10 +11,10 @@ import main_moco
 from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.checkpoint import LAST, epoch_name
+from w2ssl.engine.optim import build_optimizer
 from w2ssl.errors import UserError
 from w2ssl.methods.w2ssl import W2SSL
-from w2ssl.train.disk import DiskPlan, checkpoint_bytes, format_bytes, free_bytes, refuse_if_too_small
-from w2ssl.train.optim import build_optimizer
+from w2ssl.system.disk import DiskPlan, checkpoint_bytes, format_bytes, free_bytes, refuse_if_too_small
 from w2ssl.trunks import build_trunk
 
 Usage = collections.namedtuple("Usage", "total used free")

@@ -4,10 +4,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from w2ssl.errors import UserError
+
+if TYPE_CHECKING:  # a leaf: torch is not loaded to size a checkpoint's disk need
+    from torch import nn
 
 # Optimiser state tensors per trainable parameter: LARS's momentum; AdamW's two moments.
 OPTIMIZER_SLOTS = {"lars": 1, "adamw": 2}

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from w2ssl.engine.optim import set_lr
+from w2ssl.engine.param_groups import param_groups, vit_layer
 from w2ssl.eval.probe_model import Probe
-from w2ssl.train.optim import set_lr
-from w2ssl.train.param_groups import param_groups, vit_layer
 from w2ssl.trunks.vit import build_vit
 
 

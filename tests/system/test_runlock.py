@@ -11,9 +11,9 @@ import pytest
 from tests.helpers import ROOT, TINY, cpu_env
 from w2ssl import cli
 from w2ssl.errors import UserError
-from w2ssl.train.runlock import LOCK_NAME, RunLock
+from w2ssl.system.runlock import LOCK_NAME, RunLock
 
-HOLD = ("import sys, time; from w2ssl.train.runlock import RunLock\n"
+HOLD = ("import sys, time; from w2ssl.system.runlock import RunLock\n"
         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
 
 

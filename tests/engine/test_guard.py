@@ -4,8 +4,8 @@ import signal
 import pytest
 import torch
 
+from w2ssl.engine.guard import Guard
 from w2ssl.errors import TrainingStopped, UserError
-from w2ssl.train.guard import Guard
 
 
 def parts(value: float) -> dict[str, torch.Tensor]:

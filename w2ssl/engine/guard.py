@@ -23,7 +23,7 @@ from torch import Tensor
 
 from w2ssl.dist import distributed as D
 from w2ssl.errors import StoppedByPeer, TrainingStopped, UserError
-from w2ssl.train.stopsignals import STOP_SIGNALS
+from w2ssl.system.stopsignals import STOP_SIGNALS
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from w2ssl.engine.optim import set_lr
 from w2ssl.errors import UserError
-from w2ssl.train.optim import set_lr
 
 # Autocast dtype per ``--precision``; ``None`` means plain float32.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -4,7 +4,7 @@ The rules are MAE's ``util/lr_decay.py`` (after BEiT's ``optim_factory.py``): a 
 0 for ``cls_token``, ``pos_embed`` and ``patch_embed.*``, ``i + 1`` for ``blocks.i.*`` and ``depth + 1``
 for the rest (final norm, classifier); its lr is scaled by ``layer_decay ** (depth + 1 - layer)``, so the
 classifier trains at the full rate and the patch embedding at ``layer_decay ** (depth + 1)`` of it.
-1-D parameters (norm weights, biases) and the tokens get no weight decay. :func:`w2ssl.train.optim.set_lr`
+1-D parameters (norm weights, biases) and the tokens get no weight decay. :func:`w2ssl.engine.optim.set_lr`
 applies a group's ``lr_scale``.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from w2ssl.dist.exchange import montage_tiles, owner_and_row, plan
+from w2ssl.methods.exchange import montage_tiles, owner_and_row, plan
 from w2ssl.methods.montage import local_indices
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.helpers import tiny_model
-from w2ssl.methods.viewnorm import PerViewNorm, normalise_per_view, per_view
+from w2ssl.dist.viewnorm import PerViewNorm, normalise_per_view, per_view
 
 NORMS = [
     (lambda: nn.BatchNorm2d(3), (4, 3, 5, 5)),

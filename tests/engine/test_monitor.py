@@ -1,7 +1,7 @@
 import torch
 
+from w2ssl.engine.monitor import ETA, AverageMeter, EpochProgress, LoaderCheck, Logger, format_duration
 from w2ssl.methods.w2ssl import console
-from w2ssl.train.monitor import ETA, AverageMeter, EpochProgress, LoaderCheck, Logger, format_duration
 
 
 def test_average_meter_prints_like_the_authors():

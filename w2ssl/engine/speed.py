@@ -1,4 +1,4 @@
-"""Speed options that keep the math: memory format and torch.compile (mixed precision: :mod:`w2ssl.train.step`).
+"""Speed options that keep the math: memory format and torch.compile (mixed precision: :mod:`w2ssl.engine.step`).
 
 Shared by the benchmarks and the training entry points, so that both measure and run the same thing.
 """
