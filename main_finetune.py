@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ViTs: stochastic depth rate (default 0.1)")
     tune.add_argument("--smoothing", default=None, type=float, metavar="S",
                       help="label smoothing of the cross-entropy (ResNet 0, ViT 0.1)")
+    tune.add_argument("--mixup", default=None, type=float, metavar="A",
+                      help="mixup's Beta(A, A) (ResNet 0 = off, ViT 0.8; mixed with CutMix half of the batches)")
+    tune.add_argument("--cutmix", default=None, type=float, metavar="A",
+                      help="CutMix's Beta(A, A) (ResNet 0 = off, ViT 1.0)")
+    tune.add_argument("--aa", default=None, metavar="POLICY",
+                      help="timm's RandAugment policy, or none (ResNet none, ViT rand-m9-mstd0.5-inc1)")
+    tune.add_argument("--reprob", default=None, type=float, metavar="P",
+                      help="random erasing probability after normalisation (ResNet 0, ViT 0.25)")
     tune.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
                       help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     cli.add_label_subset(parser)

@@ -254,6 +254,31 @@ def test_bad_recipe_flags_exit_2(small, stripe_data, random_init, tmp_path, caps
     assert code == 2 and "--layer-decay 0.65 is layer-wise lr decay over a ViT's blocks" in err, err
     code, _, err = run(capsys, main_finetune, *base, "--epochs", "2", "--warmup-epochs", "2")
     assert code == 2 and "--warmup-epochs 2 must be below --epochs 2" in err, err
+    code, _, err = run(capsys, main_finetune, *base, "--mixup", "-1")
+    assert code == 2 and "--mixup and --cutmix must be >= 0" in err, err
+    code, _, err = run(capsys, main_finetune, *base, "--aa", "foo")
+    assert code == 2 and "--aa foo is not a timm augmentation policy" in err and err.count("\n") == 1, err
+
+
+def test_mixup_trains_on_mixed_images_and_soft_targets_the_same_way_on_every_run(small, stripe_data, random_init,
+                                                                                 tmp_path, capsys):
+    # the ResNet recipe with mixup/CutMix turned on: the loss is the soft-target one of a mixed batch, and the
+    # draws follow (seed, epoch, step, rank), so two runs end with the same weights
+    base = [stripe_data, "-a", SMALL, *COMMON, "--epochs", "1", "--pretrained", random_init, "--mixup", "0.8",
+            "--cutmix", "1.0", "--smoothing", "0.1"]
+    for name in ("a", "b"):
+        code, out, err = run(capsys, main_finetune, *base, "--save-dir", tmp_path / name)
+        assert code == 0, err
+        assert "mixup 0.8, cutmix 1, RandAugment none, erasing 0" in out
+    a, b = load(tmp_path / "a" / "checkpoint.pth.tar"), load(tmp_path / "b" / "checkpoint.pth.tar")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    args = cli.parse(main_finetune.build_parser(), [str(v) for v in [*base, "--save-dir", tmp_path / "c"]])
+    main_finetune.check(args, 1)
+    tune = FineTune(Context(torch.device("cpu")), args)
+    x, target = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+    plain = torch.nn.functional.cross_entropy(tune.model(x), target, label_smoothing=0.1)
+    assert not torch.allclose(tune._train_outputs(x, target)["loss"], plain)
+    tune.logger.close()
 
 
 @pytest.mark.parametrize("module", [main_lincls, main_finetune])
@@ -283,7 +308,9 @@ def test_a_vit_finetunes_with_maes_recipe(monkeypatch, tmp_path, capsys):
     main_finetune.check(args, 1)  # the arch from the weights, the family's recipe
     assert (args.arch, args.optimizer, args.lr, args.weight_decay, args.layer_decay, args.drop_path,
             args.smoothing) == ("tiny_vit", "adamw", 5e-4, 0.05, 0.65, 0.1, 0.1)
+    assert (args.mixup, args.cutmix, args.aa, args.reprob) == (0.8, 1.0, "rand-m9-mstd0.5-inc1", 0.25)
     tune = FineTune(Context(torch.device("cpu")), args)
+    assert tune.mixer.active and "RandAugment" in [type(op).__name__ for op in tune.train_transform(16).transforms]
     # stochastic depth rising linearly over the blocks to --drop-path, as timm and MAE build it
     assert not hasattr(tune.model.trunk.blocks[0].drop_path1, "drop_prob")
     assert tune.model.trunk.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)

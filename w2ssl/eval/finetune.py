@@ -11,18 +11,22 @@ the family's standard recipe (:data:`RECIPES`, the defaults of ``main_finetune.p
 * ViTs: MAE's fine-tuning (He et al. 2022, appendix A.2; DeiT's recipe with BEiT's layer-wise decay):
   AdamW (0.9, 0.999), lr 5e-4 × batch / 256, weight decay 0.05 (none on norms, biases and the class
   token), layer-wise lr decay 0.65 (:mod:`w2ssl.engine.param_groups`), 5 warm-up epochs then cosine
-  per iteration, drop path 0.1, label smoothing 0.1; 100 epochs. MAE's mixup, cutmix, RandAugment and
-  random erasing are not applied: the augmentation is the probe's RandomResizedCrop + flip.
+  per iteration, drop path 0.1, label smoothing 0.1; 100 epochs; RandAugment ``rand-m9-mstd0.5-inc1`` and
+  random erasing 0.25 (:mod:`w2ssl.data.finetune_augment`), mixup 0.8 / CutMix 1.0 (:mod:`w2ssl.eval.mixup`).
 """
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from w2ssl.data.datasets import stream_seed
+from w2ssl.data.finetune_augment import finetune_transform
 from w2ssl.dist import distributed as D
 from w2ssl.engine.guard import Guard
 from w2ssl.engine.optim import lr_at
@@ -31,14 +35,15 @@ from w2ssl.engine.speed import prepare_model, to_memory_format
 from w2ssl.engine.step import TrainStep, resolve_precision
 from w2ssl.errors import UserError
 from w2ssl.eval.lincls import LinearProbe
+from w2ssl.eval.mixup import Mixer, soft_cross_entropy
 from w2ssl.eval.probe_model import build_model, changed_weights
 from w2ssl.trunks import trunk_spec
 
 RECIPES: dict[str, dict[str, object]] = {
     "resnet": dict(optimizer="sgd", lr=0.05, weight_decay=0.0, epochs=60, warmup_epochs=0.0, layer_decay=1.0,
-                   drop_path=0.0, smoothing=0.0),
+                   drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0),
     "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, epochs=100, warmup_epochs=5.0, layer_decay=0.65,
-                drop_path=0.1, smoothing=0.1),
+                drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25),
 }
 
 
@@ -56,6 +61,9 @@ def apply_recipe(args: Namespace) -> None:
                         f"none: drop --drop-path")
     if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
         raise UserError("--layer-decay must be in (0, 1], --drop-path and --smoothing in [0, 1)")
+    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.reprob <= 1:
+        raise UserError("--mixup and --cutmix must be >= 0 (0 turns them off), --reprob in [0, 1]")
+    finetune_transform(args.input_size, args.aa, args.reprob)  # an unknown --aa policy fails here, in one line
     if not 0 <= args.warmup_epochs < args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs {args.epochs}: pass fewer "
                         f"warm-up epochs (the ViT recipe has 5)")
@@ -96,15 +104,26 @@ class FineTune(LinearProbe):
         self.optimizer = build_optimizer(args.optimizer, self.groups, self.lr, args.momentum)
         self.precision = resolve_precision(args.precision, self.device)
         self.train_step = TrainStep(self.optimizer, self.device, self.precision)
+        self.mixer = Mixer(args.mixup, args.cutmix, args.smoothing, classes)
+
+    def train_transform(self, size: int) -> Callable:
+        return finetune_transform(size, self.args.aa, self.args.reprob)
 
     def learning_rate(self, i: int, n: int) -> float:
         """Linear warm-up then half-cosine, per iteration (each group times its ``lr_scale``)."""
         return lr_at(self.epoch + i / n, self.lr, self.args.warmup_epochs, self.args.epochs)
 
     def _train_outputs(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """``[B, 3, H, W]`` images through trunk and ``fc``: ``[B, K]`` logits, the (smoothed) cross-entropy."""
-        images = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
-        logits = self.net(images)
+        """``[B, 3, H, W]`` images through trunk and ``fc``: ``[B, K]`` logits, the (smoothed) cross-entropy;
+        with mixup or CutMix, of the mixed batch against its mixed targets (the draws: this step's, this rank's)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.mixer.active:
+            draw = self.iteration * self.ctx.world_size + self.ctx.rank  # a resumed run mixes the same way
+            rng = np.random.default_rng(stream_seed(self.seed, "mixup", self.epoch, draw))
+            x, soft = self.mixer(x, target, rng)
+        logits = self.net(to_memory_format(x, self.channels_last))
+        if self.mixer.active:
+            return {"logits": logits, "loss": soft_cross_entropy(logits, soft)}
         return {"logits": logits, "loss": F.cross_entropy(logits.float(), target, label_smoothing=self.args.smoothing)}
 
     def _train_epoch(self) -> None:
@@ -143,7 +162,8 @@ class FineTune(LinearProbe):
                 f"process(es) on {self.device.type}, {self.precision}, batch {args.batch_size}, {args.optimizer} lr "
                 f"{self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256){decay}, weight decay "
                 f"{args.weight_decay:g}, warm-up {args.warmup_epochs:g} of {args.epochs} epochs, drop path "
-                f"{args.drop_path:g}, smoothing {args.smoothing:g}, input {args.input_size}, seed {self.seed}")
+                f"{args.drop_path:g}, smoothing {args.smoothing:g}, mixup {args.mixup:g}, cutmix {args.cutmix:g}, "
+                f"RandAugment {args.aa}, erasing {args.reprob:g}, input {args.input_size}, seed {self.seed}")
 
 
 def worker(ctx: D.Context, args: Namespace) -> None:

@@ -60,7 +60,8 @@ class LinearProbe:
     """One process's share of a linear evaluation (full protocol, or ``--cached``).
 
     Fine-tuning (:class:`w2ssl.eval.finetune.FineTune`) is this loop with another model, optimiser and
-    schedule: it overrides :meth:`_build`, :meth:`learning_rate`, :meth:`_train_outputs` and the checks.
+    schedule: it overrides :meth:`_build`, :meth:`learning_rate`, :meth:`train_transform`,
+    :meth:`_train_outputs` and the checks.
     """
 
     PROTOCOL = "probe"  # written into checkpoints: a fine-tuning run does not resume a probe, nor the reverse
@@ -139,11 +140,15 @@ class LinearProbe:
             self.logger.info(f"=> cached {self.cache.describe()} in {format_duration(time.perf_counter() - start)}")
             train_classes = views[0].dataset.classes
         else:
-            self.train_loader, _ = self._loader("train", train_transform(size), "training", shuffle=True)
+            self.train_loader, _ = self._loader("train", self.train_transform(size), "training", shuffle=True)
             train_classes = self.train_loader.dataset.classes
         check_same_classes(train_classes, classes, self.root)
         if self.labels is not None:
             self.labels.record(self.args.save_dir, self.device, self.logger.info)
+
+    def train_transform(self, size: int) -> Callable:
+        """The augmentation of the training images: RandomResizedCrop and flip (the probe protocol)."""
+        return train_transform(size)
 
     def _train_batches(self) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
         """The rest of this epoch's batches (after the ``self.iteration`` done) and the epoch's length."""
