@@ -141,6 +141,33 @@ def test_resume_continues_weights_optimizer_and_position(small, stripe_data, ran
     assert last.startswith(f" * Acc@1 {100 * hits / len(val):.3f} ")
 
 
+def test_a_signal_stops_finetuning_after_its_step_and_resume_goes_on_from_there(small, stripe_data, random_init,
+                                                                                tmp_path, capsys, monkeypatch):
+    # 32 images, batch 16: 2 steps an epoch; the signal comes in step 1 of epoch 0, the run saves after it
+    import os
+    import signal
+
+    base = [stripe_data, "-a", SMALL, *COMMON, "--epochs", "2", "--pretrained", random_init, "--mixup", "0.8",
+            "--save-dir", tmp_path]
+    outputs = FineTune._train_outputs
+
+    def signalled_in_step_1(self, x, target):
+        if (self.epoch, self.iteration) == (0, 1):
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler only notes it
+        return outputs(self, x, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FineTune, "_train_outputs", signalled_in_step_1)
+        code, _, err = run(capsys, main_finetune, *base)
+    assert code == 128 + signal.SIGTERM and "epoch 0 iteration 2" in err and "--resume auto" in err, err
+    saved = load(tmp_path / "checkpoint.pth.tar")
+    assert (saved["protocol"], saved["epoch"], saved["iteration"]) == ("finetune", 0, 2)
+    code, out, err = run(capsys, main_finetune, *base)
+    assert code == 0 and "at epoch 0 iteration 2" in out, err  # epoch 0's steps are done: validated, then epoch 1
+    assert "=> epoch 0: Acc@1" in out and "=> epoch 1: Acc@1" in out
+    assert load(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
+
+
 def test_a_probe_and_a_finetuning_run_do_not_resume_each_other(small, stripe_data, random_init, tmp_path, capsys):
     base = [stripe_data, "-a", SMALL, *COMMON, "--epochs", "1", "--pretrained", random_init]
     assert run(capsys, main_lincls, *base, "--save-dir", tmp_path / "probe")[0] == 0
