@@ -89,3 +89,30 @@ def test_a_second_run_on_a_folder_in_use_exits_2_with_one_line(image_root, tmp_p
     assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {holder.pid}" in err, err
     assert time.time() - start < 120 and not (out / "checkpoint_last.pth.tar").exists()
     assert not (out / "log.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["main_lincls", "main_finetune"])
+def test_a_probe_or_finetuning_on_a_folder_in_use_exits_2_with_one_line(script, image_root, tmp_path, capsys):
+    import importlib
+
+    from w2ssl.checkpoint import save_atomic
+    from w2ssl.trunks import build_trunk
+
+    trunk = {f"base_encoder.{k}": v for k, v in build_trunk("resnet18").state_dict().items()}
+    ckpt = tmp_path / "pre.pth.tar"
+    save_atomic({"epoch": 1, "state_dict": trunk}, ckpt)
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        code = cli.run_main(importlib.import_module(script).main,
+                            [str(image_root), "--pretrained", str(ckpt), "--input-size", "32", "-b", "4",
+                             "--workers", "0", "--epochs", "1", "--save-dir", str(out)])
+    except SystemExit as e:  # the worker's error boundary
+        code = e.code
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {holder.pid}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the holder's folder, untouched

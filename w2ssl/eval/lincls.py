@@ -348,11 +348,15 @@ def worker(ctx: D.Context, args: Namespace) -> None:
     if args.knn:
         knn_probe(ctx, args)  # nothing to save: a signal ends it at once
     else:
-        # rank 0 holds the folder before it reads or writes there; stop signals are caught while the probe
-        # trains, and handed back after
-        with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
-            probe = LinearProbe(ctx, args)
-            with probe.guard:
-                if lock is not None and (stale := lock.stale_message()):
-                    probe.logger.warn(stale)
-                probe.run()
+        run_locked(ctx, args, LinearProbe)
+
+
+def run_locked(ctx: D.Context, args: Namespace, make: Callable[[D.Context, Namespace], LinearProbe]) -> None:
+    """Build the run ``make(ctx, args)`` and train it, rank 0 holding ``--save-dir`` (before anything there is
+    read or written); stop signals are caught while it trains, and handed back after."""
+    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
+        run = make(ctx, args)
+        with run.guard:
+            if lock is not None and (stale := lock.stale_message()):
+                run.logger.warn(stale)
+            run.run()
