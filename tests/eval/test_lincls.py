@@ -39,6 +39,19 @@ def test_a_path_subset_keeps_those_training_images_and_the_whole_val(image_root,
     assert [path for path, _ in train.samples] == [str(path) for path in kept]
 
 
+def test_a_probe_resumed_with_another_subset_is_refused(image_root, synthetic, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "two.txt").write_text("class0\nclass1\n")
+    (tmp_path / "other.txt").write_text("class0\nclass2\n")
+    base = [image_root, *PROBE, "--pretrained", synthetic, "--save-dir", tmp_path / "probe"]
+    code, _, err = run_inprocess(capsys, *base, "--epochs", "1", "--subset", tmp_path / "two.txt")
+    assert code == 0, err
+    for subset in (["--subset", tmp_path / "other.txt"], []):
+        code, _, err = run_inprocess(capsys, *base, "--epochs", "2", *subset)
+        given = f"--subset {tmp_path / 'other.txt'}" if subset else "no --subset"
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"is a probe of --subset {tmp_path / 'two.txt'} but {given} was given: pass --subset " in err, err
+
+
 @pytest.mark.slow
 def test_knn_with_a_class_subset(image_root, synthetic, tmp_path, capsys):  # noqa: F811
     (tmp_path / "two.txt").write_text("class0\nclass1\n")

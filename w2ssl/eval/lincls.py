@@ -55,6 +55,15 @@ from w2ssl.eval.probe_folder import (
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
 from w2ssl.system.runlock import RunLock
 
+# what a probe or fine-tuning run reads, and the defaults of checkpoints saved before it was recorded (the
+# labelled subset is checked against the list the run wrote: w2ssl.data.label_subset)
+SAME_ON_RESUME: dict[str, object] = {"vit_feature": "avg", "subset": None}
+
+
+def _shown(name: str, value: object) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"no {flag}" if value in (None, "") else f"{flag} {value}"
+
 
 class LinearProbe:
     """One process's share of a linear evaluation (full protocol, or ``--cached``).
@@ -200,11 +209,7 @@ class LinearProbe:
                 raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
                                 f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
                                 f"{state['arch']}")
-            feature = (state.get("args") or {}).get("vit_feature", "avg")
-            if feature != self.args.vit_feature:
-                raise UserError(f"--resume {path} is a probe of --vit-feature {feature} but --vit-feature "
-                                f"{self.args.vit_feature} was given: pass --vit-feature {feature} or another "
-                                f"--save-dir")
+            self._check_same_data(state.get("args") or {}, path)
             self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
@@ -212,6 +217,16 @@ class LinearProbe:
             self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
                              f"(best Acc@1 {self.best_acc1:.3f})")
         self._check_reference(path)
+
+    def _check_same_data(self, saved: dict, path: Path) -> None:
+        """A resumed run reads the same features of the same images as the run it continues: the arguments
+        of :data:`SAME_ON_RESUME` (absent in older checkpoints: their defaults) must not change."""
+        for name, default in SAME_ON_RESUME.items():
+            old, new = saved.get(name, default), getattr(self.args, name)
+            if old != new:
+                noun = "a probe" if self.PROTOCOL == "probe" else f"a {self.VERB} run"
+                raise UserError(f"--resume {path} is {noun} of {_shown(name, old)} but {_shown(name, new)} was "
+                                f"given: pass {_shown(name, old)} or another --save-dir")
 
     def _load_state(self, state: dict) -> None:
         """The optimiser and the position of checkpoint ``state`` (its weights are loaded and checked)."""
