@@ -46,6 +46,7 @@ from w2ssl.eval.probe_cache import FeatureCache
 from w2ssl.eval.probe_folder import (
     BEST,
     CHECKPOINT,
+    check_resumable,
     describe_record,
     load_probe,
     no_weights_message,
@@ -54,15 +55,6 @@ from w2ssl.eval.probe_folder import (
 )
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
 from w2ssl.system.runlock import RunLock
-
-# what a probe or fine-tuning run reads, and the defaults of checkpoints saved before it was recorded (the
-# labelled subset is checked against the list the run wrote: w2ssl.data.label_subset)
-SAME_ON_RESUME: dict[str, object] = {"vit_feature": "avg", "subset": None}
-
-
-def _shown(name: str, value: object) -> str:
-    flag = "--" + name.replace("_", "-")
-    return f"no {flag}" if value in (None, "") else f"{flag} {value}"
 
 
 class LinearProbe:
@@ -200,16 +192,7 @@ class LinearProbe:
         path = resume_path(self.args)
         if path is not None:
             state = load_probe(path, self.args.trust_checkpoint)
-            protocol = state.get("protocol", "probe")  # probes saved before this field are probes
-            if protocol != self.PROTOCOL:
-                raise UserError(f"--resume {path} is a {protocol} checkpoint, not a {self.PROTOCOL} one: resume it "
-                                f"with {'main_finetune.py' if protocol == 'finetune' else 'main_lincls.py'}, or "
-                                f"pass another --save-dir")
-            if state.get("arch", self.args.arch) != self.args.arch:
-                raise UserError(f"--resume {path} is a probe of a {state['arch']} but --arch {self.args.arch} was "
-                                f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch "
-                                f"{state['arch']}")
-            self._check_same_data(state.get("args") or {}, path)
+            check_resumable(state, self.args, path, self.PROTOCOL)
             self.record = self.record or state.get("pretrained")
             ckpt_io.load_into(self.model, state["state_dict"], path,
                               f"--arch {self.args.arch} with {self.model.fc.out_features} classes")
@@ -217,16 +200,6 @@ class LinearProbe:
             self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
                              f"(best Acc@1 {self.best_acc1:.3f})")
         self._check_reference(path)
-
-    def _check_same_data(self, saved: dict, path: Path) -> None:
-        """A resumed run reads the same features of the same images as the run it continues: the arguments
-        of :data:`SAME_ON_RESUME` (absent in older checkpoints: their defaults) must not change."""
-        for name, default in SAME_ON_RESUME.items():
-            old, new = saved.get(name, default), getattr(self.args, name)
-            if old != new:
-                noun = "a probe" if self.PROTOCOL == "probe" else f"a {self.VERB} run"
-                raise UserError(f"--resume {path} is {noun} of {_shown(name, old)} but {_shown(name, new)} was "
-                                f"given: pass {_shown(name, old)} or another --save-dir")
 
     def _load_state(self, state: dict) -> None:
         """The optimiser and the position of checkpoint ``state`` (its weights are loaded and checked)."""

@@ -1,6 +1,6 @@
-"""What a linear-probe folder (``--save-dir``) holds: the probe checkpoint to continue, and which
-pre-trained file it probes (path and SHA-256), so that a second probe of another file is refused
-rather than overwriting the first."""
+"""What a linear-probe or fine-tuning folder (``--save-dir``) holds: the checkpoint to continue (and whether
+this run may continue it), and which pre-trained file it trains on (path and SHA-256), so that a second
+run on another file is refused rather than overwriting the first."""
 from __future__ import annotations
 
 from argparse import Namespace
@@ -12,6 +12,10 @@ from w2ssl.errors import UserError
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
 PROBE_KEYS = ("state_dict", "optimizer", "epoch", "best_acc1")
+NOUNS = {"probe": "a probe", "finetune": "a fine-tuning run"}
+# what a run reads, and the defaults of checkpoints saved before it was recorded (the labelled subset is
+# checked against the list the run wrote: w2ssl.data.label_subset)
+SAME_ON_RESUME: dict[str, object] = {"vit_feature": "avg", "subset": None}
 
 
 def resume_path(args: Namespace) -> Path | None:
@@ -22,6 +26,29 @@ def resume_path(args: Namespace) -> Path | None:
         path = Path(args.save_dir) / CHECKPOINT
         return path if path.is_file() else None
     return Path(args.resume)
+
+
+def check_resumable(state: dict, args: Namespace, path: Path, protocol: str) -> None:
+    """Raise :class:`UserError` unless the checkpoint ``state`` (read from ``path``) is a ``protocol`` run
+    (``probe`` or ``finetune``) of ``args.arch`` on the data of :data:`SAME_ON_RESUME`."""
+    saved = state.get("protocol", "probe")  # probes saved before this field are probes
+    if saved != protocol:
+        raise UserError(f"--resume {path} is a {saved} checkpoint, not a {protocol} one: resume it with "
+                        f"{'main_finetune.py' if saved == 'finetune' else 'main_lincls.py'}, or pass another "
+                        f"--save-dir")
+    if state.get("arch", args.arch) != args.arch:
+        raise UserError(f"--resume {path} is {NOUNS[protocol]} of a {state['arch']} but --arch {args.arch} was "
+                        f"given: drop --arch (it defaults to the checkpoint's own) or pass --arch {state['arch']}")
+    for name, default in SAME_ON_RESUME.items():
+        old, new = (state.get("args") or {}).get(name, default), getattr(args, name)
+        if old != new:
+            raise UserError(f"--resume {path} is {NOUNS[protocol]} of {_shown(name, old)} but {_shown(name, new)} "
+                            f"was given: pass {_shown(name, old)} or another --save-dir")
+
+
+def _shown(name: str, value: object) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"no {flag}" if value in (None, "") else f"{flag} {value}"
 
 
 def no_weights_message(args: Namespace) -> str:
