@@ -18,7 +18,9 @@ from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.checkpoint import (
     LAST,
+    Kind,
     check_resume_path,
+    describe,
     epoch_name,
     find_resumable,
     kind,
@@ -123,13 +125,17 @@ def test_missing_truncated_and_garbage_files(tmp_path):
 
 def test_kind_names_what_a_file_is():
     trunk, ckpts = layouts()
-    assert kind(ckpts["ours"]) == kind(ckpts["authors"]) == "a pre-training checkpoint"
-    assert kind({"epoch": 9, "best_acc1": 50.0, "state_dict": {"conv1.weight": 0, "fc.weight": 0}}).startswith(
-        "a linear-probe checkpoint")
-    assert kind({"state_dict": {"module.conv1.weight": 0, "module.fc.weight": 0}}).startswith("a linear-probe")
-    assert kind(trunk).startswith("an exported trunk")
-    assert kind({"model": {}, "iter": 3}).startswith("a detector checkpoint")
-    assert kind({f"k{i}": i for i in range(50)}) == "a dict with keys 'k0', 'k1', 'k10' and 47 more"
+    probe = {"epoch": 9, "best_acc1": 50.0, "state_dict": {"conv1.weight": 0, "fc.weight": 0}}
+    ddp_probe = {"state_dict": {"module.conv1.weight": 0, "module.fc.weight": 0}}
+    assert [kind(c) for c in (ckpts["ours"], ckpts["authors"], ckpts["mocov3"], probe, ddp_probe, trunk,
+                              {"model": {}, "iter": 3}, {"epoch": 1})] == [
+        Kind.PRETRAINING, Kind.PRETRAINING, Kind.PRETRAINING, Kind.PROBE, Kind.PROBE, Kind.TRUNK, Kind.DETECTOR,
+        Kind.OTHER]
+    assert describe(ckpts["ours"]) == "a pre-training checkpoint"
+    assert describe(probe) == "a linear-probe checkpoint (main_lincls.py)"
+    assert describe(trunk) == "an exported trunk (a plain dict of tensors, no training state)"
+    assert describe({"model": {}, "iter": 3}) == "a detector checkpoint (finetune_torchvision.py)"
+    assert describe({f"k{i}": i for i in range(50)}) == "a dict with keys 'k0', 'k1', 'k10' and 47 more"
 
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from tests.test_checkpoint import layouts
 from w2ssl.checkpoint import save_atomic
 from w2ssl.errors import UserError
 from w2ssl.trunk_weights import check_trunk, extract_trunk, load_trunk, read_trunk, stored_arch, trunk_arch
-from w2ssl.trunks import trunk_names, trunk_shapes
+from w2ssl.trunks import register_trunk, registry, trunk_names, trunk_shapes
 
 
 @pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
@@ -94,3 +94,33 @@ def test_a_consumer_of_one_family_refuses_the_other(tmp_path):
     with pytest.raises(UserError, match="holds a resnet18 trunk; this tool takes a vit .*vit_small.*: pass a vit"):
         read_trunk(tmp_path / "r18.pth.tar", family="vit")
     assert read_trunk(tmp_path / "r18.pth.tar", family="resnet")[1] == "resnet18"
+
+
+def conv_trunk(width: int, root: str):
+    """A trunk builder: one conv of ``width`` channels under the key root ``root``."""
+    def build(**_options) -> torch.nn.Module:
+        net = torch.nn.Sequential()
+        net.add_module(root, torch.nn.Conv2d(3, width, 4, stride=4))
+        net.num_features = width
+        return net
+    return build
+
+
+def test_a_trunk_registered_after_a_first_call_is_seen(monkeypatch):
+    """Shapes and key roots follow the registry: neither is cached past a registration."""
+    monkeypatch.setattr(registry, "_TRUNKS", dict(registry._TRUNKS))
+    register_trunk("late_cnn", "resnet")(conv_trunk(8, "stem"))
+    assert trunk_shapes("late_cnn") == {"stem.weight": (8, 3, 4, 4), "stem.bias": (8,)}
+    ckpt = {"state_dict": {"base_encoder.stem.weight": torch.zeros(8, 3, 4, 4),
+                           "base_encoder.stem.bias": torch.zeros(8)}}
+    assert extract_trunk(ckpt).keys() == {"stem.weight", "stem.bias"}  # "stem" is a trunk root now
+    later = {"state_dict": {"base_encoder.patchify.weight": torch.zeros(4, 3, 4, 4)}}
+    with pytest.raises(UserError, match="no pre-trained trunk"):
+        extract_trunk(later)
+    register_trunk("later_cnn", "resnet")(conv_trunk(4, "patchify"))
+    assert extract_trunk(later).keys() == {"patchify.weight"} and trunk_arch(extract_trunk(later)) is None
+    # The same name registered anew (another registry) is built anew, not read from the first one's cache.
+    monkeypatch.setattr(registry, "_TRUNKS", dict(registry._TRUNKS))
+    del registry._TRUNKS["late_cnn"]
+    register_trunk("late_cnn", "resnet")(conv_trunk(16, "stem"))
+    assert trunk_shapes("late_cnn")["stem.weight"] == (16, 3, 4, 4)

@@ -8,22 +8,21 @@ ResNets, timm's for ViTs). Which architectures exist is the registry's business 
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from torch import Tensor
 
-from w2ssl.checkpoint import kind, load
+from w2ssl.checkpoint import describe, load
 from w2ssl.errors import UserError, key_list
 from w2ssl.trunks import trunk_names, trunk_shapes, trunk_spec
 
 DEFAULT_ARCH = "resnet50"  # when a checkpoint says nothing about its architecture
 
 
-@functools.cache
 def _trunk_roots() -> frozenset[str]:
     """First components of every registered trunk's keys (``conv1``, ``layer4``, ``blocks``, ``cls_token`` …):
-    a ``base_encoder`` key outside them is a head or a fixed buffer, not a trunk weight."""
+    a ``base_encoder`` key outside them is a head or a fixed buffer, not a trunk weight. Not cached: trunks
+    may register after a first call, and the shapes it reads are (per registered trunk)."""
     return frozenset(key.split(".")[0] for name in trunk_names() for key in trunk_shapes(name))
 
 
@@ -39,13 +38,13 @@ def _model_weights(ckpt: dict) -> dict[str, Tensor]:
 def extract_trunk(ckpt: dict) -> dict[str, Tensor]:
     """The trunk weights (no prefix, no heads, no ``pos_embed``) of our, the authors' or MoCo v3's checkpoint."""
     weights = _model_weights(ckpt)
-    trunk = {}
+    trunk, roots = {}, _trunk_roots()
     for key, value in weights.items():
         key = key.removeprefix("module.")
-        if key.startswith("base_encoder.") and key.split(".")[1] in _trunk_roots():
+        if key.startswith("base_encoder.") and key.split(".")[1] in roots:
             trunk[key.removeprefix("base_encoder.")] = value
     if not trunk:
-        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {kind(ckpt)} "
+        raise UserError(f"no pre-trained trunk (base_encoder.*) in this checkpoint; found {describe(ckpt)} "
                         f"with keys like {key_list(sorted(weights), 4)}: pass a W2SSL, MoCo v3 or w2ssl "
                         f"pre-training checkpoint")
     return trunk

@@ -61,7 +61,7 @@ def load_probe(path: str | Path, trust: bool) -> dict:
     state = ckpt_io.load(path, trust)
     missing = [k for k in PROBE_KEYS if k not in state]
     if missing:
-        raise UserError(f"--resume {path} is {ckpt_io.kind(state)}, not a linear-probe checkpoint (no "
+        raise UserError(f"--resume {path} is {ckpt_io.describe(state)}, not a linear-probe checkpoint (no "
                         f"{', '.join(missing)}): pass main_lincls.py's {CHECKPOINT}; pre-training checkpoints go to "
                         f"--pretrained")
     return state

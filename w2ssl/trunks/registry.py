@@ -59,9 +59,13 @@ def build_trunk(name: str, **options) -> nn.Module:
     return trunk_spec(name).build(**options)
 
 
-@functools.cache
 def trunk_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the trunk's state dict (built on the meta device: no memory, no initialisation)."""
+    return _shapes(trunk_spec(name))
+
+
+@functools.cache  # keyed on the registered spec, not the name: a name registered anew is built anew
+def _shapes(spec: TrunkSpec) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        trunk = build_trunk(name)
+        trunk = spec.build()
     return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
