@@ -14,7 +14,7 @@ from w2ssl.eval.run_checks import check_classifier_run
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Fine-tune a pre-trained W2SSL / MoCo v3 trunk with labels")
-    # lr, weight decay and epochs: None = the recipe of the trunk's family (w2ssl.eval.finetune.RECIPES)
+    # lr, weight decay and epochs: None = the fine-tuning recipe of the trunk family (Family.finetune_recipe)
     cli.add_common(parser, batch_size=256, lr=None, wd=None, epochs=None, print_freq=10,
                    save_dir="outputs/finetune", arch=None, resume="auto")
     tune = parser.add_argument_group("fine-tuning (defaults: ResNets SimCLR's recipe, ViTs MAE's; see README)")

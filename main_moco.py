@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Self-supervised pre-training (W2SSL, or the MoCo v3 baseline): parse, check, launch (see README.md)."""
+"""Self-supervised pre-training (W2SSL, or the MoCo v3 and BYOL baselines): parse, check, launch (see README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -15,50 +15,30 @@ from w2ssl.data.listing import detect_layout
 from w2ssl.data.sources import load_subset
 from w2ssl.dist.distributed import launch
 from w2ssl.errors import UserError
-from w2ssl.methods.registry import build_model, method_names, method_spec
+from w2ssl.methods.registry import build_model, method_arguments, method_names, method_spec
 from w2ssl.system import disk
 from w2ssl.train.pretrain import train
 from w2ssl.trunks import trunk_names, trunk_spec
 
-# MoCo v3's ViT recipe: the defaults of these flags when --arch is a ViT and neither the command line nor
-# --config sets them (--lr is scaled by batch/256 as for ResNets).
-FAMILY_DEFAULTS = {"vit": {"optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
-                           "epochs": 300, "moco_m_cos": True, "moco_m": 0.99}}
-EPILOG = ("ViT trunks (-a vit_*) default to MoCo v3's ViT recipe for the flags not given: --optimizer adamw "
-          "--lr 1.5e-4 --wd 0.1 --warmup-epochs 40 --epochs 300 --moco-m-cos --moco-m 0.99.")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="W2SSL ImageNet pre-training", epilog=EPILOG)
+    parser = argparse.ArgumentParser(description="W2SSL ImageNet pre-training")
     cli.add_common(parser, batch_size=512, lr=0.6, wd=1e-6, epochs=200, print_freq=100, save_dir="outputs")
     parser.add_argument("--method", default="w2ssl", choices=method_names(),
-                        help="w2ssl (the default), or mocov3: MoCo v3's two views at 2 x --tile-size px, the baseline")
+                        help="w2ssl (the default); mocov3 or byol: two views at 2 x --tile-size px, the baselines")
     parser.add_argument("--stop-grad-conv1", action="store_true",
                         help="ViTs with a patch projection (vit_small, vit_base): keep it random and frozen (MoCo v3)")
-    w2 = parser.add_argument_group("W2SSL")
-    w2.add_argument("--tile-size", default=112, type=int,
-                    help="side of each crop; montages (and MoCo v3's views) are twice as large")
-    w2.add_argument("--crop-min", default=0.2, type=cli.fraction, help="minimum RandomResizedCrop scale")
-    w2.add_argument("--cross", default=0.3, type=float,
-                    help="overlap of the left and right crops, a fraction of the width (0.3 as published; 0: none)")
-    w2.add_argument("--flip-p", default=0.5, type=cli.unit_interval,
-                    help="horizontal flip probability of each tile (0.5 as published; for diagnostics)")
-    w2.add_argument("--crop_proj_dim", default=256, type=cli.positive_int, help="projector/predictor output dimension")
-    w2.add_argument("--moco-mlp-dim", default=4096, type=cli.positive_int, help="hidden dimension of the MLP heads")
-    w2.add_argument("--loss_t", default=0.3, type=cli.positive_float, help="temperature of the 'what' (SupCon) loss")
-    w2.add_argument("--loss_loc", default=1.0, type=cli.nonneg_float, help="weight of the 'where' loss")
-    w2.add_argument("--loss_crop", default=1.0, type=cli.nonneg_float, help="weight of the 'what' loss")
-    w2.add_argument("--moco-m", default=0.99, type=cli.unit_interval, help="momentum of the EMA encoder")
-    w2.add_argument("--moco-m-cos", action=argparse.BooleanOptionalAction, default=False,
-                    help="raise the momentum to 1 on a half-cosine")
-    w2.add_argument("--moco-dim", default=256, type=cli.positive_int,
-                    help="--method mocov3: projector/predictor output dimension (unused by W2SSL, as in the "
-                         "authors' code)")
-    w2.add_argument("--moco-t", default=1.0, type=cli.positive_float,
-                    help="--method mocov3: InfoNCE temperature (unused by W2SSL, as in the authors' code)")
-    w2.add_argument("--loss_clu", default=1.0, type=float, help="authors' flag, unused by their released model")
-    w2.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
-    w2.add_argument("--warmup-epochs", default=10, type=cli.nonneg_int, metavar="N")
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--tile-size", default=112, type=int,  # 0 and below: check_tile_size says what fits
+                     help="side of each crop; montages (and the two-view methods' views) are twice as large")
+    aug.add_argument("--crop-min", default=0.2, type=cli.fraction, help="minimum RandomResizedCrop scale")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
+    opt.add_argument("--warmup-epochs", default=10, type=cli.nonneg_int, metavar="N")
+    opt.add_argument("--clip-grad", default=0.0, type=cli.nonneg_float, metavar="NORM",
+                     help="clip the gradients' global L2 norm to NORM before each step (0: off, as published)")
+    for arguments in method_arguments():
+        arguments.add(parser.add_argument_group(arguments.title))
     run = parser.add_argument_group("running")
     run.add_argument("--save-freq-iters", default=0, type=cli.nonneg_int, metavar="N",
                      help="also write checkpoint_last every N iterations (0: only at epoch ends)")
@@ -90,19 +70,48 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pre-train on a small embedded photo set with CPU-sized settings, then compare kNN "
                           "accuracy with a random trunk")
     parser.set_defaults(resume="auto")  # like DINO: a restarted run continues from its newest checkpoint
+    parser.epilog = defaults_epilog(parser)
     return parser
 
 
+def defaults_epilog(parser: argparse.ArgumentParser) -> str:
+    """``--help``'s last paragraph: the order of the defaults, and the recipes the registries declare."""
+    def flags(values: dict) -> str:
+        option = {a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in parser._actions
+                  if any(o.startswith("--") for o in a.option_strings)}
+
+        def one(dest: str, v: object) -> str:
+            if isinstance(v, bool):
+                return option[dest] if v else f"--no-{option[dest][2:]}"
+            return f"{option[dest]} {v:g}" if isinstance(v, float) else f"{option[dest]} {v}"
+        return " ".join(one(dest, v) for dest, v in values.items())
+
+    methods = [f"--method {name}: {flags(dict(method_spec(name).defaults))}" for name in method_names()
+               if method_spec(name).defaults]
+    families = {}
+    for name in trunk_names():
+        family = trunk_spec(name).family
+        if family.pretrain_recipe:
+            families.setdefault(family.name, (family, []))[1].append(name)
+    recipes = [f"-a {', '.join(names)}: {flags(dict(family.pretrain_recipe))}" for family, names in families.values()]
+    return ("Defaults, lowest first: the published W2SSL run's; the method's recipe (" + "; ".join(methods) +
+            "); the trunk family's (" + "; ".join(recipes) + "); --config; the command line.")
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """:func:`w2ssl.cli.parse` with :data:`FAMILY_DEFAULTS` of the ``--arch`` given (command line, else
-    ``--config``) under the config's values and the command line's."""
+    """:func:`w2ssl.cli.parse` with the defaults of the ``--method`` and ``--arch`` given (command line, else
+    ``--config``): the method's recipe, then the trunk family's, under the config's values and the command line's."""
     pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
     pre.add_argument("-a", "--arch")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    arch = known.arch or (cli.load_config(known.config, parser).get("arch") if known.config else None)
+    config = cli.load_config(known.config, parser) if known.config else {}
+    method, arch = known.method or config.get("method"), known.arch or config.get("arch")
+    if method in method_names():
+        parser.set_defaults(**method_spec(method).defaults)
     if arch in trunk_names():
-        parser.set_defaults(**FAMILY_DEFAULTS.get(trunk_spec(arch).family, {}))
+        parser.set_defaults(**trunk_spec(arch).family.pretrain_recipe)
     return cli.parse(parser, argv)
 
 
@@ -120,9 +129,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
     method.check_batch(args.batch_size, world_size)
     if args.gpu_aug and method.gpu_transform is None:
         raise UserError(f"--gpu-aug has no device augmentation for --method {args.method}: drop --gpu-aug")
-    if not 0 <= args.cross < 0.5 or not 0 <= args.flip_p <= 1:
-        raise UserError(f"--cross must be in [0, 0.5) and --flip-p in [0, 1]; got {args.cross} and {args.flip_p}")
-    if args.stop_grad_conv1 and (trunk_spec(args.arch).family != "vit" or args.arch.startswith("vit_conv")):
+    if args.stop_grad_conv1 and "stop_grad_conv1" not in trunk_spec(args.arch).switches:
         raise UserError(f"--stop-grad-conv1 freezes a ViT's linear patch projection, which {args.arch} does "
                         f"not have: drop --stop-grad-conv1")
     with torch.device("meta"):  # shapes and sizes only: nothing is allocated

@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from w2ssl.checkpoint import epoch_name, save_atomic  # noqa: E402
 from w2ssl.data.augment import MEAN, STD  # noqa: E402
 from w2ssl.data.datasets import image_folder, seed_everything  # noqa: E402
-from w2ssl.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
+from w2ssl.engine.optim import build_optimizer, scaled_lr, set_lr  # noqa: E402
+from w2ssl.schedules import lr_at  # noqa: E402
 from w2ssl.trunks import build_trunk  # noqa: E402
 
 

@@ -94,14 +94,15 @@ def tokens(family: str, tile: int) -> dict[str, int | None]:
 def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Tensor]:
     """The training-step closure of ``name`` (one of :data:`STEPS`) with its model, data and optimizer."""
     b, t, cl = args.batch_size, args.tile_size, args.channels_last
-    family = trunk_spec(args.arch).family
+    spec = trunk_spec(args.arch)
+    family = spec.family.name
     gen = torch.Generator(device).manual_seed(0)
 
     def images(size: int) -> Tensor:
         return to_memory_format(torch.randn(b, 3, size, size, device=device, generator=gen), cl)
 
     if name == "w2ssl":
-        w2ssl = W2SSL(partial(build_trunk, args.arch), family=family, fused_views=args.fused_views)
+        w2ssl = W2SSL(partial(build_trunk, args.arch), family=spec.family, fused_views=args.fused_views)
         model = prepare_model(w2ssl.to(device), cl, args.compile, TRUNKS)
         view1, view2 = [images(t), images(t)], [images(t), images(t)]
         perm = torch.randperm(2 * b)  # on the host, as the trainer draws it
@@ -109,7 +110,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Callable
         return train_step(lambda: model(view1, view2, MOMENTUM, perm)["loss"], optimizer, device, args.precision)
     if name in ("mocov3", "mocov3_fused"):
         options = {"zero_init_residual": True} if family == "resnet" else {}  # as methods/mocov3.build
-        mocov3 = MoCoV3(partial(build_trunk, args.arch, **options), family=family,
+        mocov3 = MoCoV3(partial(build_trunk, args.arch, **options), family=spec.family,
                         fused_views=name == "mocov3_fused")
         model = prepare_model(mocov3.to(device), cl, args.compile, TRUNKS)
         x1, x2 = images(2 * t), images(2 * t)
@@ -174,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--tile-size must be positive; got {args.tile_size}")
     if args.iters < 1 or args.warmup < 0:
         raise UserError(f"need --iters >= 1 and --warmup >= 0; got {args.iters} and {args.warmup}")
-    if trunk_spec(args.arch).family == "vit" and args.tile_size % (PATCH // 2):
+    if trunk_spec(args.arch).family.name == "vit" and args.tile_size % (PATCH // 2):
         raise UserError(f"-a {args.arch} needs 2 x --tile-size to be a multiple of the patch size {PATCH}: "
                         f"pass a --tile-size that is a multiple of {PATCH // 2} (e.g. 112); got {args.tile_size}")
     return args
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     out["ratio_w2ssl_supervised"] = ratio(out["w2ssl_img_s"], out["supervised_img_s"])
     # Host load (1-minute average, ours included) before and after: flags runs disturbed by other processes.
     out["load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    out.update(tokens(trunk_spec(args.arch).family, args.tile_size))
+    out.update(tokens(trunk_spec(args.arch).family.name, args.tile_size))
     out.update(common.versions())
     out["timm"] = timm.__version__
     return out

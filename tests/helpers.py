@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 from w2ssl.methods.w2ssl import W2SSL
 from w2ssl.trunks import build_trunk, registry
-from w2ssl.trunks.resnet import ResNetTrunk
+from w2ssl.trunks.resnet import RESNET, ResNetTrunk
 
 
 def group_norm(channels: int) -> nn.Module:
@@ -52,7 +52,7 @@ SMALL = "small_resnet"  # --arch of small_resnet in the tests that register it
 def register_small_resnet(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
     """:func:`small_resnet` as ``--arch small_resnet`` for this test only (the CLIs read the registry when they
     build their parsers): in-process runs whose point is not the trunk's size."""
-    monkeypatch.setitem(registry._TRUNKS, SMALL, registry.TrunkSpec(SMALL, "resnet", small_resnet))
+    monkeypatch.setitem(registry._TRUNKS, SMALL, registry.TrunkSpec(SMALL, RESNET, small_resnet))
 
 
 def tiny_model(norm: bool = False, arch: str | None = None, **kw) -> W2SSL:

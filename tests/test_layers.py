@@ -9,10 +9,10 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 LAYERS = [
-    ["errors"],
+    ["errors", "argtypes"],
     ["system"],  # stop signals, fail-fast, disk, run lock: the process and its host
     ["dist"],  # processes and collectives, synchronised and per-view norms: no method, no data
-    ["data", "trunks", "losses"],
+    ["data", "trunks", "losses", "schedules"],  # pure blocks: images, backbones, losses, curves
     ["methods"],
     ["engine", "checkpoint"],  # the runtime every loop shares, and checkpoint I/O
     ["trunk_weights", "cli"],

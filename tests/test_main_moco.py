@@ -31,7 +31,7 @@ def published_commands() -> list[str]:
 
 @pytest.mark.parametrize("command", published_commands())
 def test_published_command_parses_unchanged(command):
-    args = cli.parse(build_parser(), shlex.split(command))
+    args = parse(build_parser(), shlex.split(command))  # with the method's and the trunk family's defaults
     assert args.moco_m_cos and args.multiprocessing_distributed
     assert (args.crop_min, args.dist_url, args.world_size, args.rank) == (0.2, "tcp://localhost:10109", 1, 0)
     assert (args.print_freq, args.epochs, args.loss_crop, args.data) == (1000, 200, 1.0, "DATA")
@@ -40,6 +40,9 @@ def test_published_command_parses_unchanged(command):
     assert (args.arch, args.lr, args.weight_decay) == ("resnet50", 0.6, 1e-6)
     assert (args.momentum, args.optimizer, args.fused_views) == (0.9, "lars", False)
     assert (args.tile_size, args.loss_t, args.loss_loc, args.moco_m, args.warmup_epochs) == (112, 0.3, 1.0, 0.99, 10)
+    assert (args.method, args.crop_proj_dim, args.moco_mlp_dim, args.moco_dim) == ("w2ssl", 256, 4096, 256)
+    assert args.moco_t == 1.0
+    assert (args.cross, args.flip_p, args.clip_grad, args.loss_clu) == (0.3, 0.5, 0.0, 1.0)
 
 
 @pytest.mark.slow
@@ -156,7 +159,25 @@ def test_vit_arch_defaults_to_the_vit_recipe_for_flags_not_given(tmp_path):
     assert (args.weight_decay, args.optimizer) == (0.05, "adamw")
     args = parse(build_parser(), ["DATA"])  # ResNets: the authors' defaults
     assert (args.optimizer, args.lr, args.weight_decay, args.epochs, args.moco_m_cos) == ("lars", 0.6, 1e-6, 200, False)
-    assert "ViT trunks (-a vit_*) default to MoCo v3's ViT recipe" in build_parser().format_help()
+    assert ("the trunk family's (-a vit_small, vit_base, vit_conv_small, vit_conv_base: --optimizer adamw --lr "
+            "0.00015 --wd 0.1 --warmup-epochs 40 --epochs 300 --moco-m-cos --moco-m 0.99)"
+            in " ".join(build_parser().format_help().split()))
+
+
+def test_a_method_declares_its_own_flags_and_defaults():
+    """BYOL's recipe is its default, under the trunk family's and the command line's; each method's flags
+    show in a group of their own, the shared EMA flags once."""
+    args = parse(build_parser(), ["--method", "byol", "DATA"])
+    assert (args.moco_m, args.moco_m_cos, args.lr, args.weight_decay, args.optimizer) == (0.996, True, 0.2, 1.5e-6,
+                                                                                         "lars")
+    args = parse(build_parser(), ["--method", "byol", "-a", "vit_small", "--lr", "0.1", "DATA"])
+    assert (args.moco_m, args.lr, args.weight_decay, args.optimizer) == (0.99, 0.1, 0.1, "adamw")
+    assert parse(build_parser(), ["--method", "mocov3", "DATA"]).moco_m == 0.99  # the parser's (published) default
+    text = build_parser().format_help()
+    groups = [line for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert {"--method w2ssl:", "--method mocov3:", "EMA encoder and heads (w2ssl, mocov3, byol):"} <= set(groups)
+    assert sum(line.startswith("  --moco-m MOCO_M") for line in text.splitlines()) == 1
+    assert "--method byol: --moco-m 0.996 --moco-m-cos --lr 0.2" in " ".join(text.split())
 
 
 def run_inprocess(main, argv) -> int:

@@ -10,6 +10,7 @@ from w2ssl.checkpoint import save_atomic
 from w2ssl.errors import UserError
 from w2ssl.trunk_weights import check_trunk, extract_trunk, load_trunk, read_trunk, stored_arch, trunk_arch
 from w2ssl.trunks import register_trunk, registry, trunk_names, trunk_shapes
+from w2ssl.trunks.resnet import RESNET
 
 
 @pytest.mark.parametrize("layout", ["ours", "authors", "mocov3"])
@@ -109,7 +110,7 @@ def conv_trunk(width: int, root: str):
 def test_a_trunk_registered_after_a_first_call_is_seen(monkeypatch):
     """Shapes and key roots follow the registry: neither is cached past a registration."""
     monkeypatch.setattr(registry, "_TRUNKS", dict(registry._TRUNKS))
-    register_trunk("late_cnn", "resnet")(conv_trunk(8, "stem"))
+    register_trunk("late_cnn", RESNET)(conv_trunk(8, "stem"))
     assert trunk_shapes("late_cnn") == {"stem.weight": (8, 3, 4, 4), "stem.bias": (8,)}
     ckpt = {"state_dict": {"base_encoder.stem.weight": torch.zeros(8, 3, 4, 4),
                            "base_encoder.stem.bias": torch.zeros(8)}}
@@ -117,10 +118,10 @@ def test_a_trunk_registered_after_a_first_call_is_seen(monkeypatch):
     later = {"state_dict": {"base_encoder.patchify.weight": torch.zeros(4, 3, 4, 4)}}
     with pytest.raises(UserError, match="no pre-trained trunk"):
         extract_trunk(later)
-    register_trunk("later_cnn", "resnet")(conv_trunk(4, "patchify"))
+    register_trunk("later_cnn", RESNET)(conv_trunk(4, "patchify"))
     assert extract_trunk(later).keys() == {"patchify.weight"} and trunk_arch(extract_trunk(later)) is None
     # The same name registered anew (another registry) is built anew, not read from the first one's cache.
     monkeypatch.setattr(registry, "_TRUNKS", dict(registry._TRUNKS))
     del registry._TRUNKS["late_cnn"]
-    register_trunk("late_cnn", "resnet")(conv_trunk(16, "stem"))
+    register_trunk("late_cnn", RESNET)(conv_trunk(16, "stem"))
     assert trunk_shapes("late_cnn")["stem.weight"] == (16, 3, 4, 4)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -12,41 +11,19 @@ from typing import Any, TextIO
 
 import yaml
 
+from w2ssl.argtypes import (  # noqa: F401  (the flag types every entry point uses, as cli.<type>)
+    Ranged,
+    below_one,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from w2ssl.engine.step import PRECISIONS
 from w2ssl.errors import UserError
-from w2ssl.trunks import trunk_names
-from w2ssl.trunks.vit import FEATURES
-
-
-class Ranged:
-    """An argparse ``type=`` that converts like ``convert`` (argparse's own message when that fails) and
-    whose range :func:`check_values` checks after parsing: one ``error:`` line, exit 2, and values from
-    ``--config`` (which argparse does not pass through ``type=``) are checked too."""
-
-    def __init__(self, convert: Callable[[str], Any], name: str, ok: Callable[[Any], bool], rule: str):
-        self.convert, self.__name__, self.ok, self.rule = convert, name, ok, rule
-
-    def __call__(self, text: str) -> Any:
-        return self.convert(text)
-
-    def accepts(self, value: object) -> bool:
-        try:
-            return bool(self.ok(self.convert(value) if isinstance(value, str) else value))
-        except (TypeError, ValueError):
-            return False
-
-
-def _finite(ok: Callable[[float], bool]) -> Callable[[float], bool]:
-    return lambda v: math.isfinite(v) and ok(v)
-
-
-positive_int = Ranged(int, "int", lambda v: v >= 1, "must be a whole number >= 1")
-nonneg_int = Ranged(int, "int", lambda v: v >= 0, "must be a whole number >= 0")
-positive_float = Ranged(float, "float", _finite(lambda v: v > 0), "must be a finite number > 0")
-nonneg_float = Ranged(float, "float", _finite(lambda v: v >= 0), "must be a finite number >= 0")
-fraction = Ranged(float, "float", _finite(lambda v: 0 < v <= 1), "must be in (0, 1]")
-unit_interval = Ranged(float, "float", _finite(lambda v: 0 <= v <= 1), "must be in [0, 1]")
-below_one = Ranged(float, "float", _finite(lambda v: 0 <= v < 1), "must be in [0, 1)")
+from w2ssl.trunks import readout_names, trunk_names
 
 
 def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -152,7 +129,7 @@ def add_classifier(group: argparse._ArgumentGroup, verb: str) -> None:
                        help="only evaluate on DATA/val (the model of --resume, or --pretrained with a fresh fc)")
     group.add_argument("--input-size", default=224, type=positive_int, metavar="PX",
                        help="crop side: RandomResizedCrop(PX) for training, Resize(PX*256/224)+CenterCrop(PX) for val")
-    group.add_argument("--vit-feature", default="avg", choices=FEATURES,
+    group.add_argument("--vit-feature", default="avg", choices=readout_names(),
                        help="a ViT's vector for the classifier (and --knn): avg, the mean of the patch tokens "
                             "(default: the tokens W2SSL's losses train; its tile read-out never uses the class "
                             "token, which stays near its initialisation), or cls, the class token (MoCo v3's "

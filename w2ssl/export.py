@@ -5,7 +5,8 @@
 CKPT may be ours, the authors' W2SSL or MoCo v3's pre-training checkpoint. OUT is a ``torch.save``'d
 dict of tensors that the target library's model loads with ``strict=False``, reporting only its
 classifier missing: ``torchvision.models.<arch>()`` or ``timm.create_model("<arch>")`` for a ResNet
-(``fc.*``), timm's ``VisionTransformer`` for a ViT (``head.*``; METHOD §11).
+(``fc.*``), timm's ``VisionTransformer`` for a ViT (``head.*``; METHOD §11), ``timm.create_model("<arch>")``
+for a timm CNN. Each trunk family declares its targets (``Family.exports``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from w2ssl.checkpoint import save_all
@@ -21,46 +21,22 @@ from w2ssl.cli import add_trust_checkpoint, check_file, run_main
 from w2ssl.errors import UserError
 from w2ssl.trunk_weights import read_trunk
 from w2ssl.trunks import trunk_names, trunk_spec
-from w2ssl.trunks.vit import timm_loading, to_timm_state_dict
 
 TARGETS = ("torchvision", "timm")
 
 
-def resnet_to_timm(trunk: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
-    """torchvision-named ResNet trunk -> timm ``arch`` names.
-
-    timm's ResNet keeps torchvision's parameter and buffer names (``conv1``, ``bn1``, ``layer1.0.downsample.0``
-    … checked for timm 1.0), so the map is the identity; this verifies it against the installed timm.
-    """
-    try:
-        import timm
-    except ImportError as e:
-        raise UserError("timm is not installed: pip install timm, or export --to torchvision") from e
-    with torch.device("meta"):  # names and shapes only, no memory or init time
-        model = timm.create_model(arch, pretrained=False)
-    classifier = model.pretrained_cfg.get("classifier", "fc")
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(f"{classifier}.")}
-    differ = sorted(set(expected) ^ set(trunk)) or sorted(k for k in expected if expected[k] != trunk[k].shape)
-    if differ:
-        raise UserError(f"timm {timm.__version__} names {arch}'s weights differently from torchvision "
-                        f"(first difference: {differ[0]}): export --to torchvision and map the keys")
-    return dict(trunk)
-
-
 def convert(trunk: dict[str, Tensor], arch: str, to: str) -> dict[str, Tensor]:
-    """The trunk in ``to``'s names: ResNets as they are (checked for timm), ViTs with timm's ``pos_embed``."""
-    if trunk_spec(arch).family == "vit":
-        if to != "timm":
-            raise UserError(f"a {arch} trunk has no torchvision counterpart with these weights: export --to timm")
-        return to_timm_state_dict(trunk)
-    return resnet_to_timm(trunk, arch) if to == "timm" else trunk
+    """The trunk in ``to``'s names, by the export its family declares (``Family.exports``)."""
+    exports = trunk_spec(arch).family.exports
+    if to not in exports:
+        raise UserError(f"a {arch} trunk has no {to} counterpart with these weights: export --to "
+                        f"{' or --to '.join(exports)}")
+    return exports[to].convert(trunk, arch)
 
 
-def loading_hint(arch: str) -> str:
+def loading_hint(arch: str, to: str) -> str:
     """How to load the exported file, and what is missing then."""
-    if trunk_spec(arch).family == "vit":
-        return f"load into {timm_loading(arch)} with strict=False: only head.weight and head.bias are missing"
-    return "load with strict=False: only fc.weight and fc.bias are missing"
+    return trunk_spec(arch).family.exports[to].hint(arch)
 
 
 def export(ckpt: str | Path, out: str | Path, to: str = "torchvision", arch: str | None = None,
@@ -98,7 +74,7 @@ def run(argv: list[str] | None = None) -> None:
     check_file(args.ckpt, "CKPT")
     check_file(args.out, "OUT", output=True)
     weights, arch = export(args.ckpt, args.out, args.to, args.arch, args.trust_checkpoint)
-    print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; {loading_hint(arch)}")
+    print(f"wrote {len(weights)} tensors ({arch} trunk, {args.to} keys) to {args.out}; {loading_hint(arch, args.to)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,7 @@ def read_trunk(path: str | Path, arch: str | None = None, trust: bool = False,
     trunk = extract_trunk(ckpt)
     arch = arch or trunk_arch(trunk, ckpt) or DEFAULT_ARCH
     check_trunk(trunk, arch, ckpt)
-    if family is not None and trunk_spec(arch).family != family:
+    if family is not None and trunk_spec(arch).family.name != family:
         raise UserError(f"checkpoint {path} holds a {arch} trunk; this tool takes a {family} "
                         f"({', '.join(trunk_names(family))}): pass a {family} checkpoint")
     return trunk, arch

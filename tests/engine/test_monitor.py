@@ -41,7 +41,7 @@ def test_epoch_progress_prints_current_and_average(tmp_path):
     for i, loss in enumerate([3.0, 5.0]):
         parts = {"loss": torch.tensor(loss), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(loss - 0.5),
                  "where_acc": torch.tensor(0.25 * i)}
-        progress.record(parts, lr=0.1, momentum=0.99, data_s=0.5, batch_s=2.0)
+        progress.record(parts, {"lr": 0.1, "momentum": 0.99}, data_s=0.5, batch_s=2.0)
     progress.line(step=7, iteration=2, eta="0:01:00", extra={})
     log.close()
     line = (tmp_path / "log.txt").read_text().strip()
@@ -78,7 +78,7 @@ def test_where_accuracy_is_a_percentage_in_tensorboard_as_on_the_console(tmp_pat
     progress = EpochProgress(log, torch.device("cpu"), batch_size=8, iters_per_epoch=4, epoch=0, fields=console)
     parts = {"loss": torch.tensor(2.0), "loss_where": torch.tensor(0.5), "loss_what": torch.tensor(1.5),
              "where_acc": torch.tensor(0.75)}
-    progress.record(parts, lr=0.1, momentum=0.99, data_s=0.5, batch_s=2.0)
+    progress.record(parts, {"lr": 0.1, "momentum": 0.99}, data_s=0.5, batch_s=2.0)
     progress.line(step=1, iteration=1, eta="?", extra={})
     log.close()
     assert log.logged[0]["where_acc"] == 75.0 and log.logged[0]["loss"] == 2.0
@@ -92,7 +92,7 @@ def test_any_scalars_are_logged_with_the_generic_line(tmp_path):
     progress = EpochProgress(log, torch.device("cpu"), batch_size=4, iters_per_epoch=10, epoch=1)
     for i in range(3):
         progress.record({"loss": torch.tensor(1.0 + i), "ctr_acc": torch.tensor(0.5), "z_other": torch.tensor(-i)},
-                        lr=0.1, momentum=0.9, data_s=0.0, batch_s=1.0)
+                        {"lr": 0.1, "momentum": 0.9}, data_s=0.0, batch_s=1.0)
     progress.line(step=3, iteration=3, eta="?", extra={"bad_files": 0})
     log.close()
     assert [row["loss"] for row in log.logged] == [1.0, 2.0, 3.0]

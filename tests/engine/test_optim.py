@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from w2ssl.engine.optim import LARS, Scratch, build_optimizer, lr_at, momentum_at, norms, scaled_lr, write_updates
+from w2ssl.engine.optim import LARS, Scratch, build_optimizer, norms, scaled_lr, write_updates
+from w2ssl.schedules import lr_at, momentum_at
 
 
 def test_linear_scaling():

@@ -39,6 +39,42 @@ def test_fp32_step_is_a_hand_written_sgd_step():
     assert optimizer.param_groups[0]["lr"] == 0.1
 
 
+def test_clip_grad_scales_the_gradient_to_the_global_norm_before_the_step():
+    model = linear()
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    r = X @ w.T + b - Y
+    gw, gb = (2 / 4) * r.T @ X, (2 / 4) * r.sum(0)  # the hand gradient of test_fp32_step_...
+    norm = torch.cat([gw.flatten(), gb]).norm()
+    assert norm > 0.5
+    TrainStep(torch.optim.SGD(model.parameters(), lr=1.0), CPU, "fp32", clip_grad=0.5)(lambda: mse_outputs(model), 0.1)
+    scale = 0.5 / (norm + 1e-6)  # torch's clip_grad_norm_: max_norm / (total + 1e-6)
+    torch.testing.assert_close(model.weight, w - 0.1 * scale * gw)
+    torch.testing.assert_close(model.bias, b - 0.1 * scale * gb)
+
+
+def test_weight_decay_is_set_per_group_and_the_hook_sees_unscaled_gradients():
+    """A scheduled weight decay reaches each group times its ``wd_scale``; ``after_backward`` runs after the
+    backward on the true (unscaled, fp16) gradients, before the step, and what it cancels does not move."""
+    model = linear()
+    optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "wd_scale": 0.0}], lr=0.1)
+    step = TrainStep(optimizer, CPU, "fp16")
+    seen = []
+
+    def hook() -> None:
+        seen.append(model.weight.grad.detach().clone())
+        model.bias.grad = None
+
+    b = model.bias.detach().clone()
+    step(lambda: mse_outputs(model, 1e-3), weight_decay=0.3, after_backward=hook)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.0]
+    reference = linear()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = mse_outputs(reference, 1e-3)["loss"]
+    loss.backward()
+    torch.testing.assert_close(seen[0], reference.weight.grad, rtol=1e-2, atol=1e-6)  # not x 2^16
+    assert torch.equal(model.bias, b)
+
+
 @pytest.mark.parametrize("first", [False, True])
 def test_stale_gradients_are_dropped_before_or_after_the_forward(first):
     model = linear()

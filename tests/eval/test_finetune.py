@@ -24,7 +24,7 @@ from w2ssl.dist.distributed import Context
 from w2ssl.eval.finetune import FineTune
 from w2ssl.eval.probe_model import Probe, changed_weights
 from w2ssl.trunks import build_trunk, registry
-from w2ssl.trunks.vit import build_vit
+from w2ssl.trunks.vit import VIT, build_vit
 
 COMMON = ["--input-size", "32", "-b", "16", "--workers", "0", "--seed", "0", "--print-freq", "100"]
 
@@ -323,7 +323,7 @@ def test_transfer_takes_the_class_count_from_the_folder(module, small, random_in
 # ----------------------------------------------------------------- the ViT recipe
 def test_a_vit_finetunes_with_maes_recipe(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(registry._TRUNKS, "tiny_vit", registry.TrunkSpec(
-        "tiny_vit", "vit", lambda **kw: build_vit("vit_small", depth=2, embed_dim=32, num_heads=2, **kw)))
+        "tiny_vit", VIT, lambda **kw: build_vit("vit_small", depth=2, embed_dim=32, num_heads=2, **kw)))
     torch.manual_seed(0)
     ckpt = trunk_checkpoint(tmp_path / "vit.pth.tar", build_trunk("tiny_vit"))
     data = tmp_path / "data"

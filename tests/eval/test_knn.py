@@ -28,6 +28,7 @@ from w2ssl.eval.knn import (
     pooled_features,
 )
 from w2ssl.trunks import build_trunk
+from w2ssl.trunks.vit import VIT
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
@@ -192,12 +193,13 @@ def test_pooled_features_of_a_vit_are_its_patch_token_average_or_class_token():
     trunk, x = tiny_vit(), tiny_data(n=2).tensors[0]
     with torch.no_grad():
         tokens = trunk.forward_tokens(x)  # [2, 1 + 2·2, 32]
-        torch.testing.assert_close(pooled_features(trunk, x), tokens[:, 1:].mean(dim=1))
-        torch.testing.assert_close(pooled_features(trunk, x, "cls"), tokens[:, 0])
-    feats, _ = extract_features(trunk, DataLoader(tiny_data(n=2), batch_size=1), "cpu", vit_feature="cls")
+        torch.testing.assert_close(pooled_features(trunk, x, VIT.readout()), tokens[:, 1:].mean(dim=1))
+        torch.testing.assert_close(pooled_features(trunk, x), tokens[:, 1:].mean(dim=1))  # the map's mean: the same
+        torch.testing.assert_close(pooled_features(trunk, x, VIT.readout("cls")), tokens[:, 0])
+    feats, _ = extract_features(trunk, DataLoader(tiny_data(n=2), batch_size=1), "cpu", readout=VIT.readout("cls"))
     torch.testing.assert_close(feats, F.normalize(tokens[:, 0], dim=1))
-    with pytest.raises(ValueError, match="unknown ViT feature 'max'"):
-        pooled_features(trunk, x, "max")
+    with pytest.raises(ValueError, match="vit trunks have no 'max' read-out; choose one of avg, cls"):
+        VIT.readout("max")
 
 
 def test_extract_features_autocast_and_channels_last():

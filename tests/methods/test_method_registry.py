@@ -10,10 +10,11 @@ import main_moco
 from tests.helpers import SMALL, TINY, register_small_resnet
 from w2ssl import cli
 from w2ssl.data.augment import MEAN, STD
-from w2ssl.dist import syncbn
 from w2ssl.errors import UserError
 from w2ssl.methods import registry
+from w2ssl.methods.base import SSLModel
 from w2ssl.methods.registry import Method, StepKey, build_model, method_names, method_spec, register_method
+from w2ssl.schedules import Schedules, cosine
 
 
 def test_builtin_methods_are_registered_in_order():
@@ -55,20 +56,37 @@ def test_mocov3_resnets_start_with_zero_residual_scales():
     assert torch.equal(model.base_encoder.layer1[0].bn2.weight, torch.zeros(64))
 
 
-class Toy(nn.Module):
-    """A toy method: predict the mean colour of an image from the pooled trunk features."""
+class Toy(SSLModel):
+    """A toy method without a momentum encoder: predict the mean colour of an image from the pooled trunk
+    features, times a scheduled ``scale``; its head's weight frozen by the after-backward hook (as DINO freezes
+    its last layer), its bias in a group of its own without weight decay."""
 
     def __init__(self, trunk):
         super().__init__()
         self.base_encoder = trunk()
         self.head = nn.Linear(self.base_encoder.num_features, 3)
+        nn.init.constant_(self.head.weight, 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("last_scale", torch.zeros((), dtype=torch.float64))
 
-    def convert_sync_batchnorm(self) -> None:
-        syncbn.convert(self)
+    def param_groups(self) -> list[dict]:
+        return [{"params": [*self.base_encoder.parameters(), self.head.weight]},
+                {"params": [self.head.bias], "wd_scale": 0.0}]
 
-    def forward(self, x: Tensor, target: Tensor, m: float) -> dict[str, Tensor]:
-        loss = (self.head(self.base_encoder(x).mean(dim=(2, 3))) - target).square().mean()
+    def after_backward(self, epoch: float) -> None:
+        self.head.weight.grad = None
+
+    def forward(self, x: Tensor, target: Tensor, scale: float) -> dict[str, Tensor]:
+        self.last_scale.fill_(scale)
+        loss = scale * (self.head(self.base_encoder(x).mean(dim=(2, 3))) - target).square().mean()
         return {"loss": loss, "toy_mse": loss.detach(), "toy_acc": (loss < 1).float().detach()}
+
+
+WD = cosine(0.04, 0.4, 1)  # DINO's weight decay schedule over one epoch
+
+
+def toy_schedules(args: Namespace, lr: float) -> Schedules:
+    return Schedules(lr=lambda t: lr, weight_decay=WD, forward={"scale": lambda t: 1.0 + t})
 
 
 def toy_transform(args: Namespace):
@@ -80,7 +98,8 @@ def toy_transform(args: Namespace):
 def toy():
     method = register_method(Method("toy", lambda args, trunk, family: Toy(trunk), toy_transform,
                                     inputs=lambda batch, key: {"x": batch[0], "target": batch[1]},
-                                    check_batch=lambda batch, world: None, input_size=lambda tile: 2 * tile))
+                                    check_batch=lambda batch, world: None, input_size=lambda tile: 2 * tile,
+                                    schedules=toy_schedules))
     yield method
     registry._METHODS.pop("toy")
 
@@ -93,7 +112,16 @@ def test_a_toy_method_trains_through_main_moco(toy, image_root, tmp_path, capsys
     out = capsys.readouterr().out
     assert f"=> toy on {SMALL}" in out and "\tLoss " in out and "\ttoy_mse " in out and "\ttoy_acc " in out
     ckpt = torch.load(tmp_path / "checkpoint_0000.pth.tar", weights_only=True)
-    assert ckpt["method"] == "toy" and "head.weight" in ckpt["state_dict"]
+    state, steps = ckpt["state_dict"], ckpt["global_step"]
+    assert ckpt["method"] == "toy" and not any(k.startswith("momentum") for k in state)
+    # the method's schedules reached the model and the optimiser at the last step, t = (steps - 1) / steps
+    t = (steps - 1) / steps
+    assert steps >= 2 and state["last_scale"].item() == 1.0 + t
+    decay, no_decay = ckpt["optimizer"]["param_groups"]
+    assert decay["weight_decay"] == pytest.approx(WD(t)) and WD(t) > 0.04 and no_decay["weight_decay"] == 0.0
+    # the after-backward hook froze the head's weight; its bias trained
+    assert torch.equal(state["head.weight"], torch.full_like(state["head.weight"], 0.5))
+    assert state["head.bias"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("method, batch, world, message", [

@@ -22,6 +22,8 @@ from w2ssl.export import TARGETS, export
 from w2ssl.methods.mocov3 import MoCoV3
 from w2ssl.trunk_weights import check_trunk, extract_trunk
 from w2ssl.trunks import build_trunk
+from w2ssl.trunks.resnet import RESNET
+from w2ssl.trunks.vit import VIT
 
 DIM, MLP, N, SIZE, T = 8, 16, 4, 16, 0.7
 
@@ -47,7 +49,8 @@ def tiny(norm_layer=None, trunk=small, family: str = "resnet", **kw) -> MoCoV3:
     torch.manual_seed(0)
     options = {"norm_layer": norm_layer} if norm_layer else {}
     builder = vit_tiny() if family == "vit" else trunk(**options)
-    model = MoCoV3(builder, dim=DIM, mlp_dim=MLP, temperature=T, family=family, **kw).double()
+    model = MoCoV3(builder, dim=DIM, mlp_dim=MLP, temperature=T, family=VIT if family == "vit" else RESNET,
+                   **kw).double()
     with torch.no_grad():
         for p in [*model.base_encoder.parameters(), *model.projector.parameters()]:
             p.mul_(1.25).add_(0.01)

@@ -10,6 +10,7 @@ from tests.helpers import random_views, tiny_model
 from w2ssl.methods.w2ssl import W2SSL
 from w2ssl.trunks import build_trunk
 from w2ssl.trunks.resnet import TRUNK_LAYERS
+from w2ssl.trunks.vit import VIT
 
 
 def test_momentum_encoder_starts_as_copy_and_gets_no_grad():
@@ -244,7 +245,7 @@ def test_head_flops_formula_of_bench_heads_matches_the_flop_counter():
 def test_vit_small_w2ssl_loss_falls_over_a_few_steps():
     """The real vit_small on 64-px montages (tile 32, a 4x4 patch grid, 2x2 grid pooled), MoCo v3's ViT heads."""
     torch.manual_seed(0)
-    model = W2SSL(functools.partial(build_trunk, "vit_small"), dim=16, mlp_dim=32, family="vit")
+    model = W2SSL(functools.partial(build_trunk, "vit_small"), dim=16, mlp_dim=32, family=VIT)
     assert model.base_encoder.num_features == 384 and len(model.projector) == 8
     view1, view2 = random_views(4, 32)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))

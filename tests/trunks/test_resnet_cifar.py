@@ -14,7 +14,7 @@ from w2ssl.trunks import build_trunk, trunk_shapes, trunk_spec
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_cifar_trunks_are_torchvision_resnets_with_the_small_image_stem(arch):
     trunk = build_trunk(f"{arch}_cifar")
-    assert trunk_spec(f"{arch}_cifar").family == "resnet"
+    assert trunk_spec(f"{arch}_cifar").family.name == "resnet"
     assert isinstance(trunk.maxpool, nn.Identity)
     assert (trunk.conv1.kernel_size, trunk.conv1.stride, trunk.conv1.padding) == ((3, 3), (1, 1), (1, 1))
     expected = {k: tuple(v.shape) for k, v in torchvision.models.__dict__[arch]().state_dict().items()

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from w2ssl.methods.gridpool import grid_pool
-from w2ssl.methods.vit_heads import predictor, projector
+from w2ssl.methods.heads import predictor, projector
 from w2ssl.trunks import build_trunk, trunk_names, trunk_spec
 from w2ssl.trunks.vit import (
+    VIT,
     ConvStem,
     ViTTrunk,
     build_vit,
@@ -210,12 +211,12 @@ def test_vit_heads_are_moco_v3s():
                  getattr(m, "affine", None)) for m in seq]
 
     lin, bn, relu = "Linear", "BatchNorm1d", "ReLU"
-    assert layout(projector(384, 64, 16)) == [(lin, 384, 64, None), (bn, None, None, True), (relu, None, None, None),
-                                              (lin, 64, 64, None), (bn, None, None, True), (relu, None, None, None),
-                                              (lin, 64, 16, None), (bn, None, None, False)]
-    assert layout(predictor(16, 64)) == [(lin, 16, 64, None), (bn, None, None, True), (relu, None, None, None),
-                                         (lin, 64, 16, None), (bn, None, None, False)]
-    assert all(m.bias is None for m in projector(8, 4, 2) if isinstance(m, nn.Linear))
+    heads, hidden = VIT.heads, [(bn, None, None, True), (relu, None, None, None)]
+    assert layout(projector(384, 64, 16, heads)) == [(lin, 384, 64, None), *hidden, (lin, 64, 64, None), *hidden,
+                                                     (lin, 64, 16, None), (bn, None, None, False)]
+    assert layout(predictor(16, 64, heads)) == [(lin, 16, 64, None), (bn, None, None, True), (relu, None, None, None),
+                                                (lin, 64, 16, None), (bn, None, None, False)]
+    assert all(m.bias is None for m in projector(8, 4, 2, VIT.heads) if isinstance(m, nn.Linear))
 
 
 def test_vit_small_at_224_shape():
@@ -226,6 +227,6 @@ def test_vit_small_at_224_shape():
 
 def test_the_vits_are_registered_trunks_of_family_vit():
     assert trunk_names("vit") == ("vit_small", "vit_base", "vit_conv_small", "vit_conv_base")
-    assert all(trunk_spec(name).family == "vit" for name in trunk_names("vit"))
+    assert all(trunk_spec(name).family is VIT for name in trunk_names("vit"))
     trunk = build_trunk("vit_conv_small", depth=1)
     assert isinstance(trunk, ViTTrunk) and isinstance(trunk.patch_embed, ConvStem) and trunk.num_features == 384

@@ -195,14 +195,16 @@ class EpochProgress:
         self.pending: list[tuple[dict[str, Tensor], dict[str, float]]] = []  # since the last line
         self.batch_time, self.data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
 
-    def record(self, parts: dict[str, Tensor], lr: float, momentum: float, data_s: float, batch_s: float) -> None:
+    def record(self, parts: dict[str, Tensor], scheduled: dict[str, float], data_s: float, batch_s: float) -> None:
+        """One step: the model's scalars ``parts`` (on the device), the scheduled values it ran with (``lr``
+        first, then e.g. ``momentum``), the seconds waiting for data and of the whole step."""
         self.data_time.update(data_s)
         self.batch_time.update(batch_s)
         values = {k: v.detach() for k, v in parts.items()}
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v
         self.count += 1
-        self.pending.append((values, {"lr": lr, "momentum": momentum, "data_time": data_s,
+        self.pending.append((values, {**scheduled, "data_time": data_s,
                                       "img_per_s": self.batch_size / max(batch_s, 1e-9)}))
 
     def line(self, step: int, iteration: int, eta: str, extra: dict[str, float]) -> None:

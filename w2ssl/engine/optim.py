@@ -1,7 +1,6 @@
-"""LARS (as in MoCo v3), AdamW, and the per-iteration lr and momentum schedules (METHOD §6)."""
+"""LARS (as in MoCo v3), AdamW, and setting a step's lr and weight decay on the parameter groups (METHOD §6)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -145,10 +144,11 @@ def _dot_ready(t: Tensor) -> bool:
     return t.is_contiguous() and t.dtype in (torch.float32, torch.float64)
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+def build_optimizer(name: str, model: nn.Module | list[dict], lr: float, weight_decay: float,
                     momentum: float) -> torch.optim.Optimizer:
-    """``lars`` or ``adamw`` over the trainable parameters of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """``lars`` or ``adamw`` over the trainable parameters of ``model``, or over parameter ``groups`` (dicts
+    with ``params`` and optionally their own ``weight_decay``, ``lr_scale``, ``wd_scale``)."""
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else model
     if name == "lars":
         return LARS(params, lr, weight_decay=weight_decay, momentum=momentum)
     if name == "adamw":
@@ -161,21 +161,13 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / 256
 
 
-def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: float) -> float:
-    """Linear warm-up from 0 over ``warmup_epochs``, then half-cosine to 0 at ``epochs``."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
-
-
-def momentum_at(epoch: float, epochs: float, base_m: float, cosine: bool) -> float:
-    """EMA coefficient: ``1 − ½(1 + cos(π·t/epochs))(1 − base_m)`` with ``cosine``, else ``base_m``."""
-    if not cosine:
-        return base_m
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - base_m)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """``lr`` on every parameter group, times the group's ``lr_scale`` where it has one (layer-wise decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """``weight_decay`` on every parameter group, times the group's ``wd_scale`` where it has one (0: no decay)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from w2ssl.engine.optim import set_lr
+from w2ssl.engine.optim import set_lr, set_weight_decay
 from w2ssl.errors import UserError
 
 # Autocast dtype per ``--precision``; ``None`` means plain float32.
@@ -58,24 +58,30 @@ class TrainStep:
     fp16 scales the loss (its range needs it: a ``GradScaler`` that skips a step with a non-finite
     gradient and halves its scale); bf16 and fp32 use a disabled scaler, which changes nothing, so
     :attr:`scaler` can always be checkpointed. ``zero_grad_first`` frees the old gradients before the
-    forward (lower peak memory) instead of after it.
+    forward (lower peak memory) instead of after it. ``clip_grad`` > 0 clips the gradients' global L2
+    norm to it before the step (``--clip-grad``; 0: no clipping, as published).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
-                 zero_grad_first: bool = False):
+                 zero_grad_first: bool = False, clip_grad: float = 0.0):
         self.optimizer, self.device, self.precision = optimizer, device, precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=check_precision(precision) == torch.float16)
-        self.zero_grad_first = zero_grad_first
+        self.zero_grad_first, self.clip_grad = zero_grad_first, clip_grad
 
     def __call__(self, forward: Callable[[], Out], lr: float | None = None,
-                 loss: Callable[[Out], Tensor] = loss_of) -> Out:
+                 loss: Callable[[Out], Tensor] = loss_of, weight_decay: float | None = None,
+                 after_backward: Callable[[], None] | None = None) -> Out:
         """Run ``forward()`` under autocast, back-propagate ``loss(outputs)`` and step; return the outputs.
 
         ``loss`` runs outside autocast, before any gradient is touched: an exception there leaves the
-        model and optimiser as they were. ``lr`` (if given) is set on every parameter group first.
+        model and optimiser as they were. ``lr`` and ``weight_decay`` (if given) are set on every parameter
+        group first. ``after_backward()`` runs between the backward and the step, on unscaled gradients
+        (before the clipping), e.g. to cancel some gradients.
         """
         if lr is not None:
             set_lr(self.optimizer, lr)
+        if weight_decay is not None:
+            set_weight_decay(self.optimizer, weight_decay)
         if self.zero_grad_first:
             self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
@@ -84,6 +90,13 @@ class TrainStep:
         if not self.zero_grad_first:
             self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if after_backward is not None or self.clip_grad:
+            self.scaler.unscale_(self.optimizer)  # a no-op unless fp16: hooks and the clip see true gradients
+            if after_backward is not None:
+                after_backward()
+            if self.clip_grad:
+                params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return outputs

@@ -3,7 +3,7 @@
 The loop, loaders (unreadable images tolerated), labelled subset, validation, best/last checkpoints,
 resume and stop signals are :class:`~w2ssl.eval.lincls.LinearProbe`'s; this class trains the whole
 :class:`~w2ssl.eval.probe_model.Probe` (trunk in train mode, DDP over all of it) in ``--precision``, with
-the family's standard recipe (:data:`RECIPES`, the defaults of ``main_finetune.py``):
+the trunk family's standard recipe (``Family.finetune_recipe``, the defaults of ``main_finetune.py``):
 
 * ResNets: SimCLR's fine-tuning (Chen et al. 2020, appendix B.5; BYOL's semi-supervised protocol is
   the same optimiser): SGD with Nesterov momentum 0.9, lr 0.05 × batch / 256, no warm-up, no weight
@@ -29,7 +29,6 @@ from w2ssl.data.datasets import stream_seed
 from w2ssl.data.finetune_augment import finetune_transform
 from w2ssl.dist import distributed as D
 from w2ssl.engine.guard import Guard
-from w2ssl.engine.optim import lr_at
 from w2ssl.engine.param_groups import param_groups
 from w2ssl.engine.speed import prepare_model, to_memory_format
 from w2ssl.engine.step import TrainStep, resolve_precision
@@ -37,26 +36,26 @@ from w2ssl.errors import UserError
 from w2ssl.eval.lincls import LinearProbe, run_locked
 from w2ssl.eval.mixup import Mixer, soft_cross_entropy
 from w2ssl.eval.probe_model import build_model, changed_weights
+from w2ssl.schedules import lr_at
 from w2ssl.trunks import trunk_spec
 
-RECIPES: dict[str, dict[str, object]] = {
-    "resnet": dict(optimizer="sgd", lr=0.05, weight_decay=0.0, epochs=60, warmup_epochs=0.0, layer_decay=1.0,
-                   drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0),
-    "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, epochs=100, warmup_epochs=5.0, layer_decay=0.65,
-                drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25),
-}
-
+# The flags a family's fine-tuning recipe fills when the command line leaves them unset (main_finetune.py).
+RECIPE_FLAGS = ("optimizer", "lr", "weight_decay", "epochs", "warmup_epochs", "layer_decay", "drop_path", "smoothing",
+                "mixup", "cutmix", "aa", "reprob")
 
 def apply_recipe(args: Namespace) -> None:
-    """Fill the flags left unset (None) with the recipe of ``args.arch``'s family; check the schedule."""
+    """Fill the flags left unset (None) with the fine-tuning recipe of ``args.arch``'s family; check the schedule."""
     family = trunk_spec(args.arch).family
-    for key, value in RECIPES[family].items():
+    for key, value in family.finetune_recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.layer_decay != 1.0 and family != "vit":
+    missing = [key for key in RECIPE_FLAGS if getattr(args, key) is None]
+    if missing:
+        raise UserError(f"--arch {args.arch} has no fine-tuning recipe for --{missing[0].replace('_', '-')}: pass it")
+    if args.layer_decay != 1.0 and family.layer_depth is None:
         raise UserError(f"--layer-decay {args.layer_decay:g} is layer-wise lr decay over a ViT's blocks; --arch "
                         f"{args.arch} has none: drop --layer-decay")
-    if args.drop_path and family != "vit":
+    if args.drop_path and not family.drop_path:
         raise UserError(f"--drop-path {args.drop_path:g} drops a ViT's residual branches; --arch {args.arch} has "
                         f"none: drop --drop-path")
     if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
@@ -89,8 +88,8 @@ class FineTune(LinearProbe):
 
     def _build(self, classes: int) -> None:
         args = self.args
-        vit = trunk_spec(args.arch).family == "vit"
-        options = {"drop_path_rate": args.drop_path} if vit else {}
+        family = trunk_spec(args.arch).family
+        options = {"drop_path_rate": args.drop_path} if family.drop_path else {}
         self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
                                                  args.vit_feature, **options)
         self.model.requires_grad_(True).train().to(self.device)
@@ -99,7 +98,7 @@ class FineTune(LinearProbe):
         if self.ctx.world_size > 1:  # torchvision's fine-tuning DDP: rank 0's BatchNorm statistics to all
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        depth = len(self.model.trunk.blocks) if vit else None
+        depth = None if family.layer_depth is None else family.layer_depth(self.model.trunk)
         self.groups = param_groups(self.model, args.weight_decay, args.layer_decay, depth, prefix="trunk.")
         self.optimizer = build_optimizer(args.optimizer, self.groups, self.lr, args.momentum)
         self.precision = resolve_precision(args.precision, self.device)

@@ -1,7 +1,7 @@
 """Weighted k-nearest-neighbour evaluation on frozen trunk features (InstDisc / DINO protocol).
 
-Features are the global average pool of the trunk's feature map (a ViT: its patch-token average or its
-class token), L2-normalised. A test image's
+Features are a read-out of the trunk's family (the global average of its feature map; a ViT: its
+patch-token average or its class token), L2-normalised. A test image's
 class scores sum ``exp(sim / T)`` over its ``k`` most similar training images per label.
 """
 from __future__ import annotations
@@ -19,23 +19,17 @@ from torch.utils.data.distributed import DistributedSampler
 from w2ssl.data.datasets import BadImages, LabelledLoader, check_same_classes, eval_transform, labelled_loader
 from w2ssl.data.subset import Subset
 from w2ssl.dist import distributed as D
+from w2ssl.trunks import Readout, average_map
 
 KS = (20, 200)
 TEMPERATURE = 0.07
 CHUNK = 256
 
 
-def pooled_features(trunk: nn.Module, x: Tensor, vit_feature: str = "avg") -> Tensor:
-    """``[B, 3, H, W] -> [B, C]``: one vector per image from a registered trunk (METHOD §7, §11).
-
-    A ViT gives ``vit_feature(x, vit_feature)`` (the patch-token average, or the class token with ``"cls"``);
-    any other trunk the mean over ``h, w`` of its ``[B, C, h, w]`` map (a ``[B, C]`` output is kept as is).
-    """
-    trunk = getattr(trunk, "module", trunk)  # DistributedDataParallel
-    if hasattr(trunk, "vit_feature"):
-        return trunk.vit_feature(x, vit_feature)
-    x = trunk(x)
-    return x.mean(dim=(2, 3)) if x.dim() == 4 else x
+def pooled_features(trunk: nn.Module, x: Tensor, readout: Readout = average_map) -> Tensor:
+    """``[B, 3, H, W] -> [B, C]``: one vector per image from a registered trunk (METHOD §7, §11), by one of its
+    family's read-outs (``trunk_spec(arch).family.readout(mode)``; by default the mean of its feature map)."""
+    return readout(getattr(trunk, "module", trunk), x)  # DistributedDataParallel's module
 
 
 def _shard_indices(loader: Iterable) -> Tensor | None:
@@ -74,7 +68,8 @@ def _merge_shards(idx: Tensor, feats: Tensor, labels: Tensor, size: int) -> tupl
 
 @torch.no_grad()
 def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | str, channels_last: bool = False,
-                     autocast_dtype: torch.dtype | None = None, vit_feature: str = "avg") -> tuple[Tensor, Tensor]:
+                     autocast_dtype: torch.dtype | None = None,
+                     readout: Readout = average_map) -> tuple[Tensor, Tensor]:
     """Features ``[n, C]`` (float32, unit L2 norm) and labels ``[n]`` (int64) of every ``(images, labels)``
     or ``(images, labels, dataset indices)`` batch (:func:`pooled_features`).
 
@@ -94,7 +89,7 @@ def extract_features(trunk: nn.Module, loader: Iterable, device: torch.device | 
             indices += index
             images = images.to(device, non_blocking=True, memory_format=fmt)
             with amp:
-                f = pooled_features(trunk, images, vit_feature)
+                f = pooled_features(trunk, images, readout)
             feats.append(F.normalize(f.float(), dim=1))
             labels.append(torch.as_tensor(target).to(device, torch.long))
     finally:
@@ -199,10 +194,10 @@ class KnnResult:
 
 def knn_eval(trunk: nn.Module, train_loader: Iterable, test_loader: Iterable, device: torch.device | str,
              num_classes: int, ks: Iterable[int] = KS, temperature: float = TEMPERATURE, channels_last: bool = False,
-             autocast_dtype: torch.dtype | None = None, vit_feature: str = "avg") -> KnnResult:
+             autocast_dtype: torch.dtype | None = None, readout: Readout = average_map) -> KnnResult:
     """Extract both sets with :func:`extract_features` and return :func:`knn_accuracy` with its counts."""
-    train = extract_features(trunk, train_loader, device, channels_last, autocast_dtype, vit_feature)
-    test = extract_features(trunk, test_loader, device, channels_last, autocast_dtype, vit_feature)
+    train = extract_features(trunk, train_loader, device, channels_last, autocast_dtype, readout)
+    test = extract_features(trunk, test_loader, device, channels_last, autocast_dtype, readout)
     accuracy = knn_accuracy(train[0], train[1], test[0], test[1], num_classes, ks, temperature)
     sizes = [len(loader.dataset) for loader in (train_loader, test_loader) if hasattr(loader, "dataset")]
     unreadable = sum(sizes) - len(train[0]) - len(test[0]) if len(sizes) == 2 else 0

@@ -29,7 +29,7 @@ def knn_probe(ctx: D.Context, args: Namespace) -> None:
         prepare_model(model, channels_last)
         start = time.perf_counter()
         result = knn_eval(model.trunk, train, val, ctx.device, classes, channels_last=channels_last,
-                          autocast_dtype=PRECISIONS[args.precision or "fp32"], vit_feature=args.vit_feature)
+                          autocast_dtype=PRECISIONS[args.precision or "fp32"], readout=model.readout)
         logger.info(f"=> {format_knn(result)} of {args.pretrained} in {format_duration(time.perf_counter() - start)}")
         logger.scalars(0, knn_scalars(result), prefix="eval/")
     finally:

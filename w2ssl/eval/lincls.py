@@ -35,7 +35,7 @@ from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
 from w2ssl.engine.guard import Guard
 from w2ssl.engine.monitor import ETA, AverageMeter, Logger, format_duration
-from w2ssl.engine.optim import lr_at, scaled_lr
+from w2ssl.engine.optim import scaled_lr
 from w2ssl.engine.runstate import plain_args, shared_seed
 from w2ssl.engine.speed import prepare_model, to_memory_format
 from w2ssl.engine.step import TrainStep, autocast
@@ -54,6 +54,7 @@ from w2ssl.eval.probe_folder import (
     resume_path,
 )
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
+from w2ssl.schedules import lr_at
 from w2ssl.system.runlock import RunLock
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from w2ssl.errors import UserError
 from w2ssl.eval.knn import pooled_features
 from w2ssl.trunk_weights import read_trunk
-from w2ssl.trunks import build_trunk
+from w2ssl.trunks import Readout, average_map, build_trunk, trunk_spec
 
 
 class Probe(nn.Module):
@@ -20,12 +20,12 @@ class Probe(nn.Module):
 
     The state dict is flat, the trunk's own keys plus ``fc.*``: for a ResNet exactly torchvision's
     ``resnet*(num_classes)`` (probe checkpoints load there), for a ViT timm's names plus ``fc.*``.
-    ``vit_feature`` picks a ViT's vector (``avg`` patch tokens or ``cls``); ResNets ignore it.
+    ``readout`` is one of the trunk family's read-outs (a ViT: ``avg`` patch tokens or ``cls``).
     """
 
-    def __init__(self, trunk: nn.Module, num_classes: int, vit_feature: str = "avg"):
+    def __init__(self, trunk: nn.Module, num_classes: int, readout: Readout = average_map):
         super().__init__()
-        self.trunk, self.vit_feature = trunk, vit_feature
+        self.trunk, self.readout = trunk, readout
         self.fc = nn.Linear(trunk.num_features, num_classes)
         # ``trunk.`` is our module structure, not part of the weights' names
         self.register_state_dict_post_hook(_drop_trunk_prefix)
@@ -33,7 +33,7 @@ class Probe(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W] -> [B, C]`` (:func:`~w2ssl.eval.knn.pooled_features`)."""
-        return pooled_features(self.trunk, x, self.vit_feature)
+        return pooled_features(self.trunk, x, self.readout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -75,7 +75,7 @@ def build_model(arch: str, num_classes: int, pretrained: str | Path | None = Non
     if pretrained:
         reference, _ = load_pretrained(pretrained, arch, trust)
         trunk.load_state_dict(reference)
-    model = Probe(trunk.requires_grad_(False), num_classes, vit_feature)
+    model = Probe(trunk.requires_grad_(False), num_classes, trunk_spec(arch).family.readout(vit_feature))
     nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model.eval(), reference

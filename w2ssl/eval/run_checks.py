@@ -38,7 +38,7 @@ def check_classifier_run(args: Namespace, world_size: int, resumes: bool = True)
         raise UserError(no_weights_message(args))
     else:
         args.arch = args.arch or load_probe(resume, args.trust_checkpoint).get("arch") or DEFAULT_ARCH
-    if args.vit_feature != "avg" and trunk_spec(args.arch).family != "vit":
+    if args.vit_feature not in trunk_spec(args.arch).family.readouts:
         raise UserError(f"--vit-feature {args.vit_feature} reads a ViT's class token; --arch {args.arch} has none: "
                         f"drop --vit-feature")
 

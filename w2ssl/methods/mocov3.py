@@ -7,33 +7,33 @@ the same.
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import Namespace, _ArgumentGroup
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from w2ssl.argtypes import positive_float
 from w2ssl.data.fast_augment import fast_two_crop
 from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import distributed as D
-from w2ssl.dist import syncbn
-from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.errors import UserError
 from w2ssl.losses.infonce import infonce
-from w2ssl.methods import heads, vit_heads
-from w2ssl.methods.momentum import MomentumPairs
-from w2ssl.methods.registry import Method, TrunkBuilder, register_method
+from w2ssl.methods import heads
+from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
+from w2ssl.methods.registry import Arguments, Method, TrunkBuilder, register_method
+from w2ssl.trunks import Family
+from w2ssl.trunks.resnet import RESNET
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(MomentumModel):
     """MoCo v3: base encoder + projector + predictor, momentum encoder + projector (EMA).
 
     ``base_encoder()`` builds a trunk (``num_features`` C), called twice as in MoCo v3 (base and momentum
-    encoder). ``family`` picks the feature and the heads as MoCo v3 does (METHOD §10): ``"resnet"``, the
-    feature map ``[B, C, h, w]`` averaged to ``[B, C]`` and the ResNet MLPs (:mod:`~w2ssl.methods.heads`);
-    ``"vit"``, the class token (``trunk.vit_feature(x, "cls")``, timm's ``global_pool='token'``) and the
-    ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
+    encoder). ``family`` (the trunk's :class:`~w2ssl.trunks.registry.Family`) gives the feature and the
+    heads as MoCo v3 picks them (METHOD §10, §11): the class token where the trunk has one (a ViT,
+    timm's ``global_pool='token'``), else the averaged feature map; its MLP depths (:mod:`~w2ssl.methods.heads`).
 
     ``forward(x1, x2, m)`` takes this process's two views ``[b, 3, H, W]`` and returns ``loss`` (this
     process's symmetric loss ``ctr(q1, k2) + ctr(q2, k1)`` against the keys of all processes; DDP's
@@ -45,43 +45,19 @@ class MoCoV3(nn.Module):
     """
 
     def __init__(self, base_encoder: Callable[[], nn.Module], dim: int = 256, mlp_dim: int = 4096,
-                 temperature: float = 1.0, family: str = "resnet", fused_views: bool = False):
-        super().__init__()
-        self.temperature, self.fused_views = temperature, fused_views
-        self.feature = _class_token if family == "vit" else _averaged_map
-        mlps = vit_heads if family == "vit" else heads
-        self.base_encoder = base_encoder()
-        width = self.base_encoder.num_features
-        self.projector = mlps.projector(width, mlp_dim, dim)
-        self.predictor = mlps.predictor(dim, mlp_dim)
-        self.momentum_encoder = base_encoder()
-        self.momentum_projector = mlps.projector(width, mlp_dim, dim)
-        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
-                                            [self.momentum_encoder, self.momentum_projector])
-        self._normalise_views()
-
-    def _normalise_views(self) -> None:
-        if self.fused_views:
-            normalise_per_view(self, 2)
-
-    def convert_sync_batchnorm(self) -> None:
-        """Synchronise every BatchNorm, trunks and heads, as MoCo v3 converts the whole model
-        (:mod:`w2ssl.dist.syncbn`: any device and backend, no host syncs; per-view norms kept)."""
-        syncbn.convert(self)
-
-    def update_momentum(self, m: float) -> None:
-        """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
-        self.momentum_pairs.update(m)
+                 temperature: float = 1.0, family: Family = RESNET, fused_views: bool = False):
+        super().__init__(base_encoder, partial(heads.projector, hidden_dim=mlp_dim, out_dim=dim, depths=family.heads),
+                         lambda width: {"predictor": heads.predictor(dim, mlp_dim, family.heads)}, fused_views)
+        self.temperature = temperature
+        self.feature = family.readouts.get("cls", family.readouts["avg"])
 
     def forward(self, x1: Tensor, x2: Tensor, m: float) -> dict[str, Tensor]:
         if x1.shape != x2.shape:
             raise ValueError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        q1, q2 = per_view(lambda x: self.predictor(self.projector(self.feature(self.base_encoder, x))), [x1, x2],
-                          self.fused_views)
+        q1, q2 = self.per_view(lambda x: self.predictor(self.projector(self.feature(self.base_encoder, x))), [x1, x2])
         with torch.no_grad():
             self.update_momentum(m)  # before the keys, as in MoCo v3
-            k1, k2 = per_view(lambda x: self.momentum_projector(self.feature(self.momentum_encoder, x)), [x1, x2],
-                              self.fused_views)
+            k1, k2 = self.per_view(lambda x: self.momentum_projector(self.feature(self.momentum_encoder, x)), [x1, x2])
             k1, k2 = D.gather(k1), D.gather(k2)
         offset = D.rank() * x1.shape[0]
         loss12, acc12 = infonce(q1, k2, self.temperature, offset)
@@ -90,21 +66,11 @@ class MoCoV3(nn.Module):
         return {"loss": loss, "loss_ctr": loss.detach(), "ctr_acc": (acc12 + acc21) / 2}
 
 
-def _averaged_map(trunk: nn.Module, x: Tensor) -> Tensor:
-    """A ResNet's feature map averaged, MoCo v3's ``avgpool``: ``[B, 3, H, W] -> [B, C]``."""
-    return trunk(x).mean(dim=(2, 3))
-
-
-def _class_token(trunk: nn.Module, x: Tensor) -> Tensor:
-    """A ViT's class token after the final norm, what MoCo v3's ViT head reads: ``[B, 3, H, W] -> [B, C]``."""
-    return trunk.vit_feature(x, "cls")
-
-
 # ----------------------------------------------------------------- the method, for the trainer
-def build(args: Namespace, trunk: TrunkBuilder, family: str) -> MoCoV3:
-    """MoCo v3 passes torchvision's ``zero_init_residual=True`` to its ResNets."""
-    base = partial(trunk, zero_init_residual=True) if family == "resnet" else trunk
-    return MoCoV3(base, args.moco_dim, args.moco_mlp_dim, args.moco_t, family=family, fused_views=args.fused_views)
+def build(args: Namespace, trunk: TrunkBuilder, family: Family) -> MoCoV3:
+    """MoCo v3 starts each residual branch at zero (torchvision's ``zero_init_residual=True`` for ResNets)."""
+    return MoCoV3(partial(trunk, **family.zero_init), args.moco_dim, args.moco_mlp_dim, args.moco_t, family=family,
+                  fused_views=args.fused_views)
 
 
 def check_batch(batch_size: int, world: int) -> None:
@@ -119,7 +85,14 @@ def preview(views: list[Tensor], epoch: int) -> dict[str, Tensor]:
     return {f"views/view{i + 1}": v[:8] for i, v in enumerate(views)}
 
 
+def add_arguments(group: _ArgumentGroup) -> None:
+    group.add_argument("--moco-t", default=1.0, type=positive_float,
+                       help="InfoNCE temperature (MoCo v3's default; unused by W2SSL, as in the authors' code)")
+
+
 register_method(Method("mocov3", build, lambda args: two_crop(args.tile_size, args.crop_min),
                        inputs=lambda views, key: {"x1": views[0], "x2": views[1]}, check_batch=check_batch,
                        input_size=lambda tile: 2 * tile, preview=preview,
-                       fast_transform=lambda args: fast_two_crop(2 * args.tile_size, args.crop_min)))
+                       fast_transform=lambda args: fast_two_crop(2 * args.tile_size, args.crop_min),
+                       schedules=momentum_schedules,
+                       arguments=(EMA_ARGUMENTS, Arguments("--method mocov3", add_arguments))))

@@ -1,8 +1,9 @@
 """The method registry: a name (``--method``) -> what the trainer needs to run that method.
 
-A method supplies its model (from the run's arguments and a trunk builder), its per-sample data
-transform, how a batch on the device becomes the model's inputs, and its console line. The model's
-``forward(**inputs, m=momentum)`` returns ``{"loss": ..., **named detached scalars}``; the trainer
+A method supplies its model (an :class:`~w2ssl.methods.base.SSLModel`, from the run's arguments and a
+trunk builder), its per-sample data transform, how a batch on the device becomes the model's inputs, its
+schedules, its own command-line arguments and defaults, and its console line. The model's
+``forward(**inputs, **scheduled values)`` returns ``{"loss": ..., **named detached scalars}``; the trainer
 steps on ``loss`` and the monitor logs every scalar (names ending in ``_acc`` as percentages).
 Adding a method is one module that calls :func:`register_method`, listed in :data:`BUILTIN`, plus its tests.
 """
@@ -10,14 +11,17 @@ from __future__ import annotations
 
 import functools
 import importlib
-from argparse import Namespace
-from collections.abc import Callable
-from dataclasses import dataclass
+from argparse import Namespace, _ArgumentGroup
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from torch import Tensor, nn
 
-from w2ssl.trunks import build_trunk, trunk_spec
+from w2ssl import schedules as schedules_
+from w2ssl.schedules import Schedules
+from w2ssl.trunks import Family, build_trunk, trunk_spec
 
 # imported at the first look-up: they register
 BUILTIN = ("w2ssl.methods.w2ssl", "w2ssl.methods.mocov3", "w2ssl.methods.byol")
@@ -37,11 +41,21 @@ class StepKey:
 
 
 @dataclass(frozen=True)
+class Arguments:
+    """A group of command-line flags: ``add(group)`` adds them to an argparse group titled ``title``.
+    Methods that share flags (the EMA's ``--moco-m``) list the same value, and it is added once."""
+
+    title: str
+    add: Callable[[_ArgumentGroup], None]
+
+
+@dataclass(frozen=True)
 class Method:
     """A registered method.
 
-    * ``build(args, trunk, family)``: the model; ``trunk(**options)`` builds a new trunk of ``--arch``,
-      ``family`` is its :func:`~w2ssl.trunks.registry.trunk_spec` family (``"resnet"`` or ``"vit"``).
+    * ``build(args, trunk, family)``: the model (an :class:`~w2ssl.methods.base.SSLModel`);
+      ``trunk(**options)`` builds a new trunk of ``--arch``, ``family`` is its
+      :class:`~w2ssl.trunks.registry.Family` (read-outs, head depths, zero-init options).
     * ``transform(args)``: PIL image -> sample (a list of ``[3, s, s]`` tensors, collated per position):
       the reference pipeline, ``--cpu-aug pil``.
     * ``fast_transform(args)``: the same views batched on the CPU, ``--cpu-aug fast`` (the default;
@@ -55,10 +69,14 @@ class Method:
       the method has none.
     * ``console(current, average)``: the method's fields of the console line (None: every scalar).
     * ``preview(views, epoch)``: tag -> normalised images ``[n, 3, h, w]`` shown in TensorBoard.
+    * ``schedules(args, lr)``: the run's :class:`~w2ssl.schedules.Schedules` for peak (scaled) ``lr``: the
+      learning rate, the weight decay, the model's scheduled inputs (the EMA momentum ``m``).
+    * ``arguments``: the method's flag groups (``main_moco.py --help`` shows each once); ``defaults``:
+      ``dest`` -> the method's own default of any ``main_moco.py`` flag (its published recipe).
     """
 
     name: str
-    build: Callable[[Namespace, TrunkBuilder, str], nn.Module]
+    build: Callable[[Namespace, TrunkBuilder, Family], nn.Module]
     transform: Callable[[Namespace], Callable[[Any], list[Tensor]]]
     inputs: Callable[[list[Tensor], StepKey], dict[str, Any]]
     check_batch: Callable[[int, int], None]
@@ -68,6 +86,9 @@ class Method:
     gpu_transform: Callable[[Namespace], nn.Module] | None = None
     console: Callable[[dict[str, float], dict[str, float]], str] | None = None
     preview: Callable[[list[Tensor], int], dict[str, Tensor]] | None = None
+    schedules: Callable[[Namespace, float], Schedules] = schedules_.standard
+    arguments: tuple[Arguments, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _METHODS: dict[str, Method] = {}
@@ -99,8 +120,14 @@ def method_spec(name: str) -> Method:
     return _METHODS[name]
 
 
+def method_arguments() -> tuple[Arguments, ...]:
+    """Every registered method's flag groups, each once, in registration order."""
+    return tuple(dict.fromkeys(a for name in method_names() for a in method_spec(name).arguments))
+
+
 def build_model(args: Namespace) -> nn.Module:
-    """The model of ``args.method`` on the trunk ``args.arch`` (``--stop-grad-conv1`` passed to a ViT's builder)."""
-    options = {"stop_grad_conv1": True} if args.stop_grad_conv1 else {}
-    return method_spec(args.method).build(args, functools.partial(build_trunk, args.arch, **options),
-                                          trunk_spec(args.arch).family)
+    """The model of ``args.method`` on the trunk ``args.arch``; the trunk's switches that are on in ``args``
+    (``--stop-grad-conv1``) go to its builder."""
+    spec = trunk_spec(args.arch)
+    options = {name: True for name in sorted(spec.switches) if getattr(args, name, False)}
+    return method_spec(args.method).build(args, functools.partial(build_trunk, args.arch, **options), spec.family)

@@ -1,37 +1,40 @@
 """The W2SSL model: base and momentum encoders, montages, heads and one step's losses (METHOD §2–§5)."""
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import Namespace, _ArgumentGroup
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from w2ssl.argtypes import Ranged, nonneg_float, positive_float, positive_int, unit_interval
 from w2ssl.data.augment import FourCrop
 from w2ssl.data.datasets import stream_seed
 from w2ssl.data.fast_augment import FastViews, fast_four_crop
 from w2ssl.data.gpu_augment import GpuFourCrop
 from w2ssl.dist import distributed as D
-from w2ssl.dist import syncbn
-from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.errors import UserError
 from w2ssl.losses.supcon import supcon_loss
-from w2ssl.methods import heads, vit_heads
+from w2ssl.methods import heads
+from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
 from w2ssl.methods.exchange import montage_tiles
 from w2ssl.methods.gridpool import grid_pool
-from w2ssl.methods.momentum import MomentumPairs
 from w2ssl.methods.montage import arrange, assemble, local_indices, split_grid, tile_labels
-from w2ssl.methods.registry import Method, StepKey, TrunkBuilder, register_method
+from w2ssl.methods.registry import Arguments, Method, StepKey, TrunkBuilder, register_method
+from w2ssl.trunks import Family
+from w2ssl.trunks.resnet import RESNET
 
 
-class W2SSL(nn.Module):
+class W2SSL(MomentumModel):
     """Learning what (which image a tile comes from) and where (left or right crop).
 
     ``base_encoder()`` builds a trunk (``[B, 3, H, W] -> [B, C, h, w]`` feature map, ``num_features`` C),
     called twice as MoCo v3 does: base and momentum encoder. Each montage's map is read out as a 2x2 grid
-    (:func:`~w2ssl.methods.gridpool.grid_pool`, METHOD §3). ``family`` picks the projector and predictor:
-    MoCo v3's ResNet MLPs (:mod:`~w2ssl.methods.heads`) or its ViT MLPs (:mod:`~w2ssl.methods.vit_heads`).
+    (:func:`~w2ssl.methods.gridpool.grid_pool`, METHOD §3). ``family`` (the trunk's
+    :class:`~w2ssl.trunks.registry.Family`) gives the depths of MoCo v3's projector and predictor for it
+    (:mod:`~w2ssl.methods.heads`).
 
     ``forward(view1, view2, m, perm)`` takes each view as ``[left, right]`` tile batches of this process,
     each ``[b, 3, t, t]``; it returns ``loss`` (the total) and ``loss_what``, ``loss_where``,
@@ -46,39 +49,16 @@ class W2SSL(nn.Module):
     def __init__(self, base_encoder: Callable[[], nn.Module], dim: int = 256, mlp_dim: int = 4096,
                  temperature: float = 0.3, base_temperature: float = 0.07,
                  loss_where_weight: float = 1.0, loss_what_weight: float = 1.0,
-                 family: str = "resnet", fused_views: bool = False):
-        super().__init__()
-        self.fused_views = fused_views
+                 family: Family = RESNET, fused_views: bool = False):
+        super().__init__(base_encoder, partial(heads.projector, hidden_dim=mlp_dim, out_dim=dim, depths=family.heads),
+                         lambda width: {"predictor": heads.predictor(dim, mlp_dim, family.heads),
+                                        "where_head": heads.where_head(width)}, fused_views)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.loss_where_weight, self.loss_what_weight = loss_where_weight, loss_what_weight
-        mlps = vit_heads if family == "vit" else heads
-        self.base_encoder = base_encoder()
-        width = self.base_encoder.num_features
-        self.projector = mlps.projector(width, mlp_dim, dim)
-        self.predictor = mlps.predictor(dim, mlp_dim)
-        self.where_head = heads.where_head(width)
-        self.momentum_encoder = base_encoder()
-        self.momentum_projector = mlps.projector(width, mlp_dim, dim)
-        self.momentum_pairs = MomentumPairs([self.base_encoder, self.projector],
-                                            [self.momentum_encoder, self.momentum_projector])
-        if fused_views:
-            normalise_per_view(self, 2)
-
-    def convert_sync_batchnorm(self) -> None:
-        """Synchronise every BatchNorm, trunks and heads (:mod:`w2ssl.dist.syncbn`): with several processes each
-        runs on its own montages and tiles, and the statistics must be those of the global batch."""
-        syncbn.convert(self)
-
-    def update_momentum(self, m: float) -> None:
-        """EMA ``θ_m ← m·θ_m + (1−m)·θ_b`` over trunk and projector parameters."""
-        self.momentum_pairs.update(m)
-
-    def _per_view(self, fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
-        return per_view(fn, xs, self.fused_views)
 
     def _grids(self, encoder: nn.Module, montages: list[Tensor]) -> list[Tensor]:
         """Per view: montages ``[b, 3, 2t, 2t]`` -> tile features ``[2b, C]`` in ``split_grid`` order."""
-        return [split_grid(g) for g in self._per_view(lambda x: grid_pool(encoder(x)), montages)]
+        return [split_grid(g) for g in self.per_view(lambda x: grid_pool(encoder(x)), montages)]
 
     def forward(self, view1: Sequence[Tensor], view2: Sequence[Tensor], m: float, perm: Tensor) -> dict[str, Tensor]:
         """``perm [2N]`` is the step's tile permutation, the same on every process (pass it on the CPU:
@@ -109,9 +89,9 @@ class W2SSL(nn.Module):
         where_logits = self.where_head(q1)
         loss_where = F.cross_entropy(_at_least_float32(where_logits), where)  # local mean = global share x W
         where_acc = (where_logits.argmax(dim=1) == where).float().mean()
-        p1, p2 = self._per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
+        p1, p2 = self.per_view(lambda q: self.predictor(self.projector(q)), [q1, q2])
         with torch.no_grad():
-            k1, k2 = self._per_view(self.momentum_projector, [f1, f2])
+            k1, k2 = self.per_view(self.momentum_projector, [f1, f2])
 
         source, _ = tile_labels(ids, n)
         loss_what = self._what(p1, p2, k1, k2, torch.cat([source, source])) * world
@@ -165,7 +145,7 @@ def _unit_rows(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------- the method, for the trainer
-def build(args: Namespace, trunk: TrunkBuilder, family: str) -> W2SSL:
+def build(args: Namespace, trunk: TrunkBuilder, family: Family) -> W2SSL:
     return W2SSL(trunk, args.crop_proj_dim, args.moco_mlp_dim, args.loss_t, loss_where_weight=args.loss_loc,
                  loss_what_weight=args.loss_crop, family=family, fused_views=args.fused_views)
 
@@ -224,6 +204,23 @@ def gpu_transform(args: Namespace) -> GpuFourCrop:
     return GpuFourCrop(args.tile_size, args.crop_min, cross=args.cross, flip_p=args.flip_p)
 
 
+below_half = Ranged(float, "float", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+
+
+def add_arguments(group: _ArgumentGroup) -> None:
+    """W2SSL's own flags, with the authors' names and the published values as defaults."""
+    group.add_argument("--cross", default=0.3, type=below_half,
+                       help="overlap of the left and right crops, a fraction of the width (0.3 as published; 0: none)")
+    group.add_argument("--flip-p", default=0.5, type=unit_interval,
+                       help="horizontal flip probability of each tile (0.5 as published; for diagnostics)")
+    group.add_argument("--crop_proj_dim", default=256, type=positive_int, help="projector/predictor output dimension")
+    group.add_argument("--loss_t", default=0.3, type=positive_float, help="temperature of the 'what' (SupCon) loss")
+    group.add_argument("--loss_loc", default=1.0, type=nonneg_float, help="weight of the 'where' loss")
+    group.add_argument("--loss_crop", default=1.0, type=nonneg_float, help="weight of the 'what' loss")
+    group.add_argument("--loss_clu", default=1.0, type=float, help="authors' flag, unused by their released model")
+
+
 register_method(Method("w2ssl", build, transform, inputs, check_batch,
                        input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
-                       fast_transform=fast_transform, gpu_transform=gpu_transform))
+                       fast_transform=fast_transform, gpu_transform=gpu_transform, schedules=momentum_schedules,
+                       arguments=(EMA_ARGUMENTS, Arguments("--method w2ssl", add_arguments))))

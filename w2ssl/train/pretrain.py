@@ -27,7 +27,7 @@ from w2ssl.data.sources import load_subset, pretrain_images
 from w2ssl.dist import distributed as D
 from w2ssl.engine.guard import Guard
 from w2ssl.engine.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
-from w2ssl.engine.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from w2ssl.engine.optim import build_optimizer, scaled_lr
 from w2ssl.engine.runstate import plain_args, rng_state, set_rng_state, shared_seed
 from w2ssl.engine.speed import prepare_model
 from w2ssl.engine.step import PRECISIONS, TrainStep, resolve_precision
@@ -37,6 +37,7 @@ from w2ssl.methods.registry import StepKey, build_model, method_spec
 from w2ssl.system.disk import DiskPlan, checkpoint_bytes
 from w2ssl.system.runlock import RunLock
 from w2ssl.train.resume_args import reconcile
+from w2ssl.trunks import trunk_spec
 
 
 class Pretrainer:
@@ -85,10 +86,12 @@ class Pretrainer:
         if ctx.world_size > 1:  # each process's heads see only its own samples: statistics over all of them
             self.model.convert_sync_batchnorm()
         self.channels_last = self.device.type == "cuda" if args.channels_last is None else args.channels_last
-        prepare_model(self.model, self.channels_last, args.compile, ("base_encoder", "momentum_encoder"))
+        prepare_model(self.model, self.channels_last, args.compile, self.model.compiled)
         self.lr = scaled_lr(args.lr, args.batch_size)
-        self.optimizer = build_optimizer(args.optimizer, self.model, self.lr, args.weight_decay, args.momentum)
-        self.train_step = TrainStep(self.optimizer, self.device, self.precision)
+        self.schedules = self.method.schedules(args, self.lr)
+        self.optimizer = build_optimizer(args.optimizer, self.model.param_groups(), self.lr, args.weight_decay,
+                                         args.momentum)
+        self.train_step = TrainStep(self.optimizer, self.device, self.precision, clip_grad=args.clip_grad)
         self.scaler = self.train_step.scaler
         self.net: nn.Module = self.model
         if ctx.world_size > 1:
@@ -227,16 +230,13 @@ class Pretrainer:
             data_s = time.perf_counter() - end
             first = self.iteration == start
             inputs = self._inputs(batch, bad, first)
-            t = self.epoch + self.iteration / self.iters_per_epoch
-            lr = lr_at(t, self.lr, self.args.warmup_epochs, self.args.epochs)
-            m = momentum_at(t, self.args.epochs, self.args.moco_m, self.args.moco_m_cos)
-            parts = self._step(inputs, lr, m)
+            parts, scheduled = self._step(inputs, self.epoch + self.iteration / self.iters_per_epoch)
             self.iteration, self.step = self.iteration + 1, self.step + 1
             self.guard.push(self.epoch, self.iteration - 1, self.step - 1, parts)
             batch_s = time.perf_counter() - end  # checkpoint writes below are not training time
             self._record_time(data_s, batch_s, first)
             self.loader_check.record(data_s, batch_s)
-            progress.record(parts, lr, m, data_s, batch_s)
+            progress.record(parts, scheduled, data_s, batch_s)
             self._after_step(progress, eta)
             if self._iteration_budget_spent():
                 break
@@ -281,8 +281,14 @@ class Pretrainer:
             return [t.to(self.device, non_blocking=True) for t in batch], []
         return augment_batch(batch, self.gpu_crop, self.seed, self.device)
 
-    def _step(self, inputs: dict[str, object], lr: float, m: float) -> dict[str, Tensor]:
-        return self.train_step(lambda: self.net(**inputs, m=m), lr)
+    def _step(self, inputs: dict[str, object], t: float) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """One optimiser step at fractional epoch ``t`` with the method's schedules; the model's outputs and
+        the scheduled values the step ran with (for the monitor)."""
+        lr, scheduled = self.schedules.lr(t), self.schedules.inputs(t)
+        wd = None if self.schedules.weight_decay is None else self.schedules.weight_decay(t)
+        parts = self.train_step(lambda: self.net(**inputs, **scheduled), lr, weight_decay=wd,
+                                after_backward=lambda: self.model.after_backward(t))
+        return parts, self.schedules.logged(lr, wd, scheduled)
 
     def _note_bad(self, bad: list[str]) -> None:
         new = [p for joined in bad if joined for p in joined.split("\n")]
@@ -306,7 +312,8 @@ class Pretrainer:
                                                subset=load_subset(self.args.subset), cache_dir=self.args.save_dir)
         train, val, classes = self._knn_loaders
         result = knn_eval(self.model.base_encoder, train, val, self.device, classes,
-                          channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision])
+                          channels_last=self.channels_last, autocast_dtype=PRECISIONS[self.precision],
+                          readout=trunk_spec(self.args.arch).family.readout())
         self.logger.info(f"=> epoch {self.epoch - 1} {format_knn(result)}")
         self.logger.scalars(self.step, knn_scalars(result), prefix="eval/")
 

@@ -10,13 +10,16 @@ solo-learn's CIFAR trunks): a 3x3 stride-1 ``conv1`` and no max-pool, so the map
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
-from w2ssl.trunks.registry import register_trunk
+from w2ssl.errors import UserError
+from w2ssl.trunks.registry import Export, Family, StateDict, average_map, register_trunk
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_ARCHS = ("resnet18", "resnet34", "resnet50")  # registered as resnet18_cifar, ...
@@ -49,8 +52,49 @@ class ResNetTrunk(nn.Module):
         return x
 
 
+def to_timm(trunk: StateDict, arch: str) -> StateDict:
+    """torchvision-named ResNet trunk -> timm ``arch`` names.
+
+    timm's ResNet keeps torchvision's parameter and buffer names (``conv1``, ``bn1``, ``layer1.0.downsample.0``
+    … checked for timm 1.0), so the map is the identity; this verifies it against the installed timm.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError("timm is not installed: pip install timm, or export --to torchvision") from e
+    with torch.device("meta"):  # names and shapes only, no memory or init time
+        model = timm.create_model(arch, pretrained=False)
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(f"{classifier}.")}
+    differ = sorted(set(expected) ^ set(trunk)) or sorted(k for k in expected if expected[k] != trunk[k].shape)
+    if differ:
+        raise UserError(f"timm {timm.__version__} names {arch}'s weights differently from torchvision "
+                        f"(first difference: {differ[0]}): export --to torchvision and map the keys")
+    return dict(trunk)
+
+
+def _hint(arch: str) -> str:
+    return "load with strict=False: only fc.weight and fc.bias are missing"
+
+
+def _cifar_hint(arch: str) -> str:
+    base = arch.removesuffix("_cifar")
+    return (f"load into torchvision.models.{base}() after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and "
+            f"maxpool = nn.Identity(), with strict=False: only fc.weight and fc.bias are missing")
+
+
+# SimCLR's fine-tuning (appendix B.5): SGD with Nesterov momentum, no decay, no warm-up, 60 epochs
+RESNET = Family(
+    "resnet", readouts={"avg": average_map},
+    exports={"torchvision": Export(lambda trunk, arch: trunk, _hint), "timm": Export(to_timm, _hint)},
+    zero_init={"zero_init_residual": True},
+    finetune_recipe=dict(optimizer="sgd", lr=0.05, weight_decay=0.0, epochs=60, warmup_epochs=0.0, layer_decay=1.0,
+                         drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0))
+# The CIFAR stem has no timm counterpart; torchvision takes it with the two changes of the stem.
+RESNET_CIFAR = dataclasses.replace(RESNET, exports={"torchvision": Export(lambda trunk, arch: trunk, _cifar_hint)})
+
 for _arch in ARCHS:
-    register_trunk(_arch, "resnet")(partial(ResNetTrunk, _arch))
+    register_trunk(_arch, RESNET)(partial(ResNetTrunk, _arch))
 for _arch in CIFAR_ARCHS:
-    register_trunk(f"{_arch}_cifar", "resnet")(partial(ResNetTrunk, _arch, small_images=True))
+    register_trunk(f"{_arch}_cifar", RESNET_CIFAR)(partial(ResNetTrunk, _arch, small_images=True))
 

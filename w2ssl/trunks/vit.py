@@ -15,7 +15,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from w2ssl.trunks.registry import register_trunk
+from w2ssl.trunks.registry import Export, Family, HeadDepths, register_trunk
 
 PATCH = 16
 VIT_CONFIGS = {  # MoCo v3's vits.py: 12 heads for the small model too (timm's vit_small has 6)
@@ -163,8 +163,6 @@ def build_vit(arch: str, stop_grad_conv1: bool = False, **overrides) -> ViTTrunk
     return ViTTrunk(stop_grad_conv1=stop_grad_conv1, **{**VIT_CONFIGS[arch], **overrides})
 
 
-for _arch in VIT_ARCHS:
-    register_trunk(_arch, "vit")(partial(build_vit, _arch))
 
 
 def vit_small(**kwargs) -> ViTTrunk:
@@ -210,3 +208,26 @@ def timm_loading(arch: str) -> str:
                 f"num_heads={config['num_heads']}, embed_layer=ConvStem) with w2ssl.trunks.vit.ConvStem "
                 f"(the proj.* names are its layers)")
     return f"timm.create_model(\"{TIMM_MODELS[arch]}\", num_heads={config['num_heads']})"
+
+
+def _timm_hint(arch: str) -> str:
+    return f"load into {timm_loading(arch)} with strict=False: only head.weight and head.bias are missing"
+
+
+VIT = Family(
+    "vit", readouts={"avg": lambda trunk, x: trunk.vit_feature(x, "avg"),
+                     "cls": lambda trunk, x: trunk.vit_feature(x, "cls")},
+    exports={"timm": Export(lambda trunk, arch: to_timm_state_dict(trunk), _timm_hint)},
+    heads=HeadDepths(projector_layers=3, predictor_last_bn=True),
+    # MoCo v3's ViT recipe (--lr is scaled by batch / 256 as for ResNets)
+    pretrain_recipe=dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.1, warmup_epochs=40, epochs=300,
+                         moco_m_cos=True, moco_m=0.99),
+    # MAE's fine-tuning (appendix A.2): DeiT's recipe with BEiT's layer-wise decay
+    finetune_recipe=dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, epochs=100, warmup_epochs=5.0,
+                         layer_decay=0.65, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0,
+                         aa="rand-m9-mstd0.5-inc1", reprob=0.25),
+    layer_depth=lambda trunk: len(trunk.blocks), drop_path=True)
+
+for _arch in VIT_ARCHS:  # a random frozen patch projection (--stop-grad-conv1) needs the linear one
+    register_trunk(_arch, VIT, switches=() if VIT_CONFIGS[_arch].get("conv_stem") else ("stop_grad_conv1",))(
+        partial(build_vit, _arch))
