@@ -3,7 +3,7 @@
 Adding a backbone is one module that calls :func:`register_trunk` with its :class:`Family`, imported here,
 plus its tests.
 """
-from w2ssl.trunks import resnet, vit  # noqa: F401  (importing them registers their trunks)
+from w2ssl.trunks import resnet, timm_cnn, vit  # noqa: F401  (importing them registers their trunks)
 from w2ssl.trunks.registry import (
     Export,
     Family,
