@@ -37,7 +37,7 @@ def test_methods_pair_it_with_resnet_heads_and_mocov3_zeroes_the_residual_branch
     assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 2  # MoCo v3's ResNet projector
 
 
-@pytest.mark.slow  # end to end: a W2SSL run in this process, then its export loaded into timm
+@pytest.mark.slow  # end to end: a W2SSL run in this process, its probe and fine-tuning, its export loaded into timm
 def test_w2ssl_pretrains_it_and_the_export_loads_into_timm(image_root, tmp_path, capsys):
     argv = [image_root, *TINY, "-a", "resnet18d", "--tile-size", "32", "-b", "8", "--workers", "0", "--epochs", "1",
             "--save-dir", tmp_path / "run"]
@@ -59,3 +59,11 @@ def test_w2ssl_pretrains_it_and_the_export_loads_into_timm(image_root, tmp_path,
     assert export_main([str(ckpt), str(out), "--to", "torchvision"]) == 2
     err = capsys.readouterr().err
     assert err == "error: a resnet18d trunk has no torchvision counterpart with these weights: export --to timm\n"
+    import main_finetune
+    import main_lincls
+
+    for main, name in ((main_lincls, "probe"), (main_finetune, "finetune")):
+        argv = [image_root, "--pretrained", ckpt, "--epochs", "1", "-b", "8", "--workers", "0", "--input-size", "32",
+                "--save-dir", tmp_path / name]
+        assert cli.run_main(main.main, [str(a) for a in argv]) == 0
+        assert "resnet18d" in capsys.readouterr().out
