@@ -70,23 +70,30 @@ def test_a_second_holder_is_refused_naming_the_first_until_it_dies(tmp_path):
         assert lock.stale is not None and lock.stale["pid"] == holder.pid
 
 
-@pytest.mark.slow
-def test_a_second_run_on_a_folder_in_use_exits_2_with_one_line(image_root, tmp_path, capsys):
-    import main_moco
-
-    out = tmp_path / "run"
-    holder = hold(out)
+def run_while_held(folder, main, argv) -> tuple[int, int]:
+    """Run entry point ``main`` on ``argv`` in this process while another process holds ``folder``; its exit
+    code and the holder's pid (the holder is killed after)."""
+    holder = hold(folder)
     try:
-        start = time.time()
-        code = cli.run_main(main_moco.main, [str(image_root), *TINY, "-b", "8", "--workers", "0", "--epochs", "1",
-                                             "--save-dir", str(out)])
+        code = cli.run_main(main, [str(a) for a in argv])
     except SystemExit as e:  # the worker's error boundary
         code = e.code
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    return code, holder.pid
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_exits_2_with_one_line(image_root, tmp_path, capsys):
+    import main_moco
+
+    out = tmp_path / "run"
+    start = time.time()
+    code, pid = run_while_held(out, main_moco.main, [image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "1",
+                                                      "--save-dir", out])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {holder.pid}" in err, err
+    assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {pid}" in err, err
     assert time.time() - start < 120 and not (out / "checkpoint_last.pth.tar").exists()
     assert not (out / "log.txt").exists()
 
@@ -103,16 +110,9 @@ def test_a_probe_or_finetuning_on_a_folder_in_use_exits_2_with_one_line(script, 
     ckpt = tmp_path / "pre.pth.tar"
     save_atomic({"epoch": 1, "state_dict": trunk}, ckpt)
     out = tmp_path / "run"
-    holder = hold(out)
-    try:
-        code = cli.run_main(importlib.import_module(script).main,
-                            [str(image_root), "--pretrained", str(ckpt), "--input-size", "32", "-b", "4",
-                             "--workers", "0", "--epochs", "1", "--save-dir", str(out)])
-    except SystemExit as e:  # the worker's error boundary
-        code = e.code
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    code, pid = run_while_held(out, importlib.import_module(script).main,
+                               [image_root, "--pretrained", ckpt, "--input-size", "32", "-b", "4", "--workers", "0",
+                                "--epochs", "1", "--save-dir", out])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {holder.pid}" in err, err
+    assert code == 2 and err.count("\n") == 1 and f"is in use by another run (pid {pid}" in err, err
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the holder's folder, untouched

@@ -33,10 +33,11 @@ from w2ssl.engine.param_groups import param_groups
 from w2ssl.engine.speed import prepare_model, to_memory_format
 from w2ssl.engine.step import TrainStep, resolve_precision
 from w2ssl.errors import UserError
-from w2ssl.eval.lincls import LinearProbe, run_locked
+from w2ssl.eval.lincls import LinearProbe
 from w2ssl.eval.mixup import Mixer, soft_cross_entropy
 from w2ssl.eval.probe_model import build_model, changed_weights
 from w2ssl.schedules import lr_at
+from w2ssl.system.runlock import run_locked
 from w2ssl.trunks import trunk_spec
 
 # The flags a family's fine-tuning recipe fills when the command line leaves them unset (main_finetune.py).
@@ -168,4 +169,4 @@ class FineTune(LinearProbe):
 def worker(ctx: D.Context, args: Namespace) -> None:
     """What :func:`w2ssl.dist.distributed.launch` runs in every process of ``main_finetune.py``."""
     torch.backends.cudnn.benchmark = True
-    run_locked(ctx, args, FineTune)
+    run_locked(ctx.is_main, args.save_dir, lambda: FineTune(ctx, args))

@@ -11,7 +11,6 @@ import math
 import time
 from argparse import Namespace
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -41,7 +40,7 @@ from w2ssl.engine.speed import prepare_model, to_memory_format
 from w2ssl.engine.step import TrainStep, autocast
 from w2ssl.errors import UserError
 from w2ssl.eval.knn_probe import knn_probe
-from w2ssl.eval.metrics import Tally, coverage
+from w2ssl.eval.metrics import Tally, coverage, evaluate
 from w2ssl.eval.probe_cache import FeatureCache
 from w2ssl.eval.probe_folder import (
     BEST,
@@ -55,7 +54,7 @@ from w2ssl.eval.probe_folder import (
 )
 from w2ssl.eval.probe_model import build_model, changed_weights, trunk_state
 from w2ssl.schedules import lr_at
-from w2ssl.system.runlock import RunLock
+from w2ssl.system.runlock import run_locked
 
 
 class LinearProbe:
@@ -308,26 +307,16 @@ class LinearProbe:
             raise self.guard.stopped(Path(args.save_dir) / CHECKPOINT, self.epoch, self.iteration)
         self.logger.scalars(self.epoch, {"lr": lr})
 
-    @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         """Top-1 and top-5 (%) over the readable val images, each counted once over all processes."""
         batches, n = self._val_batches()
         size = len(self.val_loader.dataset)
-        batch_time = AverageMeter("Time", ":6.3f")
-        tally, end = Tally(self.device), time.perf_counter()
-        for i, (x, target, *_) in enumerate(batches):
-            target = target.to(self.device, non_blocking=True)
-            logits = self.model.fc(self._features(x))
-            tally.add(F.cross_entropy(logits, target, reduction="sum"), logits, target)
-            batch_time.update(time.perf_counter() - end)
-            if i % self.args.print_freq == 0 and self.ctx.is_main:
-                self.logger.info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{tally.text()}")
-            end = time.perf_counter()
-        loss, hits1, hits5, rows = D.gather(tally.total[None]).sum(dim=0).tolist()
+        info = self.logger.info if self.ctx.is_main else None
+        rows, acc1, acc5 = evaluate(lambda x: self.model.fc(self._features(x)), batches, n, self.device, info,
+                                    self.args.print_freq)
         if rows == 0:
             raise UserError(f"none of the {size} images of {self.root}/val could be read: check the dataset")
-        acc1, acc5 = 100.0 * hits1 / rows, 100.0 * hits5 / rows
-        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} over {coverage(int(rows), size)}")
+        self.logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} over {coverage(rows, size)}")
         return acc1, acc5
 
 
@@ -337,15 +326,4 @@ def worker(ctx: D.Context, args: Namespace) -> None:
     if args.knn:
         knn_probe(ctx, args)  # nothing to save: a signal ends it at once
     else:
-        run_locked(ctx, args, LinearProbe)
-
-
-def run_locked(ctx: D.Context, args: Namespace, make: Callable[[D.Context, Namespace], LinearProbe]) -> None:
-    """Build the run ``make(ctx, args)`` and train it, rank 0 holding ``--save-dir`` (before anything there is
-    read or written); stop signals are caught while it trains, and handed back after."""
-    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
-        run = make(ctx, args)
-        with run.guard:
-            if lock is not None and (stale := lock.stale_message()):
-                run.logger.warn(stale)
-            run.run()
+        run_locked(ctx.is_main, args.save_dir, lambda: LinearProbe(ctx, args))

@@ -1,8 +1,15 @@
-"""Classification metrics of the linear probe, summed exactly over processes."""
+"""Classification metrics of the probe and fine-tuning, summed exactly over processes, and the validation loop."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from w2ssl.dist import distributed as D
+from w2ssl.engine.monitor import AverageMeter
 
 
 def topk_hits(logits: Tensor, target: Tensor) -> Tensor:
@@ -45,3 +52,24 @@ class Tally:
 def coverage(rows: int, size: int) -> str:
     """``100 val images``, or ``98 of 100 val images (2 unreadable skipped)``."""
     return f"{size} val images" if rows == size else f"{rows} of {size} val images ({size - rows} unreadable skipped)"
+
+
+@torch.no_grad()
+def evaluate(classify: Callable[[Tensor], Tensor], batches: Iterable, n: int, device: torch.device,
+             info: Callable[[str], None] | None, print_freq: int) -> tuple[int, float, float]:
+    """``classify(images) -> [B, K]`` logits over ``n`` ``(images, targets, ...)`` batches of this process;
+    the rows seen by all processes and their top-1 and top-5 (%), a progress line every ``print_freq``
+    batches through ``info`` (None: quiet)."""
+    batch_time = AverageMeter("Time", ":6.3f")
+    tally, end = Tally(device), time.perf_counter()
+    for i, (x, target, *_) in enumerate(batches):
+        target = target.to(device, non_blocking=True)
+        logits = classify(x)
+        tally.add(F.cross_entropy(logits, target, reduction="sum"), logits, target)
+        batch_time.update(time.perf_counter() - end)
+        if i % print_freq == 0 and info is not None:
+            info(f"Test: [{i:>{len(str(n))}}/{n}]\t{batch_time}\t{tally.text()}")
+        end = time.perf_counter()
+    _, hits1, hits5, rows = D.gather(tally.total[None]).sum(dim=0).tolist()
+    rows = int(rows)
+    return rows, 100.0 * hits1 / max(rows, 1), 100.0 * hits5 / max(rows, 1)

@@ -19,8 +19,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from w2ssl.errors import UserError
 
@@ -98,3 +100,24 @@ def _parse(text: str) -> dict:
     except ValueError:
         return {"pid": "?", "host": "?", "started": "?"}
     return value if isinstance(value, dict) else {}
+
+
+class LockedRun(Protocol):
+    """What :func:`run_locked` runs: ``guard`` catches stop signals while it trains; ``logger.warn`` says a line."""
+
+    guard: AbstractContextManager
+    logger: object
+
+    def run(self) -> None: ...
+
+
+def run_locked(holds_folder: bool, folder: str | Path, make: Callable[[], LockedRun]) -> None:
+    """Build the run ``make()`` and train it; the process that writes the run (``holds_folder``: rank 0) holds
+    ``folder`` before anything there is read or written, and warns about a holder a dead run left. Stop signals
+    are caught while it trains and handed back after. Pre-training, the probe and fine-tuning all run so."""
+    with RunLock(folder) if holds_folder else nullcontext() as lock:
+        run = make()
+        with run.guard:
+            if lock is not None and (stale := lock.stale_message()):
+                run.logger.warn(stale)
+            run.run()

@@ -5,12 +5,10 @@ model's inputs from a batch and its console fields; the loop knows no method by 
 """
 from __future__ import annotations
 
-import math
 import time
 from argparse import Namespace
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 
@@ -18,12 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl import checkpoint as ckpt_io
-from w2ssl.data.augment import MEAN, STD, load_splittable
-from w2ssl.data.datasets import BadImages, PretrainDataset, seed_everything
-from w2ssl.data.fast_augment import FastCollate, load_uint8
-from w2ssl.data.gpu_augment import augment_batch, collate_pretrain, encoded_with_path
-from w2ssl.data.sampler import ResumableSampler, make_loader
-from w2ssl.data.sources import load_subset, pretrain_images
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.datasets import BadImages, seed_everything
+from w2ssl.data.gpu_augment import augment_batch
+from w2ssl.data.sources import load_subset
 from w2ssl.dist import distributed as D
 from w2ssl.engine.guard import Guard
 from w2ssl.engine.monitor import ETA, EpochProgress, LoaderCheck, Logger, format_duration, report_throughput
@@ -35,7 +31,8 @@ from w2ssl.errors import UserError
 from w2ssl.eval.knn import folder_loaders, format_knn, knn_eval, knn_scalars
 from w2ssl.methods.registry import StepKey, build_model, method_spec
 from w2ssl.system.disk import DiskPlan, checkpoint_bytes
-from w2ssl.system.runlock import RunLock
+from w2ssl.system.runlock import run_locked
+from w2ssl.train.pretrain_data import pretrain_data
 from w2ssl.train.resume_args import reconcile
 from w2ssl.trunks import trunk_spec
 
@@ -46,41 +43,18 @@ class Pretrainer:
     def __init__(self, ctx: D.Context, args: Namespace):
         self.ctx, self.args, self.device = ctx, args, ctx.device
         self.logger = Logger(args.save_dir, ctx.is_main)
-        self.seed = shared_seed(args.seed, self.device)
+        # Found before the data: a resumed run keeps its own seed, which decides its batches and augmentations
+        # (the dataset's, the sampler's and the collate's draws; resume_args warns about another --seed).
+        self.found = self._find_checkpoint()
+        kept = self.found[1].get("seed") if self.found is not None else None
+        self.seed = int(kept) if kept is not None else shared_seed(args.seed, self.device)
         seed_everything(self.seed)
         self.precision = resolve_precision(args.precision, self.device)
-        self.local_batch = args.batch_size // ctx.world_size
         self.method = method_spec(args.method)
 
-        listing, how = pretrain_images(args.data, load_subset(args.subset), args.save_dir, write=ctx.is_main,
-                                       batch_size=args.batch_size)
-        skipped = listing.skipped
-        (self.logger.warn if skipped.repeated or skipped.unreadable else self.logger.info)(
-            f"=> data: {listing.describe()}; {how}; labels unused")
-        images = [path for path, _ in listing.samples]
-        self.gpu_crop: nn.Module | None = None
-        self.fast_collate: FastCollate | None = None
-        collate = None
-        if args.gpu_aug:
-            # Workers only read bytes; decoding and the crops run batched on the device.
-            self.dataset = PretrainDataset(images, None, self.seed, loader=encoded_with_path)
-            self.gpu_crop, collate = self.method.gpu_transform(args), collate_pretrain
-        elif args.cpu_aug == "fast" and self.method.fast_transform is not None:
-            # Workers decode with PIL and augment whole batches (w2ssl.data.fast_augment).
-            self.dataset = PretrainDataset(images, None, self.seed, loader=load_uint8)
-            collate = self.fast_collate = FastCollate(self.method.fast_transform(args), self.seed)
-        else:
-            self.dataset = PretrainDataset(images, self.method.transform(args), self.seed, loader=load_splittable)
-        if ctx.is_main:
-            self.dataset.check_readable()
-        self.sampler = ResumableSampler(len(self.dataset), self.local_batch, ctx.world_size, ctx.rank, self.seed)
+        data = pretrain_data(ctx, args, self.method, self.seed, self.logger)
+        self.dataset, self.sampler, self.loader, self.gpu_crop = data.dataset, data.sampler, data.loader, data.gpu_crop
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        if self.iters_per_epoch == 0:
-            raise UserError(f"the training folder has {len(self.dataset)} images, fewer than one batch of "
-                            f"{args.batch_size}: lower --batch-size")
-        workers = math.ceil(args.workers / ctx.local_world_size)
-        self.loader = make_loader(self.dataset, self.sampler, workers, pin_memory=self.device.type == "cuda",
-                                  collate_fn=collate)
 
         self.model = build_model(args).to(self.device)
         if ctx.world_size > 1:  # each process's heads see only its own samples: statistics over all of them
@@ -106,7 +80,7 @@ class Pretrainer:
         self.step_seconds: deque[float] = deque(maxlen=max(args.max_iters // 2, 1))
         self.epoch_start_data: deque[float] = deque(maxlen=16)
         self._knn_loaders: tuple | None = None
-        self.loader_check = LoaderCheck(self.logger.warn, args.batch_size, workers)
+        self.loader_check = LoaderCheck(self.logger.warn, args.batch_size, data.workers)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -128,10 +102,9 @@ class Pretrainer:
         D.barrier()
 
     def resume(self) -> None:
-        found = self._find_checkpoint()
-        if found is None:
+        if self.found is None:
             return
-        path, state = found
+        path, state = self.found
         reconcile(state, self.args, path, self.logger.warn)  # other arguments than the checkpoint's: refused or warned
         ckpt_io.load_into(self.model, state["state_dict"], path, f"this model (--arch {self.args.arch})")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -144,11 +117,6 @@ class Pretrainer:
         # Saved after an epoch's last step: the loop then ends that epoch and writes its checkpoint.
         self.iteration = min(self.iteration, self.iters_per_epoch)
         self.bad_files = set(state.get("bad_files", []))
-        if "seed" in state:
-            # The run's own seed decides its batches and augmentations: kept across restarts (resume_args).
-            self.seed = self.dataset.seed = self.sampler.seed = int(state["seed"])
-            if self.fast_collate is not None:
-                self.fast_collate.seed = self.seed
         if "rng" in state:
             set_rng_state(state["rng"])
         self.logger.info(f"=> resumed from {path} at epoch {self.epoch} iteration {self.iteration} "
@@ -328,13 +296,7 @@ def train(ctx: D.Context, args: Namespace) -> None:
     """The worker that :func:`w2ssl.dist.distributed.launch` runs in every process."""
     start = time.perf_counter()
     torch.backends.cudnn.benchmark = True
-    # One run per folder: rank 0, the process that writes it, holds its lock (w2ssl.system.runlock) before it
-    # reads a checkpoint there or writes anything.
-    with RunLock(args.save_dir) if ctx.is_main else nullcontext() as lock:
-        trainer = Pretrainer(ctx, args)
-        with trainer.guard:
-            if lock is not None and (stale := lock.stale_message()):
-                trainer.logger.warn(stale)
-            trainer.run()
+    # One run per folder: rank 0, the process that writes it, holds its lock before it reads a checkpoint there
+    run_locked(ctx.is_main, args.save_dir, lambda: Pretrainer(ctx, args))
     if ctx.is_main:
         print(f"=> finished in {format_duration(time.perf_counter() - start)}", flush=True)
