@@ -19,7 +19,6 @@ LOG="$RESULTS/gpu_check_part$PART.log" MD="$RESULTS/gpu_check_part$PART.md"
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, torchvision, timm, yaml, skimage" 2>/dev/null || "$PY" -m pip install -q -r requirements-dev.txt
 "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
 VERSIONS=$("$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1)

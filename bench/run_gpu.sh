@@ -22,7 +22,6 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RESULTS"
 LOG="$RESULTS/bench_${PART}_$STAMP.log" JSONL="$RESULTS/bench_${PART}_$STAMP.jsonl" MD="$RESULTS/bench_${PART}_$STAMP.md"
 : >"$JSONL"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # One generated JPEG folder for data.py and e2e.py (same image count), removed at exit.
 IMAGES=$(mktemp -d)
 trap 'rm -rf "$IMAGES"' EXIT
@@ -64,24 +63,24 @@ bench() {
 
 # Most important first (the targets), so that a tight deadline only cuts the extras.
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  bench "step bf16 channels_last" 200 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision bf16 \
+  bench "step bf16 channels_last" 200 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" --precision bf16 \
     --channels-last --no-fused-views || echo failed
-  bench "step vit_small bf16" 150 "$PY" bench/step.py --device "$DEVICE" "${VIT_STEP[@]}" --precision bf16 \
+  bench "step vit_small bf16" 150 "$PY" -m bench.step --device "$DEVICE" "${VIT_STEP[@]}" --precision bf16 \
     --no-fused-views || echo failed
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-  bench "e2e" 120 "$PY" bench/e2e.py --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
-  bench "data" 100 "$PY" bench/data.py --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
+  bench "e2e" 120 "$PY" -m bench.e2e --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
+  bench "data" 100 "$PY" -m bench.data --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
   # Compiling all four kinds cold would not fit: W2SSL (trunks) and supervised (the model) only.
   if [ "${COMPILE:-1}" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
-    bench "step bf16 channels_last compile" 240 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+    bench "step bf16 channels_last compile" 240 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" \
       --precision bf16 --channels-last --compile --only w2ssl --only supervised || echo failed
   fi
-  bench "step fp16 NCHW" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision fp16 --no-fused-views \
+  bench "step fp16 NCHW" 120 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" --precision fp16 --no-fused-views \
     || echo failed
-  bench "step bf16 channels_last fused views" 90 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+  bench "step bf16 channels_last fused views" 90 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" \
     --precision bf16 --channels-last --fused-views --only w2ssl || echo failed
 fi
 

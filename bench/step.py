@@ -13,7 +13,7 @@ supervised row a linear classifier on the class token (no timm head). For ViTs t
 tokens per source image and view: ``2·(t/16)²`` for W2SSL (a ``2t`` montage holds two tiles of each of its
 two images; 98 at ``t = 112``) against ``(2t/16)²`` for MoCo v3 (196), and each sequence is ``1 + (2t/16)²``
 tokens long, so attention falls more than 2x. Prints a table, then one JSON line.
-Example (GPU): ``python bench/step.py --precision bf16 --channels-last``.
+Example (GPU): ``python -m bench.step --precision bf16 --channels-last``.
 """
 from __future__ import annotations
 
@@ -23,27 +23,23 @@ import os
 import sys
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from bench import common  # noqa: E402
-from w2ssl.cli import add_precision, run_main  # noqa: E402
-from w2ssl.engine.optim import LARS  # noqa: E402
-from w2ssl.engine.speed import prepare_model, to_memory_format  # noqa: E402
-from w2ssl.engine.step import TrainStep, resolve_precision  # noqa: E402
-from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.methods.mocov3 import MoCoV3  # noqa: E402
-from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
-from w2ssl.trunks import build_trunk, trunk_names, trunk_spec  # noqa: E402
-from w2ssl.trunks.vit import PATCH  # noqa: E402
+from bench import common
+from w2ssl.cli import add_precision, run_main
+from w2ssl.engine.optim import LARS
+from w2ssl.engine.speed import prepare_model, to_memory_format
+from w2ssl.engine.step import TrainStep, resolve_precision
+from w2ssl.errors import UserError
+from w2ssl.methods.mocov3 import MoCoV3
+from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks import build_trunk, trunk_names, trunk_spec
+from w2ssl.trunks.vit import PATCH
 
 STEPS = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
 TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models
