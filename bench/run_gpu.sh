@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.." && PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/
 # bench/results/) as bench_<part>_<UTC stamp>.md, with the full log and raw JSON lines.
 #   bash bench/run_gpu.sh                      GPU run of every part: batch 256, tile 112, resnet50
 #   PART=1|2|3 bash bench/run_gpu.sh           one part, most valuable first (each under BUDGET):
-#     1: the bf16 channels_last step of all four kinds (the table the issues ask for), then the same four
+#     1: the bf16 channels_last step of every kind (the table the issues ask for), then the same
 #        kinds on vit_small at 224 px (tile 112; W2SSL 98 patch tokens per image and view, MoCo v3 196)
 #     2: end to end (bench/e2e.py) and the input pipelines (bench/data.py)
 #     3: --compile of W2SSL and supervised, the fp16 NCHW step, W2SSL with --fused-views
@@ -73,7 +73,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   bench "data" 100 "$PY" -m bench.data --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
-  # Compiling all four kinds cold would not fit: W2SSL (trunks) and supervised (the model) only.
+  # Compiling every kind cold would not fit: W2SSL (trunks) and supervised (the model) only.
   if [ "${COMPILE:-1}" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
     bench "step bf16 channels_last compile" 240 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" \
       --precision bf16 --channels-last --compile --only w2ssl --only supervised || echo failed
@@ -98,20 +98,19 @@ title = "Benchmarks" if part == "all" else f"Benchmarks, part {part}"
 lines = [f"# {title} ({jsonl.rsplit('_', 1)[-1].split('.')[0]})", "",
          f"{device_name(resolve_device(device))}; torch {env['torch']}, torchvision {env['torchvision']}, "
          f"CUDA {env['cuda']}, cuDNN {env['cudnn']}; all runs took {seconds} s."]
+# bench/step.py's rows (its JSON's "steps": every registered method, MoCo v3 also fused, supervised)
+steps = next((r["steps"] for label, _, r in runs if label.startswith("step") and "steps" in r), [])
 rows = []
 for label, cmd, r in runs:
-    if label.startswith("step") and "w2ssl_img_s" in r:
-        names = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
-        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-" for n in names)
-        rows.append((label, *(r[f"{n}_img_s"] for n in names), r["ratio_w2ssl_mocov3"],
-                     r["ratio_w2ssl_mocov3_fused"], r["ratio_w2ssl_supervised"], peaks))
+    if label.startswith("step") and "steps" in r:
+        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-" for n in steps)
+        rows.append((label, *(r[f"{n}_img_s"] for n in steps), *(r[f"ratio_w2ssl_{n}"] for n in steps[1:]), peaks))
     elif label.startswith("step"):
-        rows.append((label, *["failed"] * 8))
+        rows.append((label, *["failed"] * (2 * len(steps))))
 if rows:
     lines += ["", "## Training step (source images/s; peak GiB)", ""]
-    lines.append(markdown_table(["run", "W2SSL", "MoCo v3-style", "MoCo v3-style, views fused", "supervised",
-                                 "W2SSL/MoCo v3", "W2SSL/MoCo v3 fused", "W2SSL/supervised",
-                                 "peak GiB W2SSL/MoCo/MoCo fused/sup"], rows))
+    lines.append(markdown_table(["run", *steps, *(f"w2ssl/{n}" for n in steps[1:]), "peak GiB " + "/".join(steps)],
+                                rows))
 for label, cmd, r in runs:
     lines += ["", f"## {label}", "", f"`{cmd}`", ""]
     if not label.startswith("step"):
