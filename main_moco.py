@@ -144,7 +144,7 @@ def check(args: argparse.Namespace, world_size: int) -> None:
         disk.refuse_if_too_small(args.save_dir, disk.checkpoint_bytes(model, args.optimizer))
     if args.demo and args.max_iters:
         raise UserError("--demo compares kNN accuracy on the saved checkpoint, and --max-iters stops without "
-                        "one: drop --max-iters (or run bench/e2e.py for throughput)")
+                        "one: drop --max-iters (or run python -m bench.e2e for throughput)")
     if args.knn_every and not (args.knn_data and (Path(args.knn_data) / "val").is_dir()):
         raise UserError("--knn-every needs --knn-data DIR with DIR/train and DIR/val labelled image folders")
     check_resume_path(args.resume)

@@ -4,7 +4,7 @@ Each process converts a ``ResNetTrunk`` with :func:`w2ssl.dist.syncbn.convert` (
 compiles it and runs forward and backward three times; rank 0 prints dynamo's counts of graphs, graph
 breaks (with their reasons) and recompiles as one JSON line. PyTorch's ``nn.SyncBatchNorm`` breaks the
 graph at every call. Add ``TORCH_LOGS=graph_breaks,recompiles`` for dynamo's own log. Example:
-``TORCH_LOGS=graph_breaks,recompiles python bench/compile_graphs.py -a resnet50``.
+``TORCH_LOGS=graph_breaks,recompiles python -m bench.compile_graphs -a resnet50``.
 """
 from __future__ import annotations
 
@@ -12,20 +12,16 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bench.heads import free_port  # noqa: E402
-from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.dist.syncbn import convert  # noqa: E402
-from w2ssl.dist.viewnorm import normalise_per_view  # noqa: E402
-from w2ssl.trunks import build_trunk, trunk_names  # noqa: E402
+from bench.heads import free_port
+from w2ssl.cli import run_main
+from w2ssl.dist.syncbn import convert
+from w2ssl.dist.viewnorm import normalise_per_view
+from w2ssl.trunks import build_trunk, trunk_names
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:

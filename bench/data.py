@@ -16,7 +16,7 @@ temporary folder; the files then sit in the page cache, so this measures decodin
 
 Prints a table, then one JSON line (img/s per core: ``decode_only``, ``pil_fourcrop``, ``fast_fourcrop``,
 ``pil_twocrop``, ``fast_twocrop``; ``ratio_fast_vs_pil``; ``loader_*`` and ``gpu_*`` img/s).
-Example: ``python bench/data.py --device cpu --images 256``.
+Example: ``python -m bench.data --device cpu --images 256``.
 """
 from __future__ import annotations
 
@@ -29,16 +29,13 @@ from collections.abc import Callable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torchvision.datasets import ImageFolder  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     device_name,
     json_line,
     markdown_table,
@@ -48,16 +45,16 @@ from bench.common import (  # noqa: E402
     time_iterations,
     versions,
 )
-from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.data.augment import FourCrop  # noqa: E402
-from w2ssl.data.datasets import PretrainDataset, load_rgb  # noqa: E402
-from w2ssl.data.fast_augment import FastCollate, fast_four_crop, fast_two_crop, load_uint8  # noqa: E402
-from w2ssl.data.gpu_augment import GpuFourCrop  # noqa: E402
-from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch  # noqa: E402
-from w2ssl.data.gpu_params import sample_keys  # noqa: E402
-from w2ssl.data.sampler import ResumableSampler, make_loader  # noqa: E402
-from w2ssl.data.twocrop import TwoCrop  # noqa: E402
-from w2ssl.errors import UserError  # noqa: E402
+from w2ssl.cli import run_main
+from w2ssl.data.augment import FourCrop
+from w2ssl.data.datasets import PretrainDataset, load_rgb
+from w2ssl.data.fast_augment import FastCollate, fast_four_crop, fast_two_crop, load_uint8
+from w2ssl.data.gpu_augment import GpuFourCrop
+from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch
+from w2ssl.data.gpu_params import sample_keys
+from w2ssl.data.sampler import ResumableSampler, make_loader
+from w2ssl.data.twocrop import TwoCrop
+from w2ssl.errors import UserError
 
 WIDTH, HEIGHT = 500, 375
 NOISE = 3.0  # sensor-like noise std, in grey levels

@@ -5,7 +5,7 @@ source images/s over the second half of the steps, from the steps' own durations
 checkpoint writes and the work at epoch ends left out, ``--save-freq-iters`` or not), plus the data-loading
 time of the first iteration of every epoch after the first (the workers prefetch across epochs: no stall
 there). Last line: JSON.
-Example (GPU): ``python bench/e2e.py --device cuda --iters 50 --gpu-aug``.
+Example (GPU): ``python -m bench.e2e --device cuda --iters 50 --gpu-aug``.
 """
 from __future__ import annotations
 
@@ -17,11 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.data import make_folder  # noqa: E402
-from w2ssl.cli import check_folder, check_values, nonneg_int, positive_int, run_main  # noqa: E402
+from bench.data import make_folder
+from w2ssl.cli import check_folder, check_values, nonneg_int, positive_int, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

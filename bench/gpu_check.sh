@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's checks in three parts, most valuable first; each part fits one 8-minute call in the
 # worst case (every step has a timeout, all under the part's deadline BUDGET, default 450 s):
-#   bash bench/gpu_check.sh 1   the CUDA tests, then the bf16 step table of all four kinds, resnet50 and
+#   bash bench/gpu_check.sh 1   the CUDA tests, then the bf16 step table of every kind, resnet50 and
 #                               vit_small at 224 px (run_gpu.sh part 1)
 #   bash bench/gpu_check.sh 2   end to end and the input pipelines (run_gpu.sh part 2), then every GPU
 #                               launch mode on a small generated folder
@@ -19,7 +19,6 @@ LOG="$RESULTS/gpu_check_part$PART.log" MD="$RESULTS/gpu_check_part$PART.md"
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, torchvision, timm, yaml, skimage" 2>/dev/null || "$PY" -m pip install -q -r requirements-dev.txt
 "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
 VERSIONS=$("$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1)

@@ -4,7 +4,7 @@ Each process runs ``W2SSL.heads`` (projector, predictor, momentum projector, whe
 BatchNorms synchronised) forward and backward on random trunk features of its own ``2N/W`` tiles per
 view, with ResNet-50's widths by default. Before heads ran per process, every process ran them on all
 ``2N`` tiles: the cost of the ``W = 1`` row at any W. Prints a markdown table and one JSON line.
-DDP's gradient all-reduce is not included. Example: ``python bench/heads.py --batch-size 32``.
+DDP's gradient all-reduce is not included. Example: ``python -m bench.heads --batch-size 32``.
 """
 from __future__ import annotations
 
@@ -17,19 +17,15 @@ import sys
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.methods.w2ssl import W2SSL  # noqa: E402
-from w2ssl.trunks import build_trunk  # noqa: E402
+from w2ssl.cli import run_main
+from w2ssl.errors import UserError
+from w2ssl.methods.w2ssl import W2SSL
+from w2ssl.trunks import build_trunk
 
 
 def head_flops(n: int, world: int, width: int = 2048, hidden: int = 4096, dim: int = 256) -> float:

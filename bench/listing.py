@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Listing a large image folder: torchvision's ImageFolder scan vs our walker (one thread, and a thread pool
 over the class folders) vs our cached list, on a generated tree of empty ``.JPEG`` files.
 
-    python bench/listing.py --files 200000 --classes 1000 --repeats 3
+    python -m bench.listing --files 200000 --classes 1000 --repeats 3
 
 "Walk" means no cached list: the OS's directory cache is warm (the tree was just written, or listed by
 the previous repeat), as on a machine that listed the folder before; a first listing after a reboot or
@@ -15,19 +14,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torchvision
+from torchvision.datasets import ImageFolder
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torchvision.datasets import ImageFolder  # noqa: E402
-
-from w2ssl.data import listing_cache  # noqa: E402
-from w2ssl.data.listing import walk  # noqa: E402
+from w2ssl.data import listing_cache
+from w2ssl.data.listing import walk
 
 
 def generate(root: Path, files: int, classes: int) -> None:

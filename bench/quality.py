@@ -34,21 +34,18 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import main_moco  # noqa: E402
-from bench import quality_report  # noqa: E402
-from bench.common import json_line, versions  # noqa: E402
-from bench.quality_flops import method_gflops, supervised_gflops  # noqa: E402
-from bench.quality_kinds import last_epoch_where_acc, parse_kinds, resolve  # noqa: E402
-from bench.quality_sweep import DEFAULT_LRS, carve_validation, choose, parse_lrs, sweep  # noqa: E402
-from w2ssl import demo  # noqa: E402
-from w2ssl.checkpoint import epoch_name  # noqa: E402
-from w2ssl.data import glyphs  # noqa: E402
-from w2ssl.data.datasets import image_folder  # noqa: E402
-from w2ssl.errors import UserError  # noqa: E402
-from w2ssl.trunks import build_trunk  # noqa: E402
+import main_moco
+from bench import quality_report
+from bench.common import json_line, versions
+from bench.quality_flops import method_gflops, supervised_gflops
+from bench.quality_kinds import last_epoch_where_acc, parse_kinds, resolve
+from bench.quality_sweep import DEFAULT_LRS, carve_validation, choose, parse_lrs, sweep
+from w2ssl import demo
+from w2ssl.checkpoint import epoch_name
+from w2ssl.data import glyphs
+from w2ssl.data.datasets import image_folder
+from w2ssl.errors import UserError
+from w2ssl.trunks import build_trunk
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(seeds=3, budget_gflops=1120.0, probe_epochs=10, points=2, jobs=2)
@@ -139,11 +136,14 @@ def budget(args: argparse.Namespace) -> dict:
 
 def moco_args(args: argparse.Namespace, kind: str, data: str, lr: float | None = None) -> list[str]:
     """main_moco.py's flags shared by every run of ``kind`` (epochs, seed and folder come per run); base lr
-    ``lr``, else the one the sweep chose, else ``--lr``."""
+    ``lr``, else the one the sweep chose, else ``--lr``. The EMA and weight decay are the same for every method
+    (W2SSL's published 0.99 and 1e-6), whatever a method's own defaults (BYOL's 0.996 on a cosine, 1.5e-6), so
+    that only the method differs between rows."""
     method, extra = resolve(kind)
     lr = lr if lr is not None else args.lrs.get(kind, args.lr)
     return [data, "--method", method, "-a", args.arch, "--tile-size", str(args.tile_size), "-b", str(args.batch_size),
-            "--lr", str(lr), "--moco-mlp-dim", str(args.mlp_dim), "--fused-views", "-j", "1",
+            "--lr", str(lr), "--moco-mlp-dim", str(args.mlp_dim), "--moco-m", "0.99", "--no-moco-m-cos", "--wd", "1e-6",
+            "--fused-views", "-j", "1",
             "-p", "100000", "--precision", "fp32", "--cpu-aug", args.cpu_aug, *extra]
 
 
@@ -156,7 +156,7 @@ def train_cmd(args: argparse.Namespace, kind: str, data: str, epochs: int, seed:
               extra: list[str] = (), lr: float | None = None) -> list[str]:
     warmup = str(round(epochs / 10))
     if kind == "supervised":
-        return [sys.executable, str(ROOT / "bench" / "quality_supervised.py"), data, "--arch", args.arch,
+        return [sys.executable, "-m", "bench.quality_supervised", data, "--arch", args.arch,
                 "--size", str(2 * args.tile_size), "--epochs", str(epochs), "--warmup-epochs", warmup,
                 "--batch-size", str(args.batch_size), "--lr", str(args.sup_lr), "--seed", str(seed),
                 "--save-dir", str(run), *extra]
@@ -203,7 +203,7 @@ def run_one(args: argparse.Namespace, kind: str, seed: int, epochs: int, data: s
         # Epoch ends from the checkpoints' write times: the training loop keeps no benchmark records.
         wall = [(run / epoch_name(e)).stat().st_mtime - start for e in range(epochs)]
     points = eval_epochs(epochs, points or args.points) if kind != "random" else [0]
-    cmd = [sys.executable, str(ROOT / "bench" / "quality_eval.py"), str(run), "--data", data, "--arch", args.arch,
+    cmd = [sys.executable, "-m", "bench.quality_eval", str(run), "--data", data, "--arch", args.arch,
            "--size", str(2 * args.tile_size), "--epochs", ",".join(map(str, points)),
            "--probe-epochs", str(args.probe_epochs), "--seed", str(seed), "--delete"]
     if kind == "random":

@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from w2ssl.checkpoint import epoch_name  # noqa: E402
-from w2ssl.eval.knn import folder_loaders, knn_eval  # noqa: E402
-from w2ssl.trunk_weights import load_trunk  # noqa: E402
-from w2ssl.trunks import build_trunk  # noqa: E402
+from w2ssl.checkpoint import epoch_name
+from w2ssl.eval.knn import folder_loaders, knn_eval
+from w2ssl.trunk_weights import load_trunk
+from w2ssl.trunks import build_trunk
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 20

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import transforms
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from w2ssl.checkpoint import epoch_name, save_atomic  # noqa: E402
-from w2ssl.data.augment import MEAN, STD  # noqa: E402
-from w2ssl.data.datasets import image_folder, seed_everything  # noqa: E402
-from w2ssl.engine.optim import build_optimizer, scaled_lr, set_lr  # noqa: E402
-from w2ssl.schedules import lr_at  # noqa: E402
-from w2ssl.trunks import build_trunk  # noqa: E402
+from w2ssl.checkpoint import epoch_name, save_atomic
+from w2ssl.data.augment import MEAN, STD
+from w2ssl.data.datasets import image_folder, seed_everything
+from w2ssl.engine.optim import build_optimizer, scaled_lr, set_lr
+from w2ssl.schedules import lr_at
+from w2ssl.trunks import build_trunk
 
 
 class Classifier(nn.Module):

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.." && PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/
 # bench/results/) as bench_<part>_<UTC stamp>.md, with the full log and raw JSON lines.
 #   bash bench/run_gpu.sh                      GPU run of every part: batch 256, tile 112, resnet50
 #   PART=1|2|3 bash bench/run_gpu.sh           one part, most valuable first (each under BUDGET):
-#     1: the bf16 channels_last step of all four kinds (the table the issues ask for), then the same four
+#     1: the bf16 channels_last step of every kind (the table the issues ask for), then the same
 #        kinds on vit_small at 224 px (tile 112; W2SSL 98 patch tokens per image and view, MoCo v3 196)
 #     2: end to end (bench/e2e.py) and the input pipelines (bench/data.py)
 #     3: --compile of W2SSL and supervised, the fp16 NCHW step, W2SSL with --fused-views
@@ -22,7 +22,6 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RESULTS"
 LOG="$RESULTS/bench_${PART}_$STAMP.log" JSONL="$RESULTS/bench_${PART}_$STAMP.jsonl" MD="$RESULTS/bench_${PART}_$STAMP.md"
 : >"$JSONL"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # One generated JPEG folder for data.py and e2e.py (same image count), removed at exit.
 IMAGES=$(mktemp -d)
 trap 'rm -rf "$IMAGES"' EXIT
@@ -64,24 +63,24 @@ bench() {
 
 # Most important first (the issue's targets), so that a tight deadline only cuts the extras.
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  bench "step bf16 channels_last" 200 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision bf16 \
+  bench "step bf16 channels_last" 200 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" --precision bf16 \
     --channels-last --no-fused-views || echo failed
-  bench "step vit_small bf16" 150 "$PY" bench/step.py --device "$DEVICE" "${VIT_STEP[@]}" --precision bf16 \
+  bench "step vit_small bf16" 150 "$PY" -m bench.step --device "$DEVICE" "${VIT_STEP[@]}" --precision bf16 \
     --no-fused-views || echo failed
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-  bench "e2e" 120 "$PY" bench/e2e.py --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
-  bench "data" 100 "$PY" bench/data.py --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
+  bench "e2e" 120 "$PY" -m bench.e2e --device "$DEVICE" --root "$IMAGES" "${E2E[@]}" || echo failed
+  bench "data" 100 "$PY" -m bench.data --device "$DEVICE" --root "$IMAGES/train" "${DATA[@]}" || echo failed
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
-  # Compiling all four kinds cold would not fit: W2SSL (trunks) and supervised (the model) only.
+  # Compiling every kind cold would not fit: W2SSL (trunks) and supervised (the model) only.
   if [ "${COMPILE:-1}" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
-    bench "step bf16 channels_last compile" 240 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+    bench "step bf16 channels_last compile" 240 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" \
       --precision bf16 --channels-last --compile --only w2ssl --only supervised || echo failed
   fi
-  bench "step fp16 NCHW" 120 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" --precision fp16 --no-fused-views \
+  bench "step fp16 NCHW" 120 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" --precision fp16 --no-fused-views \
     || echo failed
-  bench "step bf16 channels_last fused views" 90 "$PY" bench/step.py --device "$DEVICE" "${STEP[@]}" \
+  bench "step bf16 channels_last fused views" 90 "$PY" -m bench.step --device "$DEVICE" "${STEP[@]}" \
     --precision bf16 --channels-last --fused-views --only w2ssl || echo failed
 fi
 
@@ -99,20 +98,19 @@ title = "Benchmarks" if part == "all" else f"Benchmarks, part {part}"
 lines = [f"# {title} ({jsonl.rsplit('_', 1)[-1].split('.')[0]})", "",
          f"{device_name(resolve_device(device))}; torch {env['torch']}, torchvision {env['torchvision']}, "
          f"CUDA {env['cuda']}, cuDNN {env['cudnn']}; all runs took {seconds} s."]
+# bench/step.py's rows (its JSON's "steps": every registered method, MoCo v3 also fused, supervised)
+steps = next((r["steps"] for label, _, r in runs if label.startswith("step") and "steps" in r), [])
 rows = []
 for label, cmd, r in runs:
-    if label.startswith("step") and "w2ssl_img_s" in r:
-        names = ("w2ssl", "mocov3", "mocov3_fused", "supervised")
-        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-" for n in names)
-        rows.append((label, *(r[f"{n}_img_s"] for n in names), r["ratio_w2ssl_mocov3"],
-                     r["ratio_w2ssl_mocov3_fused"], r["ratio_w2ssl_supervised"], peaks))
+    if label.startswith("step") and "steps" in r:
+        peaks = "/".join(f"{r[f'{n}_peak_gib']:.1f}" if r[f"{n}_peak_gib"] is not None else "-" for n in steps)
+        rows.append((label, *(r[f"{n}_img_s"] for n in steps), *(r[f"ratio_w2ssl_{n}"] for n in steps[1:]), peaks))
     elif label.startswith("step"):
-        rows.append((label, *["failed"] * 8))
+        rows.append((label, *["failed"] * (2 * len(steps))))
 if rows:
     lines += ["", "## Training step (source images/s; peak GiB)", ""]
-    lines.append(markdown_table(["run", "W2SSL", "MoCo v3-style", "MoCo v3-style, views fused", "supervised",
-                                 "W2SSL/MoCo v3", "W2SSL/MoCo v3 fused", "W2SSL/supervised",
-                                 "peak GiB W2SSL/MoCo/MoCo fused/sup"], rows))
+    lines.append(markdown_table(["run", *steps, *(f"w2ssl/{n}" for n in steps[1:]), "peak GiB " + "/".join(steps)],
+                                rows))
 for label, cmd, r in runs:
     lines += ["", f"## {label}", "", f"`{cmd}`", ""]
     if not label.startswith("step"):

@@ -14,7 +14,7 @@ epoch, from ``log.txt``); a setting makes the task learnable if its where-accura
 and ``\\`` on the right (a cue a tile does carry, and that a flip turns into the other side's), trained with
 and without the flip: it shows whether the measurement can see a where task that is learnable.
 
-Prints a table and one JSON line. Example: ``python bench/where_diagnostic.py --epochs 10 --control``.
+Prints a table and one JSON line. Example: ``python -m bench.where_diagnostic --epochs 10 --control``.
 """
 from __future__ import annotations
 
@@ -25,15 +25,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import json_line, markdown_table, versions  # noqa: E402
-from bench.quality import thread_env  # noqa: E402
-from bench.quality_kinds import last_epoch_where_acc  # noqa: E402
-from w2ssl import demo  # noqa: E402
-from w2ssl.cli import run_main  # noqa: E402
-from w2ssl.errors import UserError  # noqa: E402
+from bench.common import json_line, markdown_table, versions
+from bench.quality import thread_env
+from bench.quality_kinds import last_epoch_where_acc
+from w2ssl import demo
+from w2ssl.cli import run_main
+from w2ssl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNABLE = 60.0  # where-accuracy (%) that no coin toss reaches over an epoch of hundreds of tiles

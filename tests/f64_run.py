@@ -2,20 +2,15 @@
 that one process and two compute the same run up to float64 rounding. The PIL pipeline's tiles are made
 float64 as they reach the model; nothing in the production code changes.
 
-    python tests/f64_run.py MAIN_MOCO_ARGS...   (or under torchrun)
+    python -m tests.f64_run MAIN_MOCO_ARGS...   (from the repository root; or under torchrun -m)
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import main_moco  # noqa: E402
-from w2ssl.cli import with_error_boundary  # noqa: E402
-from w2ssl.train.pretrain import Pretrainer  # noqa: E402
+import main_moco
+from w2ssl.cli import with_error_boundary
+from w2ssl.train.pretrain import Pretrainer
 
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)

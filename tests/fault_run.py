@@ -1,9 +1,9 @@
 """Test-only launcher: ``main_moco.py`` with one fault injected from outside the production code.
 
-    python tests/fault_run.py kill STEP MAIN_MOCO_ARGS...   SIGKILL as global step STEP starts (a hard crash)
-    python tests/fault_run.py nan STEP MAIN_MOCO_ARGS...    global step STEP's loss is multiplied by NaN
-    python tests/fault_run.py raise STEP MAIN_MOCO_ARGS...  global step STEP raises RuntimeError (a bug)
-    python tests/fault_run.py slow MS MAIN_MOCO_ARGS...     every step takes MS milliseconds longer
+    python -m tests.fault_run kill STEP MAIN_MOCO_ARGS...   SIGKILL as global step STEP starts (a hard crash)
+    python -m tests.fault_run nan STEP MAIN_MOCO_ARGS...    global step STEP's loss is multiplied by NaN
+    python -m tests.fault_run raise STEP MAIN_MOCO_ARGS...  global step STEP raises RuntimeError (a bug)
+    python -m tests.fault_run slow MS MAIN_MOCO_ARGS...     every step takes MS milliseconds longer
 
 Steps count from 0 over the whole run (a resumed run continues the count). One process only: the
 patch lives in this interpreter.
@@ -14,13 +14,10 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import main_moco  # noqa: E402
-from w2ssl.cli import with_error_boundary  # noqa: E402
-from w2ssl.train.pretrain import Pretrainer  # noqa: E402
+import main_moco
+from w2ssl.cli import with_error_boundary
+from w2ssl.train.pretrain import Pretrainer
 
 
 def inject(kind: str, at_step: int) -> None:

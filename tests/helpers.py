@@ -87,10 +87,19 @@ def hide_gpus(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
+def root_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment (and ``env``) with the repository root first on PYTHONPATH: a child
+    started as ``python -m bench.<tool>`` (or ``transfer.<tool>``) in another folder imports this checkout."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path, **(env or {})}
+
+
 def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None,
                launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` (relative to the repo root) in a fresh interpreter on the CPU and capture its output."""
-    cmd = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
+    """Run ``script`` (a file relative to the repo root, e.g. ``main_moco.py``; or a dotted module name, e.g.
+    ``tests.f64_run``, run with ``-m`` from the repo root) in a fresh interpreter on the CPU; capture its output."""
+    target = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
+    cmd = [*(launcher or [sys.executable]), *target, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cpu_env(env))
 
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -14,37 +13,42 @@ import torch
 import main_moco
 import w2ssl.methods.w2ssl
 from bench import common, e2e, step
-from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet, small_resnet
+from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet
 from w2ssl import cli
 from w2ssl.engine.speed import prepare_model
 from w2ssl.errors import UserError
+from w2ssl.methods.registry import build_model, method_names
 from w2ssl.train import pretrain
+from w2ssl.trunks import registry
+from w2ssl.trunks.vit import VIT, build_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 def bench_args(**kw) -> argparse.Namespace:
-    base = dict(arch="resnet18", batch_size=4, tile_size=32, channels_last=False, compile=False, precision="fp32",
+    base = dict(arch=SMALL, batch_size=4, tile_size=32, channels_last=False, compile=False, precision="fp32",
                 fused_views=False)
     return argparse.Namespace(**{**base, **kw})
 
 
-def small_trunk(arch: str, **options) -> torch.nn.Module:
-    """In place of the registry's ``arch``: resnet18's layout and code paths at a fraction of its cost."""
-    return small_resnet(**options)
+def register_tiny_vit(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """``-a tiny_vit``: vit_small's code paths with one block of width 32, for this test only."""
+    monkeypatch.setitem(registry._TRUNKS, "tiny_vit", registry.TrunkSpec(
+        "tiny_vit", VIT, lambda **kw: build_vit("vit_small", depth=1, embed_dim=32, num_heads=2, **kw)))
 
 
 @functools.cache  # the plain run is the reference of two tests: made once
 def w2ssl_losses(steps: int = 2, **kw) -> list[torch.Tensor]:
-    """Losses of ``steps`` benchmark training steps (LARS) from seed 0; tile 32 -> 2x2 layer4 maps."""
+    """Losses of ``steps`` benchmark training steps (LARS) from seed 0 on small_resnet (registered by the
+    caller); tile 32 -> 2x2 layer4 maps."""
     torch.manual_seed(0)
-    with mock.patch.object(step, "build_trunk", small_trunk):
-        train = step.build("w2ssl", bench_args(**kw), CPU)
+    train = step.build("w2ssl", bench_args(**kw), CPU).run
     return [train() for _ in range(steps)]
 
 
 def test_w2ssl_step_same_with_channels_last(monkeypatch):
+    register_small_resnet(monkeypatch)
     plain = w2ssl_losses()
     layouts = []
     separable = w2ssl.methods.w2ssl.grid_pool
@@ -60,33 +64,87 @@ def test_w2ssl_step_same_with_channels_last(monkeypatch):
     torch.testing.assert_close(nhwc, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_w2ssl_step_same_with_fused_views():
+def test_w2ssl_step_same_with_fused_views(monkeypatch):
+    register_small_resnet(monkeypatch)
     torch.testing.assert_close(w2ssl_losses(fused_views=True), w2ssl_losses(), rtol=1e-5, atol=1e-5)
 
 
+def test_rows_come_from_the_method_registry():
+    """Every registered method is a row (BYOL the third), the baseline twice, then the supervised floor."""
+    assert step.steps() == ("w2ssl", "mocov3", "mocov3_fused", "byol", "supervised")
+    assert [step.method_of(row, True) for row in ("w2ssl", "mocov3", "mocov3_fused", "byol")] == [
+        ("w2ssl", True), ("mocov3", False), ("mocov3", True), ("byol", True)]
+
+
+def test_each_row_is_its_method_as_main_moco_builds_it(monkeypatch):
+    """The model of each row is build_model's for main_moco.py's arguments (same seed, same weights), its
+    inputs have the shapes of the method's own transform, and its optimiser is the recipe's at the scaled lr."""
+    register_small_resnet(monkeypatch)
+    optimizers = []
+    monkeypatch.setattr(step, "TrainStep", lambda opt, device, precision: optimizers.append(opt))
+    args = bench_args()
+    for name in method_names():
+        torch.manual_seed(0)
+        built = step.build(name, args, CPU)
+        torch.manual_seed(0)
+        expected = build_model(main_moco.parse(main_moco.build_parser(), ["--method", name, "-a", SMALL,
+                                                                             "--tile-size", "32"]))
+        opt = optimizers[-1]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        trained = [p for p in expected.parameters() if p.requires_grad]  # not the momentum encoder
+        assert len(params) == len(trained) and all(torch.equal(a, b) for a, b in zip(params, trained))
+        assert type(opt).__name__ == built.info["optimizer"] == "LARS"
+        assert opt.defaults["lr"] == pytest.approx(0.6 * 4 / 256) and opt.defaults["weight_decay"] == 1e-6
+    views = {name: step.build(name, args, CPU).info["views"] for name in step.steps()}
+    assert views == {"w2ssl": [4, 32], "mocov3": [2, 64], "mocov3_fused": [2, 64], "byol": [2, 64],
+                     "supervised": [1, 64]}
+
+
+def test_byol_runs_in_the_step_benchmark(monkeypatch, capsys):
+    """BYOL, registered as the third method, is built, stepped and timed like the others."""
+    register_small_resnet(monkeypatch)
+    torch.manual_seed(0)
+    train = step.build("byol", bench_args(), CPU).run
+    losses = [train() for _ in range(3)]
+    assert all(torch.isfinite(loss) for loss in losses) and not torch.equal(losses[0], losses[-1])
+    argv = ["--device", "cpu", "--arch", SMALL, "--batch-size", "4", "--tile-size", "16", "--iters", "1",
+            "--warmup", "0", "--only", "byol", "--only", "w2ssl"]
+    assert step.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["byol_img_s"] == pytest.approx(4 / (out["byol_step_ms"] / 1000))
+    assert out["ratio_w2ssl_byol"] == pytest.approx(out["w2ssl_img_s"] / out["byol_img_s"])
+    assert out["mocov3_img_s"] is None and (out["byol_optimizer"], out["byol_views"]) == ("LARS", [2, 32])
+    assert any(line.startswith("| BYOL (2 x 32 px/img, LARS, a call per view) |") for line in lines)
+    assert any(line.startswith("throughput ratio W2SSL / BYOL (a call per view): ") for line in lines)
 
 
 def test_cli_runs_every_step_on_cpu(capsys, monkeypatch):
-    monkeypatch.setattr(step, "build_trunk", small_trunk)  # the self-supervised steps' trunks
-    argv = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--tile-size", "16",
+    register_small_resnet(monkeypatch)
+    argv = ["--device", "cpu", "--arch", SMALL, "--batch-size", "4", "--tile-size", "16",
             "--iters", "1", "--warmup", "0"]
     assert step.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     assert out["device"].startswith("cpu") and out["torch"] == torch.__version__ and out["precision"] == "fp32"
-    for name in step.STEPS:
+    assert out["steps"] == list(step.steps())
+    for name in step.steps():
         assert out[f"{name}_img_s"] == pytest.approx(4 / (out[f"{name}_step_ms"] / 1000))
         assert out[f"{name}_peak_gib"] is None
-    assert out["ratio_w2ssl_mocov3"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_img_s"])
-    assert out["ratio_w2ssl_mocov3_fused"] == pytest.approx(out["w2ssl_img_s"] / out["mocov3_fused_img_s"])
+        if name != "w2ssl":
+            assert out[f"ratio_w2ssl_{name}"] == pytest.approx(out["w2ssl_img_s"] / out[f"{name}_img_s"])
     assert out["fused_views"] is False  # the default, as in main_moco.py
-    assert any(line.startswith("| W2SSL") for line in lines)
+    assert out["supervised_optimizer"] == "SGD"
+    assert any(line.startswith("| W2SSL (4 x 16 px/img, LARS, a call per view) |") for line in lines)
+    assert any(line.startswith("| MoCo v3 (2 x 32 px/img, LARS, views fused) |") for line in lines)
+    assert any(line.startswith(f"| supervised {SMALL} (SGD) |") for line in lines)
 
 
 def test_only_and_ratios(monkeypatch, capsys):
     speeds = {"w2ssl": 30.0, "mocov3": 15.0, "supervised": 60.0}
     monkeypatch.setattr(step, "measure", lambda names, args, device: {
-        n: {"img_s": speeds[n], "step_ms": 1.0, "step_ms_range": [0.9, 1.2], "peak_gib": None} for n in names})
+        n: {"img_s": speeds[n], "step_ms": 1.0, "step_ms_range": [0.9, 1.2], "peak_gib": None, "optimizer": "LARS",
+            "views": [2, 224]} for n in names})
     assert step.main(["--device", "cpu", "--only", "w2ssl", "--only", "supervised"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ratio_w2ssl_supervised"] == 0.5 and out["ratio_w2ssl_mocov3"] is None
@@ -94,7 +152,8 @@ def test_only_and_ratios(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "3"], "--batch-size must be even"),
+    (["--batch-size", "3"], "--batch-size 3 must be a positive multiple of 2"),  # W2SSL's own check
+    (["--batch-size", "1", "--only", "mocov3"], "--batch-size 1 leaves each of the 1 process(es) fewer than 2"),
     (["--iters", "0"], "--iters >= 1"),
     (["--tile-size", "0"], "--tile-size must be positive"),
     (["--device", "tpu"], "unknown device 'tpu'"),
@@ -110,31 +169,31 @@ def test_bad_input_exits_2(argv, message, capsys):
 def test_vit_token_counts():
     """A 224-px montage holds 2 of each source image's 112-px tiles: 2·7² = 98 patch tokens per image and
     view, against 14² = 196 in a MoCo v3 view; both sequences are 197 tokens long."""
-    assert step.tokens("vit", 112) == {"w2ssl_tokens_per_img_view": 98, "mocov3_tokens_per_img_view": 196,
-                                       "seq_len": 197}
-    assert step.tokens("vit", 32) == {"w2ssl_tokens_per_img_view": 8, "mocov3_tokens_per_img_view": 16,
-                                      "seq_len": 17}
-    assert set(step.tokens("resnet", 112).values()) == {None}
+    assert step.tokens(True, 112) == {"w2ssl_tokens_per_img_view": 98, "mocov3_tokens_per_img_view": 196,
+                                      "seq_len": 197}
+    assert step.tokens(True, 32) == {"w2ssl_tokens_per_img_view": 8, "mocov3_tokens_per_img_view": 16,
+                                     "seq_len": 17}
+    assert set(step.tokens(False, 112).values()) == {None}
 
 
 def test_vit_steps_use_adamw_and_the_supervised_row_reads_the_class_token(monkeypatch):
-    """-a vit_small: MoCo v3's ViT optimiser (AdamW, lr 1.5e-4·b/256, wd 0.1) for every step; the supervised
-    row is a linear classifier on the class token."""
-    monkeypatch.setattr(step, "build_trunk", functools.partial(step.build_trunk, embed_dim=32, depth=1, num_heads=2))
+    """A ViT trunk: MoCo v3's ViT recipe (AdamW, lr 1.5e-4·b/256, wd 0.1), from main_moco.py's defaults, for
+    every step; the supervised row is a linear classifier on the class token."""
+    register_tiny_vit(monkeypatch)
     optimizers = []
-    monkeypatch.setattr(step, "train_step", lambda loss, opt, device, precision: optimizers.append(opt))
-    for name in step.STEPS:
-        step.build(name, bench_args(arch="vit_small"), CPU)
-    assert len(optimizers) == len(step.STEPS)
+    monkeypatch.setattr(step, "TrainStep", lambda opt, device, precision: optimizers.append(opt))
+    for name in step.steps():
+        step.build(name, bench_args(arch="tiny_vit"), CPU)
+    assert len(optimizers) == len(step.steps())
     for opt in optimizers:
         assert type(opt) is torch.optim.AdamW
         assert opt.defaults["lr"] == pytest.approx(1.5e-4 * 4 / 256) and opt.defaults["weight_decay"] == 0.1
-    net = step.ClassTokenClassifier("vit_small", classes=5)
+    net = step.Classifier("tiny_vit", classes=5)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(net(x), net.fc(net.trunk.forward_tokens(x)[:, 0]))
 
 
-@pytest.mark.slow  # builds and steps four vit_small models (a few seconds): too slow for the fast suite
+@pytest.mark.slow  # builds and steps five vit_small models (a few seconds): too slow for the fast suite
 def test_cli_runs_every_vit_step_on_cpu(capsys):
     argv = ["--device", "cpu", "-a", "vit_small", "--batch-size", "4", "--tile-size", "32", "--iters", "1",
             "--warmup", "0"]
@@ -143,11 +202,12 @@ def test_cli_runs_every_vit_step_on_cpu(capsys):
     out = json.loads(lines[-1])
     assert out["arch"] == "vit_small" and out["timm"]
     assert (out["w2ssl_tokens_per_img_view"], out["mocov3_tokens_per_img_view"], out["seq_len"]) == (8, 16, 17)
-    for name in step.STEPS:
+    for name in step.steps():
         assert out[f"{name}_img_s"] == pytest.approx(4 / (out[f"{name}_step_ms"] / 1000))
         low, high = out[f"{name}_step_ms_range"]
         assert low <= out[f"{name}_step_ms"] <= high
-    assert any(line.startswith("| W2SSL (4 tiles/img, AdamW") and line.endswith("| 8 |") for line in lines)
+    assert any(line.startswith("| W2SSL (4 x 32 px/img, AdamW") and line.endswith("| 8 |") for line in lines)
+    assert any(line.startswith("| BYOL (2 x 64 px/img, AdamW") and line.endswith("| 16 |") for line in lines)
     assert "ViT sequences: 17 tokens" in "\n".join(lines)
 
 

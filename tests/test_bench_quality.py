@@ -2,17 +2,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import main_moco
 from bench import quality, quality_kinds, quality_report, quality_sweep
 from bench.quality_flops import method_gflops, supervised_gflops
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, root_env
 from w2ssl.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_budget_becomes_whole_epochs():
@@ -74,11 +71,11 @@ def test_summary_means_stds_and_curves():
 
 @pytest.mark.slow
 def test_quality_runs_end_to_end_at_a_tiny_size(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--per-class", "4",
+    cmd = [sys.executable, "-m", "bench.quality", "--out", str(tmp_path), "--per-class", "4",
            "--val-per-class", "2", "--batch-size", "8", "--seeds", "1", "--budget-images", "80", "--points", "2",
            "--probe-epochs", "1", "--mlp-dim", "32", "--no-supervised", "--dataset", "glyphs",
            "--methods", "w2ssl,w2ssl-nowhere,mocov3"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), cwd=tmp_path, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(root_env()), cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["seeds"] == 1 and last["budget"] == {"kind": "images", "value": 80.0}

@@ -139,8 +139,6 @@ def test_check_folder_and_check_file(tmp_path):
 
 def _entry(name: str):
     """``(argv) -> exit code`` of each entry point, in this process."""
-    from tests.helpers import ROOT
-
     if name in ("main_moco", "main_lincls", "submit"):
         module = importlib.import_module("w2ssl.submit" if name == "submit" else name)
         return lambda argv: cli.run_main(module.main, argv)
@@ -150,11 +148,7 @@ def _entry(name: str):
     if name == "e2e":
         from bench import e2e
         return e2e.main
-    path = ROOT / "transfer" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"transfer.{name}").main
 
 
 @pytest.mark.parametrize("name, argv, message", [
@@ -169,7 +163,7 @@ def _entry(name: str):
     ("main_lincls", ["{data}", "--save-dir", "{file}", "--pretrained", "x"], "--save-dir .* is a file"),
     ("export", ["{dir}", "{dir}/out.pth", "--to", "timm"], "CKPT .* is a folder, not a file"),
     ("export", ["{file}", "{file}/out.pth", "--to", "timm"], "OUT .*: .* is a file, not a folder"),
-    ("convert-pretrain-to-detectron2", ["{dir}", "{dir}/out.pkl"], "CHECKPOINT .* is a folder"),
+    ("convert_pretrain_to_detectron2", ["{dir}", "{dir}/out.pkl"], "CHECKPOINT .* is a folder"),
     ("finetune_torchvision", ["--checkpoint", "{file}", "--momentum", "1"], "--momentum 1.0 must be in \\[0, 1\\)"),
     ("finetune_torchvision", ["--checkpoint", "{file}", "--train-json", "{file}", "--train-images", "{file}"],
      "--train-images .* is a file, not a folder"),

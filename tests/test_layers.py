@@ -108,3 +108,19 @@ def test_the_package_and_its_leaves_import_without_torch():
     code = "import sys, w2ssl, w2ssl.errors, w2ssl.system.disk, w2ssl.system.runlock; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(ROOT), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def sys_path_uses(text: str) -> list[int]:
+    """Lines of ``text`` that touch ``sys.path`` (read it or change it)."""
+    return [node.lineno for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Attribute)
+            and node.attr == "path" and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+
+
+def test_no_file_touches_sys_path():
+    """The tools run as modules from the repository root (``python -m bench.step``), the entry scripts from
+    their own folder: no file puts a folder on ``sys.path``."""
+    files = [*ROOT.glob("*.py"), *(p for folder in ("w2ssl", "bench", "transfer", "tests", "scripts")
+                                   for p in (ROOT / folder).rglob("*.py"))]
+    found = {str(p.relative_to(ROOT)): lines for p in files if (lines := sys_path_uses(p.read_text()))}
+    assert found == {}
+    assert sys_path_uses("import sys\nsys.path.insert(0, 'x')\n") == [2]

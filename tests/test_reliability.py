@@ -31,7 +31,7 @@ def test_sigkill_then_resume_equals_uninterrupted(image_root, tmp_path, workers)
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_script("main_moco.py", *common(image_root, a, workers)).returncode == 0
     # Run B dies hard as global step 9 starts (epoch 1, iteration 3); its newest checkpoint is from step 8.
-    killed = run_script("tests/fault_run.py", "kill", "9", *common(image_root, b, workers), "--save-freq-iters", "2")
+    killed = run_script("tests.fault_run", "kill", "9", *common(image_root, b, workers), "--save-freq-iters", "2")
     assert killed.returncode == -signal.SIGKILL
     assert torch.load(b / "checkpoint_last.pth.tar", weights_only=True)["iteration"] == 2
     resumed = run_script("main_moco.py", *common(image_root, b, workers), "--resume", "auto")
@@ -98,7 +98,7 @@ def test_one_pixel_wide_image_is_skipped_and_counted(tmp_path, gpu_aug):
 def test_an_unexpected_error_with_loader_workers_exits(image_root, tmp_path):
     # workers ignore SIGTERM, which multiprocessing's exit hook sends them: the error's traceback kept their
     # loader alive and the process waited for them for ever
-    res = run_script("tests/fault_run.py", "raise", "2", *common(image_root, tmp_path / "run", 2, epochs=1),
+    res = run_script("tests.fault_run", "raise", "2", *common(image_root, tmp_path / "run", 2, epochs=1),
                      timeout=120)
     assert res.returncode == 1 and "injected failure at global step 2" in res.stderr
 
@@ -126,7 +126,7 @@ def test_nan_loss_stops_without_touching_checkpoints(image_root, tmp_path):
     out = tmp_path / "run"
     assert run_script("main_moco.py", *common(image_root, out, 0, epochs=1)).returncode == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.pth.tar")}
-    res = run_script("tests/fault_run.py", "nan", "8", *common(image_root, out, 0, epochs=2), "--save-freq-iters", "1")
+    res = run_script("tests.fault_run", "nan", "8", *common(image_root, out, 0, epochs=2), "--save-freq-iters", "1")
     assert res.returncode == 3
     assert "non-finite loss at epoch 1 iteration 2 (global step 8)" in res.stderr
     assert "loss=nan" in res.stderr and "Traceback" not in res.stderr
@@ -175,7 +175,7 @@ def test_sigterm_stops_after_the_step_it_came_in(image_root, tmp_path):
     # issue 26 item 6: the stop came 2-3 steps after the signal. Steps are made 1.5 s long so that the signal
     # surely lands in the step after the last one logged.
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "tests" / "fault_run.py"), "slow", "1500",
+    cmd = [sys.executable, "-m", "tests.fault_run", "slow", "1500",
            *map(str, common(image_root, out, 0, epochs=1))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
     log, deadline = out / "log.txt", time.time() + 300

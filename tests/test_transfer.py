@@ -16,7 +16,10 @@ import yaml
 from PIL import Image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from tests.helpers import root_env
 from transfer import coco_data, coco_eval, detector, engine
+from transfer import convert_pretrain_to_detectron2 as convert_script
+from transfer import finetune_torchvision as finetune
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.engine.step import PRECISIONS, TrainStep
 from w2ssl.trunk_weights import extract_trunk, load_trunk
@@ -28,17 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = ROOT / "transfer"
 CONFIGS = TRANSFER / "configs"
 CPU = torch.device("cpu")
-
-
-def _import_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), TRANSFER / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_script = _import_script("convert-pretrain-to-detectron2")
-finetune = _import_script("finetune_torchvision")
 
 
 # ---------------------------------------------------------------- synthetic checkpoints
@@ -172,10 +164,16 @@ def test_converter_user_errors(r18_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_converter_runs_as_a_script_from_any_folder(r18_ckpt, tmp_path):
-    """No --arch: the checkpoint's own (resnet18, read from its weights) is used."""
-    run = subprocess.run([sys.executable, str(TRANSFER / "convert-pretrain-to-detectron2.py"), str(r18_ckpt),
-                          "out.pkl"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", [["-m", "transfer.convert_pretrain_to_detectron2"],
+                                     [str(TRANSFER / "convert-pretrain-to-detectron2.py")]],
+                         ids=["module", "moco-name"])
+def test_converter_runs_from_any_folder(r18_ckpt, tmp_path, command):
+    """As a module (the repository root on PYTHONPATH), and by MoCo's file name with no help from the caller's
+    environment; the output path is relative to the caller's folder. No --arch: the checkpoint's own
+    (resnet18, read from its weights) is used."""
+    env = root_env() if command[0] == "-m" else None
+    run = subprocess.run([sys.executable, *command, str(r18_ckpt), "out.pkl"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert "resnet18 trunk tensors" in run.stdout
     with open(tmp_path / "out.pkl", "rb") as f:
@@ -227,12 +225,12 @@ def test_detectron2_configs(name, iters, steps):
 def test_train_net_without_detectron2_says_so_in_one_line(tmp_path):
     if importlib.util.find_spec("detectron2") is not None:
         pytest.skip("detectron2 is installed")
-    run = subprocess.run([sys.executable, str(TRANSFER / "train_net.py"), "--config-file",
+    run = subprocess.run([sys.executable, "-m", "transfer.train_net", "--config-file",
                           str(CONFIGS / "voc_R_50_C4_24k.yaml")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=root_env())
     assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr.startswith("error: transfer/train_net.py needs detectron2") and run.stderr.count("\n") == 1
-    assert "finetune_torchvision.py" in run.stderr
+    assert run.stderr.startswith("error: python -m transfer.train_net needs detectron2")
+    assert run.stderr.count("\n") == 1 and "python -m transfer.finetune_torchvision" in run.stderr
 
 
 @pytest.mark.parametrize("name", ["voc_R_50_C4_24k", "coco_R_50_FPN_1x", "coco_R_50_FPN_2x"])
@@ -577,8 +575,8 @@ def test_transfer_keeps_no_copy_of_the_shared_pieces():
 
 
 @pytest.mark.slow
-def test_finetune_runs_as_a_script(tmp_path):
-    run = subprocess.run([sys.executable, str(TRANSFER / "finetune_torchvision.py"), "--checkpoint", "missing.pth",
+def test_finetune_runs_as_a_module(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "transfer.finetune_torchvision", "--checkpoint", "missing.pth",
                           "--train-json", "t.json", "--train-images", "."], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=root_env())
     assert run.returncode == 2 and run.stderr.startswith("error: annotation file t.json does not exist"), run.stderr

@@ -79,7 +79,7 @@ def test_one_and_two_processes_are_the_same_run_in_float64(image_root, tmp_path)
     argv = [image_root, *TINY, "-b", "8", "--workers", "0", "--epochs", "2"]
     runs = {}
     for name, launcher in (("one", None), ("two", TORCHRUN)):
-        res = run_script("tests/f64_run.py", *argv, "--save-dir", tmp_path / name, launcher=launcher, env=CPU_ONLY)
+        res = run_script("tests.f64_run", *argv, "--save-dir", tmp_path / name, launcher=launcher, env=CPU_ONLY)
         assert res.returncode == 0, res.stderr
         runs[name] = torch.load(tmp_path / name / "checkpoint_last.pth.tar", weights_only=True)
     one, two = runs["one"]["state_dict"], runs["two"]["state_dict"]

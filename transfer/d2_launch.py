@@ -1,6 +1,6 @@
 """What the detectron2 configs in ``transfer/configs`` need beyond stock detectron2, and the launch.
 
-Imported only by ``transfer/train_net.py`` once detectron2 is known to import. Registers
+Imported only by ``transfer.train_net`` once detectron2 is known to import. Registers
 ``Res5ROIHeadsExtraNorm`` (the C4 box head with a norm after res5, as in the MoCo protocol: res5 runs
 in the ROI head, so its output would otherwise reach the box predictor un-normalised), and picks the
 COCO or VOC evaluator from the dataset name.
@@ -55,7 +55,7 @@ def check_weights(cfg: CfgNode, resume: bool) -> str | None:
         return None
     if not weights or not Path(weights).is_file():
         return (f"MODEL.WEIGHTS {weights!r} is not a file: convert a checkpoint with "
-                "transfer/convert-pretrain-to-detectron2.py and pass MODEL.WEIGHTS path/to/out.pkl")
+                "python -m transfer.convert_pretrain_to_detectron2 and pass MODEL.WEIGHTS path/to/out.pkl")
     return None
 
 

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Fine-tune torchvision's Faster / Mask R-CNN (ResNet-FPN) from a pre-training checkpoint, no detectron2.
 
-One process:   python transfer/finetune_torchvision.py --checkpoint CKPT --train-json TRAIN.json
+One process:   python -m transfer.finetune_torchvision --checkpoint CKPT --train-json TRAIN.json
                    --train-images TRAIN_DIR --val-json VAL.json --val-images VAL_DIR --output-dir OUT
-Several GPUs:  torchrun --nproc_per_node 8 transfer/finetune_torchvision.py ...
+Several GPUs:  torchrun --nproc_per_node 8 -m transfer.finetune_torchvision ...
 
 Reports COCO box AP (and mask AP for ``--model mask``) with pycocotools; writes ``detector_last.pth``
 every ``--ckpt-period`` iterations, then ``detector_final.pth`` and ``metrics.json``, into ``--output-dir``.
@@ -22,9 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-
-# Run as `python transfer/finetune_torchvision.py`: the repo root must be importable for `w2ssl`, `transfer`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer import engine
 from transfer.coco_data import CocoDetection, eval_loader, train_loader
