@@ -87,14 +87,15 @@ def test_each_row_is_its_method_as_main_moco_builds_it(monkeypatch):
         torch.manual_seed(0)
         built = step.build(name, args, CPU)
         torch.manual_seed(0)
-        expected = build_model(main_moco.parse(main_moco.build_parser(), ["--method", name, "-a", SMALL,
-                                                                             "--tile-size", "32"]))
+        recipe = main_moco.parse(main_moco.build_parser(), ["--method", name, "-a", SMALL, "--tile-size", "32"])
+        expected = build_model(recipe)
         opt = optimizers[-1]
         params = [p for group in opt.param_groups for p in group["params"]]
         trained = [p for p in expected.parameters() if p.requires_grad]  # not the momentum encoder
         assert len(params) == len(trained) and all(torch.equal(a, b) for a, b in zip(params, trained))
         assert type(opt).__name__ == built.info["optimizer"] == "LARS"
-        assert opt.defaults["lr"] == pytest.approx(0.6 * 4 / 256) and opt.defaults["weight_decay"] == 1e-6
+        assert opt.defaults["lr"] == pytest.approx(recipe.lr * 4 / 256)  # BYOL: its own 0.2, the others 0.6
+        assert opt.defaults["weight_decay"] == recipe.weight_decay
     views = {name: step.build(name, args, CPU).info["views"] for name in step.steps()}
     assert views == {"w2ssl": [4, 32], "mocov3": [2, 64], "mocov3_fused": [2, 64], "byol": [2, 64],
                      "supervised": [1, 64]}
