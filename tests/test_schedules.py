@@ -8,7 +8,26 @@ import pytest
 
 from w2ssl import schedules
 from w2ssl.methods.base import momentum_schedules
-from w2ssl.schedules import Schedules, cosine, lr_at
+from w2ssl.schedules import Schedules, cosine, lr_at, momentum_at
+
+
+@pytest.mark.parametrize("epoch, expected", [
+    (0.0, 0.0),
+    (2.5, 1.2 * 0.25),                       # warm-up: linear from 0 over 10 epochs
+    (10.0, 1.2),                             # peak
+    (105.0, 1.2 * 0.5),                      # middle of the cosine: cos(π/2) = 0
+    (200.0, 0.0),
+    (55.0, 1.2 * 0.5 * (1 + math.cos(math.pi * 45 / 190))),
+])
+def test_lr_schedule(epoch, expected):
+    assert lr_at(epoch, 1.2, 10, 200) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("epoch, expected", [
+    (0.0, 0.99), (100.0, 0.995), (200.0, 1.0), (50.0, 1 - 0.5 * (1 + math.cos(math.pi / 4)) * 0.01)])
+def test_momentum_cosine(epoch, expected):
+    assert momentum_at(epoch, 200, 0.99, cosine=True) == pytest.approx(expected, abs=1e-12)
+    assert momentum_at(epoch, 200, 0.99, cosine=False) == 0.99
 
 
 def test_cosine_runs_from_start_to_end():
