@@ -18,13 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from w2ssl.data.fast_augment import fast_two_crop
-from w2ssl.data.twocrop import two_crop
 from w2ssl.losses.byol import byol_loss
 from w2ssl.methods import heads
 from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
-from w2ssl.methods.mocov3 import check_batch, preview
-from w2ssl.methods.registry import Method, TrunkBuilder, register_method
+from w2ssl.methods.registry import TrunkBuilder, register_method
+from w2ssl.methods.two_views import two_view_method
 from w2ssl.trunks import Family
 from w2ssl.trunks.resnet import RESNET
 
@@ -61,9 +59,5 @@ def build(args: Namespace, trunk: TrunkBuilder, family: Family) -> BYOL:
 
 # BYOL's published recipe (Grill et al. 2020, appendix J.1): LARS, base lr 0.2, weight decay 1.5e-6, the
 # target's EMA from 0.996 to 1 on a half-cosine; the family's recipe (ViTs) and the command line go over it.
-register_method(Method("byol", build, lambda args: two_crop(args.tile_size, args.crop_min),
-                       inputs=lambda views, key: {"x1": views[0], "x2": views[1]}, check_batch=check_batch,
-                       input_size=lambda tile: 2 * tile, preview=preview,
-                       fast_transform=lambda args: fast_two_crop(2 * args.tile_size, args.crop_min),
-                       schedules=momentum_schedules, arguments=(EMA_ARGUMENTS,),
-                       defaults={"moco_m": 0.996, "moco_m_cos": True, "lr": 0.2, "weight_decay": 1.5e-6}))
+register_method(two_view_method("byol", build, schedules=momentum_schedules, arguments=(EMA_ARGUMENTS,),
+                                defaults={"moco_m": 0.996, "moco_m_cos": True, "lr": 0.2, "weight_decay": 1.5e-6}))

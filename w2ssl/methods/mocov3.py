@@ -15,14 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from w2ssl.argtypes import positive_float
-from w2ssl.data.fast_augment import fast_two_crop
-from w2ssl.data.twocrop import two_crop
 from w2ssl.dist import distributed as D
-from w2ssl.errors import UserError
 from w2ssl.losses.infonce import infonce
 from w2ssl.methods import heads
 from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
-from w2ssl.methods.registry import Arguments, Method, TrunkBuilder, register_method
+from w2ssl.methods.registry import Arguments, TrunkBuilder, register_method
+from w2ssl.methods.two_views import two_view_method
 from w2ssl.trunks import Family
 from w2ssl.trunks.resnet import RESNET
 
@@ -73,26 +71,10 @@ def build(args: Namespace, trunk: TrunkBuilder, family: Family) -> MoCoV3:
                   fused_views=args.fused_views)
 
 
-def check_batch(batch_size: int, world: int) -> None:
-    if batch_size <= 0 or batch_size % world:
-        raise UserError(f"--batch-size {batch_size} must be a positive multiple of the {world} processes")
-    if batch_size < 2 * world:
-        raise UserError(f"--batch-size {batch_size} leaves each of the {world} process(es) fewer than 2 images, "
-                        f"and BatchNorm needs at least 2: pass --batch-size {2 * world} or more")
-
-
-def preview(views: list[Tensor], epoch: int) -> dict[str, Tensor]:
-    return {f"views/view{i + 1}": v[:8] for i, v in enumerate(views)}
-
-
 def add_arguments(group: _ArgumentGroup) -> None:
     group.add_argument("--moco-t", default=1.0, type=positive_float,
                        help="InfoNCE temperature (MoCo v3's default; unused by W2SSL, as in the authors' code)")
 
 
-register_method(Method("mocov3", build, lambda args: two_crop(args.tile_size, args.crop_min),
-                       inputs=lambda views, key: {"x1": views[0], "x2": views[1]}, check_batch=check_batch,
-                       input_size=lambda tile: 2 * tile, preview=preview,
-                       fast_transform=lambda args: fast_two_crop(2 * args.tile_size, args.crop_min),
-                       schedules=momentum_schedules,
-                       arguments=(EMA_ARGUMENTS, Arguments("--method mocov3", add_arguments))))
+register_method(two_view_method("mocov3", build, schedules=momentum_schedules,
+                                arguments=(EMA_ARGUMENTS, Arguments("--method mocov3", add_arguments))))

@@ -108,15 +108,18 @@ def _load_builtin() -> None:
 
 
 def method_names() -> tuple[str, ...]:
-    """Registered names in registration order (the built-in methods first)."""
+    """Registered names: the built-in methods in :data:`BUILTIN` order (whichever was imported first), then the
+    others in registration order."""
     _load_builtin()
-    return tuple(_METHODS)
+    def rank(name: str) -> int:
+        module = _METHODS[name].build.__module__
+        return BUILTIN.index(module) if module in BUILTIN else len(BUILTIN)
+    return tuple(sorted(_METHODS, key=rank))  # sorted is stable: registration order within a rank
 
 
 def method_spec(name: str) -> Method:
-    _load_builtin()
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
+    if name not in method_names():
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())}")
     return _METHODS[name]
 
 

@@ -103,6 +103,8 @@ class Pretrainer:
 
     def resume(self) -> None:
         if self.found is None:
+            if self.args.resume == "auto":  # said once the run's checks passed: a failed run leaves no log.txt
+                self.logger.info(f"=> no checkpoint in {self.args.save_dir}: starting from scratch")
             return
         path, state = self.found
         reconcile(state, self.args, path, self.logger.warn)  # other arguments than the checkpoint's: refused or warned
@@ -144,10 +146,7 @@ class Pretrainer:
         if resume in ("", "none"):
             return None
         if resume == "auto":
-            found = ckpt_io.find_resumable(self.args.save_dir, self.args.trust_checkpoint, warn=self.logger.warn)
-            if found is None:
-                self.logger.info(f"=> no checkpoint in {self.args.save_dir}: starting from scratch")
-            return found
+            return ckpt_io.find_resumable(self.args.save_dir, self.args.trust_checkpoint, warn=self.logger.warn)
         return Path(resume), ckpt_io.load_pretraining(resume, self.args.trust_checkpoint)
 
     # ----------------------------------------------------------------- training
