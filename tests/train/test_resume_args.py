@@ -4,7 +4,7 @@ from argparse import Namespace
 import pytest
 
 from w2ssl.errors import UserError
-from w2ssl.train.resume_args import KEEP, NEW, REFUSE, RULES, differences, flag, reconcile
+from w2ssl.train.resume_args import KEEP, NEW, REFUSE, RULES, differences, flag, reconcile, rules
 
 SAVED = {"method": "w2ssl", "arch": "resnet50", "seed": 7,
          "args": {"arch": "resnet50", "seed": None, "lr": 0.6, "epochs": 200, "tile_size": 112, "batch_size": 512,
@@ -62,5 +62,13 @@ def test_every_rule_names_a_main_moco_flag():
 
     options = {o for a in main_moco.build_parser()._actions for o in a.option_strings}
     dests = {a.dest for a in main_moco.build_parser()._actions}
-    assert set(RULES) <= dests and all(flag(n) in options for n in RULES)
-    assert set(RULES.values()) == {REFUSE, KEEP, NEW}
+    assert set(rules()) <= dests and all(flag(n) in options for n in rules())
+    assert set(rules().values()) == {REFUSE, KEEP, NEW} and set(RULES) < set(rules())
+
+
+def test_each_method_brings_the_rules_of_its_own_flags():
+    """A method's flags are checked on resume by the rules its module declares (Arguments.on_resume)."""
+    rule = rules()
+    assert (rule["crop_proj_dim"], rule["cross"], rule["moco_t"], rule["moco_dim"], rule["moco_m"]) == (
+        REFUSE, NEW, NEW, REFUSE, NEW)
+    assert "cross" not in RULES and "moco_m" not in RULES  # declared in methods/w2ssl.py and methods/base.py

@@ -16,7 +16,7 @@ from w2ssl.argtypes import positive_int, unit_interval
 from w2ssl.dist import syncbn
 from w2ssl.dist.viewnorm import normalise_per_view, per_view
 from w2ssl.methods.momentum import MomentumPairs
-from w2ssl.methods.registry import Arguments
+from w2ssl.methods.registry import NEW, REFUSE, Arguments
 from w2ssl.schedules import Schedules, momentum_at
 
 
@@ -71,7 +71,8 @@ def _add_ema_arguments(group: _ArgumentGroup) -> None:
 
 
 # The flags of every method built on MomentumModel (added once to main_moco.py's parser).
-EMA_ARGUMENTS = Arguments("EMA encoder and heads (w2ssl, mocov3, byol)", _add_ema_arguments)
+EMA_ARGUMENTS = Arguments("EMA encoder and heads (w2ssl, mocov3, byol)", _add_ema_arguments,
+                          on_resume={"moco_mlp_dim": REFUSE, "moco_dim": REFUSE, "moco_m": NEW, "moco_m_cos": NEW})
 
 
 class MomentumModel(SSLModel):

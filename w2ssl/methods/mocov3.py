@@ -19,7 +19,7 @@ from w2ssl.dist import distributed as D
 from w2ssl.losses.infonce import infonce
 from w2ssl.methods import heads
 from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
-from w2ssl.methods.registry import Arguments, TrunkBuilder, register_method
+from w2ssl.methods.registry import NEW, Arguments, TrunkBuilder, register_method
 from w2ssl.methods.two_views import two_view_method
 from w2ssl.trunks import Family
 from w2ssl.trunks.resnet import RESNET
@@ -77,4 +77,5 @@ def add_arguments(group: _ArgumentGroup) -> None:
 
 
 register_method(two_view_method("mocov3", build, schedules=momentum_schedules,
-                                arguments=(EMA_ARGUMENTS, Arguments("--method mocov3", add_arguments))))
+                                arguments=(EMA_ARGUMENTS, Arguments("--method mocov3", add_arguments,
+                                                                    on_resume={"moco_t": NEW}))))

@@ -40,13 +40,20 @@ class StepKey:
     world: int
 
 
-@dataclass(frozen=True)
+# What a resumed run does with another value of a flag than its checkpoint's (w2ssl.train.resume_args).
+REFUSE, KEEP, NEW = "refuse", "keep", "new"
+
+
+@dataclass(frozen=True, eq=False)  # one value per group: compared and hashed by identity
 class Arguments:
     """A group of command-line flags: ``add(group)`` adds them to an argparse group titled ``title``.
-    Methods that share flags (the EMA's ``--moco-m``) list the same value, and it is added once."""
+    Methods that share flags (the EMA's ``--moco-m``) list the same value, and it is added once.
+    ``on_resume``: ``dest`` -> :data:`REFUSE` (another model or state), :data:`KEEP` or :data:`NEW` (a
+    deliberate change), for the flags that change the run's trajectory."""
 
     title: str
     add: Callable[[_ArgumentGroup], None]
+    on_resume: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)

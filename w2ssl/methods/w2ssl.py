@@ -22,7 +22,7 @@ from w2ssl.methods.base import EMA_ARGUMENTS, MomentumModel, momentum_schedules
 from w2ssl.methods.exchange import montage_tiles
 from w2ssl.methods.gridpool import grid_pool
 from w2ssl.methods.montage import arrange, assemble, local_indices, split_grid, tile_labels
-from w2ssl.methods.registry import Arguments, Method, StepKey, TrunkBuilder, register_method
+from w2ssl.methods.registry import NEW, REFUSE, Arguments, Method, StepKey, TrunkBuilder, register_method
 from w2ssl.trunks import Family
 from w2ssl.trunks.resnet import RESNET
 
@@ -223,4 +223,6 @@ def add_arguments(group: _ArgumentGroup) -> None:
 register_method(Method("w2ssl", build, transform, inputs, check_batch,
                        input_size=lambda tile: 2 * tile, min_map=2, console=console, preview=preview,
                        fast_transform=fast_transform, gpu_transform=gpu_transform, schedules=momentum_schedules,
-                       arguments=(EMA_ARGUMENTS, Arguments("--method w2ssl", add_arguments))))
+                       arguments=(EMA_ARGUMENTS, Arguments("--method w2ssl", add_arguments, on_resume={
+                           "crop_proj_dim": REFUSE, "loss_t": NEW, "loss_loc": NEW, "loss_crop": NEW, "cross": NEW,
+                           "flip_p": NEW}))))
