@@ -35,6 +35,10 @@ def test_methods_pair_it_with_resnet_heads_and_mocov3_zeroes_the_residual_branch
     model = build_model(args)
     assert torch.equal(model.base_encoder.layer1[0].bn2.weight, torch.zeros(64))  # timm's zero_init_last
     assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 2  # MoCo v3's ResNet projector
+    byol = build_model(Namespace(**{**vars(args), "method": "byol"}))
+    x1, x2 = torch.randn(2, 2, 3, 32, 32)
+    out = byol(x1, x2, m=0.99)  # the "avg" read-out: the averaged map
+    assert out["loss"].isfinite() and byol.base_encoder.layer1[0].bn2.weight.abs().min() > 0
 
 
 @pytest.mark.slow  # end to end: a W2SSL run in this process, its probe and fine-tuning, its export loaded into timm
