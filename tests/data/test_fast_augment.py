@@ -21,14 +21,6 @@ from w2ssl.data.twocrop import TwoCrop
 from w2ssl.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def photo(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
     """``[h, w, 3]`` uint8: smooth colour gradients, hard-edged blocks and mild noise (a photo's mixture)."""
     rng = np.random.default_rng(seed)
