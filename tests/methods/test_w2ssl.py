@@ -33,7 +33,7 @@ def test_ema_closed_form():
 
 def test_resnet50_forward_backward_at_tile_32():
     torch.manual_seed(0)
-    model = W2SSL(functools.partial(build_trunk, "resnet50"))
+    model = W2SSL(functools.partial(build_trunk, "resnet50"), dim=16, mlp_dim=32)  # the trunk is the point
     view1, view2 = random_views(4, 32)
     out = model(view1, view2, m=0.99, perm=torch.randperm(8))
     assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
