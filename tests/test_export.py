@@ -84,12 +84,18 @@ def test_export_resnet18_all_layouts(tmp_path, layout, to, capsys):
     check_loads(tmp_path / "out.pth", trunk, to, "resnet18")
 
 
+@pytest.fixture(scope="module")
+def authors_resnet50(tmp_path_factory) -> Path:
+    """The authors' layout of a ResNet-50 (two trunks, ~190 MB), written once for both targets."""
+    path = tmp_path_factory.mktemp("r50") / "ckpt.pth.tar"
+    torch.save(authors(trunk_state("resnet50", seed=1)), path)
+    return path
+
+
 @pytest.mark.parametrize("to", ["torchvision", "timm"])
-def test_export_resnet50_default_arch(tmp_path, to):
-    trunk = trunk_state("resnet50", seed=1)
-    torch.save(authors(trunk), tmp_path / "ckpt.pth.tar")
-    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", to]) == 0
-    check_loads(tmp_path / "out.pth", trunk, to, "resnet50")
+def test_export_resnet50_default_arch(authors_resnet50, tmp_path, to):
+    assert main([str(authors_resnet50), str(tmp_path / "out.pth"), "--to", to]) == 0
+    check_loads(tmp_path / "out.pth", trunk_state("resnet50", seed=1), to, "resnet50")
 
 
 def run_error(argv, capsys) -> str:
