@@ -266,7 +266,7 @@ def test_the_where_head_learns_a_cue_that_tiles_carry():
     model = tiny_model(loss_what_weight=0.0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     accs = []
-    for step in range(40):
+    for step in range(20):  # the mean of steps 10-19 is 1.0 for torch seeds 0-4 (with other views too)
         (l1, r1), (l2, r2) = random_views(8, 32, seed=step)
         for left, right in ((l1, r1), (l2, r2)):
             left[..., :8] += 3.0
