@@ -115,9 +115,16 @@ def test_arch_defaults_to_the_checkpoints_own(tmp_path, layout, capsys):
     check_loads(tmp_path / "out.pth", trunk, "torchvision", "resnet18")
 
 
-def test_bad_file_exits_2(tmp_path, capsys):
-    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
-    whole = (tmp_path / "ckpt.pth.tar").read_bytes()
+@pytest.fixture(scope="module")
+def ours_resnet18(tmp_path_factory) -> Path:
+    """Our layout of the ResNet-18 trunk, for the tests that only read it."""
+    path = tmp_path_factory.mktemp("r18") / "ckpt.pth.tar"
+    torch.save(ours(trunk_state("resnet18")), path)
+    return path
+
+
+def test_bad_file_exits_2(ours_resnet18, tmp_path, capsys):
+    whole = ours_resnet18.read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
     assert "truncated" in run_error([tmp_path / "cut.pth", tmp_path / "out.pth", "--to", "torchvision"], capsys)
     (tmp_path / "text.pth").write_bytes(b"not a checkpoint")
@@ -135,9 +142,8 @@ def test_linear_probe_checkpoint_exits_2(tmp_path, capsys):
     assert "linear-probe" in err
 
 
-def test_wrong_arch_and_bad_output_exit_2(tmp_path, capsys):
-    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
-    ckpt = tmp_path / "ckpt.pth.tar"
+def test_wrong_arch_and_bad_output_exit_2(ours_resnet18, tmp_path, capsys):
+    ckpt = ours_resnet18
     err = run_error([ckpt, tmp_path / "out.pth", "--to", "timm", "--arch", "resnet50"], capsys)
     assert "trunk is a resnet18 but --arch resnet50 was given" in err
     assert "does not exist" in run_error([ckpt, tmp_path / "no" / "out.pth", "--to", "timm", "--arch", "resnet18"],
