@@ -5,7 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# One intra-op thread for every in-process test (children get OMP_NUM_THREADS=1 from helpers.cpu_env): the
+# tensors are tiny and the machines small and shared, where a second thread mostly spin-waits for a core that
+# another process holds (measured under load: 1.5-3x the wall time of one thread).
+torch.set_num_threads(1)
 
 
 def write_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (48, 36),

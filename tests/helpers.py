@@ -10,9 +10,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from w2ssl.data.augment import FourCrop
+from w2ssl.data.twocrop import TwoCrop
 from w2ssl.methods.w2ssl import W2SSL
 from w2ssl.trunks import build_trunk, registry
 from w2ssl.trunks.resnet import RESNET, ResNetTrunk
@@ -112,3 +115,18 @@ def logged_losses(log: Path) -> dict[tuple[int, int], str]:
         if m:
             out[int(m[1]), int(m[2])] = m[3]
     return out
+
+
+FLAT_RGB = (200, 90, 30)
+
+
+@functools.cache  # the same reference for the GPU and the fast pipelines (800 PIL runs: ~1 s): here,
+# not in a test module, which pytest imports once more under its own name when another module imports it
+def pil_flat_colours(two_crop: bool, n: int = 800) -> torch.Tensor:
+    """``[n, tiles, 3]``: the top-left pixel of every tile the PIL pipeline (tile size 4; MoCo v3's two crops
+    if ``two_crop``, else the four) makes of ``n`` flat ``FLAT_RGB`` 16x12 images, torch seed 0."""
+    crop = TwoCrop(4) if two_crop else FourCrop(tile_size=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.stack([torch.stack([t[:, 0, 0] for t in crop(Image.new("RGB", (16, 12), FLAT_RGB))])
+                            for _ in range(n)])

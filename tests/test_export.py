@@ -5,6 +5,7 @@ import argparse
 import functools
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,22 +75,39 @@ def check_loads(out: Path, trunk, to: str, arch: str) -> None:
         assert torch.equal(loaded[key], value), key
 
 
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> Callable[[Callable[[dict], dict]], Path]:
+    """``layout -> file`` of that layout of ``trunk_state("resnet18")``, each saved once (~90 MB): the tests
+    only read them."""
+    folder = tmp_path_factory.mktemp("r18")
+
+    @functools.cache
+    def saved(layout: Callable[[dict], dict]) -> Path:
+        torch.save(layout(trunk_state("resnet18")), folder / f"{layout.__name__}.pth.tar")
+        return folder / f"{layout.__name__}.pth.tar"
+    return saved
+
+
 @pytest.mark.parametrize(("layout", "to"), [(ours, "torchvision"), (authors, "timm"), (mocov3, "torchvision"),
                                              (ours, "timm")])
-def test_export_resnet18_all_layouts(tmp_path, layout, to, capsys):
-    trunk = trunk_state("resnet18")
-    torch.save(layout(trunk), tmp_path / "ckpt.pth.tar")
-    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", to, "--arch", "resnet18"]) == 0
+def test_export_resnet18_all_layouts(resnet18_file, tmp_path, layout, to, capsys):
+    assert main([str(resnet18_file(layout)), str(tmp_path / "out.pth"), "--to", to, "--arch", "resnet18"]) == 0
     assert "only fc.weight and fc.bias are missing" in capsys.readouterr().out
-    check_loads(tmp_path / "out.pth", trunk, to, "resnet18")
+    check_loads(tmp_path / "out.pth", trunk_state("resnet18"), to, "resnet18")
+
+
+@pytest.fixture(scope="module")
+def authors_resnet50(tmp_path_factory) -> Path:
+    """The authors' layout of a ResNet-50 (two trunks, ~190 MB), written once for both targets."""
+    path = tmp_path_factory.mktemp("r50") / "ckpt.pth.tar"
+    torch.save(authors(trunk_state("resnet50", seed=1)), path)
+    return path
 
 
 @pytest.mark.parametrize("to", ["torchvision", "timm"])
-def test_export_resnet50_default_arch(tmp_path, to):
-    trunk = trunk_state("resnet50", seed=1)
-    torch.save(authors(trunk), tmp_path / "ckpt.pth.tar")
-    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", to]) == 0
-    check_loads(tmp_path / "out.pth", trunk, to, "resnet50")
+def test_export_resnet50_default_arch(authors_resnet50, tmp_path, to):
+    assert main([str(authors_resnet50), str(tmp_path / "out.pth"), "--to", to]) == 0
+    check_loads(tmp_path / "out.pth", trunk_state("resnet50", seed=1), to, "resnet50")
 
 
 def run_error(argv, capsys) -> str:
@@ -100,18 +118,15 @@ def run_error(argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("layout", [ours, authors, mocov3])
-def test_arch_defaults_to_the_checkpoints_own(tmp_path, layout, capsys):
+def test_arch_defaults_to_the_checkpoints_own(resnet18_file, tmp_path, layout, capsys):
     """authors()/mocov3() say arch resnet50 although they hold a resnet18: the weights decide."""
-    trunk = trunk_state("resnet18")
-    torch.save(layout(trunk), tmp_path / "ckpt.pth.tar")
-    assert main([str(tmp_path / "ckpt.pth.tar"), str(tmp_path / "out.pth"), "--to", "torchvision"]) == 0
+    assert main([str(resnet18_file(layout)), str(tmp_path / "out.pth"), "--to", "torchvision"]) == 0
     assert "(resnet18 trunk, torchvision keys)" in capsys.readouterr().out
-    check_loads(tmp_path / "out.pth", trunk, "torchvision", "resnet18")
+    check_loads(tmp_path / "out.pth", trunk_state("resnet18"), "torchvision", "resnet18")
 
 
-def test_bad_file_exits_2(tmp_path, capsys):
-    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
-    whole = (tmp_path / "ckpt.pth.tar").read_bytes()
+def test_bad_file_exits_2(resnet18_file, tmp_path, capsys):
+    whole = resnet18_file(ours).read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
     assert "truncated" in run_error([tmp_path / "cut.pth", tmp_path / "out.pth", "--to", "torchvision"], capsys)
     (tmp_path / "text.pth").write_bytes(b"not a checkpoint")
@@ -129,9 +144,8 @@ def test_linear_probe_checkpoint_exits_2(tmp_path, capsys):
     assert "linear-probe" in err
 
 
-def test_wrong_arch_and_bad_output_exit_2(tmp_path, capsys):
-    torch.save(ours(trunk_state("resnet18")), tmp_path / "ckpt.pth.tar")
-    ckpt = tmp_path / "ckpt.pth.tar"
+def test_wrong_arch_and_bad_output_exit_2(resnet18_file, tmp_path, capsys):
+    ckpt = resnet18_file(ours)
     err = run_error([ckpt, tmp_path / "out.pth", "--to", "timm", "--arch", "resnet50"], capsys)
     assert "trunk is a resnet18 but --arch resnet50 was given" in err
     assert "does not exist" in run_error([ckpt, tmp_path / "no" / "out.pth", "--to", "timm", "--arch", "resnet18"],

@@ -16,10 +16,10 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from bench import data as bench_data
-from tests.helpers import TINY, logged_losses, run_script
+from tests.helpers import FLAT_RGB, TINY, logged_losses, pil_flat_colours, run_script
 from w2ssl.data import gpu_decode
 from w2ssl.data import gpu_ops as G
-from w2ssl.data.augment import MEAN, STD, FourCrop, split_left_right
+from w2ssl.data.augment import MEAN, STD, split_left_right
 from w2ssl.data.datasets import PretrainDataset
 from w2ssl.data.gpu_augment import GpuFourCrop, augment_batch, collate_pretrain, encoded_with_path, pad_groups
 from w2ssl.data.gpu_decode import EncodedImageFolder, collate_encoded, decode_batch, nvjpeg_decodable
@@ -28,15 +28,6 @@ from w2ssl.data.sampler import ResumableSampler
 from w2ssl.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's io
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contention on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -327,15 +318,11 @@ def test_four_crop_is_independent_of_size_grouping():
 def test_four_crop_colour_statistics_match_pil_pipeline():
     # On a flat-colour image, crops, blur and flips are identities: the tile colour is set by
     # jitter, grayscale and solarize alone, so its distribution must match the PIL pipeline's.
-    rgb = (200, 90, 30)
     n = 800
-    flat = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 12, 16).contiguous()
+    flat = torch.tensor(FLAT_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, 12, 16).contiguous()
     view1, view2 = GpuFourCrop(tile_size=4)([flat] * n, keys(n))
     gpu = [torch.cat(v)[:, :, 0, 0] for v in (view1, view2)]  # [2n, 3] per view
-    torch.manual_seed(0)
-    pil_crop = FourCrop(tile_size=4)
-    pil_out = [pil_crop(Image.new("RGB", (16, 12), rgb)) for _ in range(n)]
-    pil = [torch.stack([t[k][:, 0, 0] for t in pil_out for k in ks]) for ks in ((0, 1), (2, 3))]
+    pil = [pil_flat_colours(False, n)[:, ks].transpose(0, 1).reshape(-1, 3) for ks in ((0, 1), (2, 3))]
     for g, p in zip(gpu, pil):
         for c in range(3):
             low, high = -MEAN[c] / STD[c], (1 - MEAN[c]) / STD[c]

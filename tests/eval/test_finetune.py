@@ -85,10 +85,11 @@ def load(path: Path) -> dict:
 
 # ----------------------------------------------------------------- fine-tuning vs the frozen probe
 def test_finetuning_moves_the_trunk_and_beats_the_frozen_probe(small, stripe_data, random_init, tmp_path, capsys):
-    base = [stripe_data, "-a", SMALL, *COMMON, "--epochs", "20", "--pretrained", random_init]
-    code, out, err = run(capsys, main_lincls, *base, "--lr", "10", "--save-dir", tmp_path / "probe")
+    base = [stripe_data, "-a", SMALL, *COMMON, "--pretrained", random_init]
+    # random features stay at chance however long the probe trains: 56-59 % after 5 epochs (seeds 0-3), 59 after 20
+    code, out, err = run(capsys, main_lincls, *base, "--epochs", "5", "--lr", "10", "--save-dir", tmp_path / "probe")
     assert code == 0, err
-    code, out, err = run(capsys, main_finetune, *base, "--lr", "0.2", "--save-dir", tmp_path / "ft")
+    code, out, err = run(capsys, main_finetune, *base, "--epochs", "20", "--lr", "0.2", "--save-dir", tmp_path / "ft")
     assert code == 0, err
     assert "=> fine-tuning: small_resnet, 2 classes, 1 process(es) on cpu, fp32, batch 16, sgd lr 0.0125" in out
     probe, tuned = load(tmp_path / "probe" / "checkpoint.pth.tar"), load(tmp_path / "ft" / "checkpoint.pth.tar")
@@ -96,8 +97,9 @@ def test_finetuning_moves_the_trunk_and_beats_the_frozen_probe(small, stripe_dat
     assert changed_weights(probe["state_dict"], reference) == []
     weights = {k for k in reference if not k.endswith("num_batches_tracked")}
     assert set(changed_weights(tuned["state_dict"], reference)) >= weights  # every trunk tensor trained
-    assert (probe["protocol"], tuned["protocol"], tuned["epoch"]) == ("probe", "finetune", 20)
-    # random features: chance; trained: the stripes' orientation (measured 59 % vs 91 %)
+    assert (probe["protocol"], tuned["protocol"], probe["epoch"], tuned["epoch"]) == ("probe", "finetune", 5, 20)
+    # random features: chance; trained: the stripes' orientation (measured 56 % vs 91 %; fewer than 20
+    # fine-tuning epochs fall short: 72-87 % after 10)
     assert probe["best_acc1"] < 65 and tuned["best_acc1"] > probe["best_acc1"] + 20
     group = tuned["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 0.0)

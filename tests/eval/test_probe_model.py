@@ -1,4 +1,6 @@
 """The linear-probe network: frozen registered trunk, its read-out, a fresh ``fc``; the moved-weights check."""
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -44,19 +46,23 @@ def test_a_resnet_probe_is_torchvisions_resnet_key_for_key_and_logit_for_logit()
         torch.testing.assert_close(probe(x), reference(x))
 
 
-def vit_checkpoint(path, arch="vit_small", seed=0):
-    """A fake pre-training checkpoint of a real ``arch`` trunk; returns the trunk's state."""
-    torch.manual_seed(seed)
-    trunk = build_trunk(arch).state_dict()
-    save_atomic({"epoch": 1, "arch": arch, "state_dict": {f"base_encoder.{k}": v for k, v in trunk.items()}}, path)
-    return trunk
+@pytest.fixture(scope="module")
+def vit_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A fake pre-training checkpoint of a real vit_small trunk, and the trunk's state; read-only."""
+    path = tmp_path_factory.mktemp("vit") / "vit.pth.tar"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        trunk = build_trunk("vit_small").state_dict()
+    save_atomic({"epoch": 1, "arch": "vit_small", "state_dict": {f"base_encoder.{k}": v for k, v in trunk.items()}},
+                path)
+    return path, trunk
 
 
 @pytest.mark.parametrize("feature", ["avg", "cls"])
-def test_a_vit_probe_reads_the_patch_token_average_or_the_class_token(tmp_path, feature):
-    trunk = vit_checkpoint(tmp_path / "vit.pth.tar")
+def test_a_vit_probe_reads_the_patch_token_average_or_the_class_token(vit_checkpoint, feature):
+    path, trunk = vit_checkpoint
     torch.manual_seed(1)
-    model, reference = build_model("vit_small", 3, tmp_path / "vit.pth.tar", vit_feature=feature)
+    model, reference = build_model("vit_small", 3, path, vit_feature=feature)
     assert isinstance(model, Probe) and not changed_weights(model.state_dict(), trunk)
     assert list(model.state_dict()) == [*trunk, "fc.weight", "fc.bias"]  # timm names, then the linear head
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
@@ -67,7 +73,6 @@ def test_a_vit_probe_reads_the_patch_token_average_or_the_class_token(tmp_path, 
         torch.testing.assert_close(model(x), feature_ref @ model.fc.weight.T + model.fc.bias)
 
 
-def test_a_probe_of_another_arch_names_the_checkpoints_own(tmp_path):
-    vit_checkpoint(tmp_path / "vit.pth.tar")
+def test_a_probe_of_another_arch_names_the_checkpoints_own(vit_checkpoint):
     with pytest.raises(UserError, match="--pretrained .*trunk is a vit_small but --arch resnet18 was given"):
-        build_model("resnet18", 3, tmp_path / "vit.pth.tar")
+        build_model("resnet18", 3, vit_checkpoint[0])

@@ -34,7 +34,7 @@ def test_ema_closed_form():
 
 def test_resnet50_forward_backward_at_tile_32():
     torch.manual_seed(0)
-    model = W2SSL(functools.partial(build_trunk, "resnet50"))
+    model = W2SSL(functools.partial(build_trunk, "resnet50"), dim=16, mlp_dim=32)  # the trunk is the point
     view1, view2 = random_views(4, 32)
     out = model(view1, view2, m=0.99, perm=torch.randperm(8))
     assert set(out) == {"loss", "loss_what", "loss_where", "where_acc"}
@@ -267,7 +267,7 @@ def test_the_where_head_learns_a_cue_that_tiles_carry():
     model = tiny_model(loss_what_weight=0.0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     accs = []
-    for step in range(40):
+    for step in range(20):  # the mean of steps 10-19 is 1.0 for torch seeds 0-4 (with other views too)
         (l1, r1), (l2, r2) = random_views(8, 32, seed=step)
         for left, right in ((l1, r1), (l2, r2)):
             left[..., :8] += 3.0
