@@ -51,7 +51,6 @@ REFERENCE = "w2ssl"  # the method every ratio compares
 BASELINE = "mocov3"  # the same-trainer baseline: timed with a call per view and with both views fused
 SUPERVISED = "supervised"
 NAMES = {"w2ssl": "W2SSL", "mocov3": "MoCo v3", "byol": "BYOL"}  # table labels; other methods show their name
-TRUNKS = ("base_encoder", "momentum_encoder")  # what --compile compiles in the self-supervised models, as pretrain
 CLASSES = 1000
 
 
@@ -71,8 +70,8 @@ def method_of(row: str, fused_views: bool) -> tuple[str, bool]:
 
 
 def is_vit(arch: str) -> bool:
-    """The one place this tool reads a trunk's family: a ViT's supervised row reads the class token, and the
-    table counts its patch tokens."""
+    """Where this tool needs a ViT by name: its supervised row takes MoCo v3's ViT recipe (AdamW), and the table
+    counts its patch tokens."""
     return trunk_spec(arch).family.name == "vit"
 
 
@@ -86,15 +85,16 @@ class Step(NamedTuple):
 
 class Classifier(nn.Module):
     """The supervised floor: a registered trunk and a linear classifier, ``[B, 3, H, W] -> [B, classes]``, on
-    the averaged feature map (ResNets, as torchvision's) or on the class token (ViTs)."""
+    the class token where the trunk has one (ViTs), else on the averaged feature map (as torchvision's)."""
 
     def __init__(self, arch: str, classes: int = CLASSES):
         super().__init__()
-        self.trunk, self.vit = build_trunk(arch), is_vit(arch)
+        family = trunk_spec(arch).family
+        self.trunk, self.readout = build_trunk(arch), family.readouts.get("cls", family.readout())
         self.fc = nn.Linear(self.trunk.num_features, classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.trunk.vit_feature(x, "cls") if self.vit else self.trunk(x).mean(dim=(2, 3)))
+        return self.fc(self.readout(self.trunk, x))
 
 
 def recipe(args: argparse.Namespace, *flags: str) -> argparse.Namespace:
@@ -131,14 +131,17 @@ def build(row: str, args: argparse.Namespace, device: torch.device) -> Step:
         return build_supervised(args, device, images)
     name, fused = method_of(row, args.fused_views)
     r = recipe(args, "--method", name, "--fused-views" if fused else "--no-fused-views")
-    model = prepare_model(build_model(r).to(device), cl, args.compile, TRUNKS)  # first: the seed's weights
+    model = build_model(r).to(device)  # first: the seed's weights
+    prepare_model(model, cl, args.compile, model.compiled)
     method = method_spec(name)
     shapes = sample_shapes(method, r)
     inputs = method.inputs([images(s) for s in shapes], StepKey(seed=0, epoch=0, iteration=0, world=1))
-    optimizer = build_optimizer(r.optimizer, model, scaled_lr(r.lr, b), r.weight_decay, r.momentum)
+    lr = scaled_lr(r.lr, b)
+    optimizer = build_optimizer(r.optimizer, model.param_groups(), lr, r.weight_decay, r.momentum)
+    scheduled = method.schedules(r, lr).inputs(0.0)  # the model's scheduled inputs (the EMA's m) at the start
     one_step = TrainStep(optimizer, device, args.precision)  # as pretrain's: old gradients freed after the forward
     info = {"optimizer": type(optimizer).__name__, "views": [len(shapes), shapes[0][-1]]}
-    return Step(lambda: one_step(lambda: model(**inputs, m=r.moco_m))["loss"].detach(), info)
+    return Step(lambda: one_step(lambda: model(**inputs, **scheduled))["loss"].detach(), info)
 
 
 def build_supervised(args: argparse.Namespace, device: torch.device,
@@ -146,7 +149,7 @@ def build_supervised(args: argparse.Namespace, device: torch.device,
     """Cross-entropy on one ``2*tile`` px image per source image; SGD for ResNets, the recipe's AdamW for ViTs."""
     b, size = args.batch_size, 2 * args.tile_size
     model = prepare_model(Classifier(args.arch).to(device), args.channels_last, args.compile)
-    if model.vit:
+    if is_vit(args.arch):
         r = recipe(args)
         optimizer = build_optimizer(r.optimizer, model, scaled_lr(r.lr, b), r.weight_decay, r.momentum)
     else:  # torchvision's supervised ResNet recipe

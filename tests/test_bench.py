@@ -17,6 +17,7 @@ from tests.helpers import SMALL, TINY, cpu_env, register_small_resnet
 from w2ssl import cli
 from w2ssl.engine.speed import prepare_model
 from w2ssl.errors import UserError
+from w2ssl.methods.base import MomentumModel
 from w2ssl.methods.registry import build_model, method_names
 from w2ssl.train import pretrain
 from w2ssl.trunks import registry
@@ -251,7 +252,7 @@ def test_prepare_model_compiles_named_children_in_place(monkeypatch):
     model.base_encoder, model.momentum_encoder = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 1)
     model.projector = torch.nn.Linear(4, 2)
     keys = list(model.state_dict())
-    prepare_model(model, channels_last=True, compile=True, compile_children=step.TRUNKS)
+    prepare_model(model, channels_last=True, compile=True, compile_children=MomentumModel.compiled)
     x = torch.randn(1, 3, 5, 5)
     model.projector(model.base_encoder(x).mean(dim=(2, 3)))
     assert len(graphs) == 1 and "conv2d" in graphs[0] and "linear" not in graphs[0]
