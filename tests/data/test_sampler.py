@@ -1,9 +1,10 @@
+import signal
 import time
 
 import pytest
 import torch
 
-from w2ssl.data.sampler import ResumableSampler, make_loader
+from w2ssl.data.sampler import Loader, ResumableSampler, make_loader
 
 
 def test_sampler_resumes_mid_epoch_with_the_same_order():
@@ -67,3 +68,31 @@ def test_sampler_shards_are_slices_of_the_one_process_batches():
         assert len(whole) == 6 and len(set(whole)) == 6
         assert [i for s in shards for i in s.epoch_indices(epoch)] == whole
     assert all(s.batches_per_epoch == 1 for s in shards)
+
+
+class SignalState(torch.utils.data.Dataset):
+    """Each item: whether this worker ignores SIGTERM, and whether it still blocks it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, blocked])
+
+
+@pytest.mark.slow  # starts a worker process
+def test_workers_start_with_stop_signals_blocked_then_ignore_them(monkeypatch):
+    """A group SIGTERM while a loader starts its workers (a probe's first validation) must not kill one before
+    it ignores the signal: they are started with it blocked, and ignore (and unblock) it from their init."""
+    masks = []
+    start = torch.utils.data.DataLoader._get_iterator
+
+    def recording(self):
+        masks.append(signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return start(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "_get_iterator", recording)
+    loader = Loader(SignalState(), batch_size=2, num_workers=1)
+    assert next(iter(loader)).tolist() == [[True, False], [True, False]]  # ignored, no longer blocked
+    assert masks == [True] and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

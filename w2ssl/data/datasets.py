@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 
 from w2ssl.data.augment import MEAN, STD
 from w2ssl.data.listing import Listing, Skipped
-from w2ssl.data.sampler import leave_stop_signals_to_main
+from w2ssl.data.sampler import Loader
 from w2ssl.data.sources import labelled_listing
 from w2ssl.data.subset import Subset
 from w2ssl.dist import distributed as D
@@ -298,8 +298,7 @@ def labelled_loader(root: str | Path, transform: Callable, batch_size: int, work
         sampler = DistributedSampler(dataset, shuffle=shuffle)
     else:
         sampler = range(D.rank(), len(dataset), D.world_size())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                        persistent_workers=workers > 0, collate_fn=collate_readable,
-                        worker_init_fn=leave_stop_signals_to_main)
+    loader = Loader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                    num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                    persistent_workers=workers > 0, collate_fn=collate_readable)
     return LabelledLoader(loader, bad or BadImages(warn=warn)), len(dataset.classes)

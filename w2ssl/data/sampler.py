@@ -69,11 +69,23 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     stopsignals.ignore()
 
 
+class Loader(DataLoader):
+    """A DataLoader whose workers leave the stop signals to the main process, from their first instruction:
+    they start with the signals blocked (a group signal during their start, e.g. when a probe's validation
+    loader first starts, waits instead of killing them) and ignore them once started."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=leave_stop_signals_to_main, **kwargs)
+
+    def _get_iterator(self):  # noqa: ANN202 - torch's; where the workers are started
+        with stopsignals.blocked():
+            return super()._get_iterator()
+
+
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, workers: int, pin_memory: bool,
                 collate_fn: Callable | None = None) -> DataLoader:
     """Batches of ``sampler.batch_size``; workers persist across iterators and prefetch 4 batches each."""
-    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
-                      worker_init_fn=leave_stop_signals_to_main)
+    return Loader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+                  pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+                  prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
