@@ -20,8 +20,9 @@ def ignore() -> None:
 
 @contextmanager
 def blocked() -> Iterator[None]:
-    """Hold the stop signals back while inside (one arriving waits, and is handled on leaving): the processes
-    started inside inherit the mask, so a group signal cannot kill them before they :func:`ignore` it."""
+    """Hold the stop signals back from this thread while inside (one sent to it waits, and is handled on
+    leaving): the processes it starts inside inherit the mask, so a group signal cannot kill them before they
+    :func:`ignore` it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
