@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timm's RandAugment policy, or none (ResNet none, ViT rand-m9-mstd0.5-inc1)")
     tune.add_argument("--reprob", default=None, type=float, metavar="P",
                       help="random erasing probability after normalisation (ResNet 0, ViT 0.25)")
+    tune.add_argument("--head-init-std", default=None, type=float, metavar="S",
+                      help="the new fc's weights start N(0, S) (ResNet SimCLR's 0.01, ViT MAE's 2e-5)")
     tune.add_argument("--max-nonfinite", default=20, type=int, metavar="N",
                       help="fp16: stop after N consecutive non-finite losses (bf16/fp32 stop at the first)")
     cli.add_label_subset(parser)

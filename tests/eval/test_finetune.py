@@ -92,6 +92,7 @@ def test_finetuning_moves_the_trunk_and_beats_the_frozen_probe(small, stripe_dat
     code, out, err = run(capsys, main_finetune, *base, "--epochs", "20", "--lr", "0.2", "--save-dir", tmp_path / "ft")
     assert code == 0, err
     assert "=> fine-tuning: small_resnet, 2 classes, 1 process(es) on cpu, fp32, batch 16, sgd lr 0.0125" in out
+    assert "erasing 0, head init N(0, 0.01), input" in out  # SimCLR's head for a ResNet
     probe, tuned = load(tmp_path / "probe" / "checkpoint.pth.tar"), load(tmp_path / "ft" / "checkpoint.pth.tar")
     reference = {k.removeprefix("base_encoder."): v for k, v in load(random_init)["state_dict"].items()}
     assert changed_weights(probe["state_dict"], reference) == []
@@ -285,6 +286,8 @@ def test_bad_recipe_flags_exit_2(small, stripe_data, random_init, tmp_path, caps
     assert code == 2 and "--warmup-epochs 2 must be below --epochs 2" in err, err
     code, _, err = run(capsys, main_finetune, *base, "--mixup", "-1")
     assert code == 2 and "--mixup and --cutmix must be >= 0" in err, err
+    code, _, err = run(capsys, main_finetune, *base, "--head-init-std", "0")
+    assert code == 2 and "--head-init-std > 0" in err and err.count("\n") == 1, err
     code, _, err = run(capsys, main_finetune, *base, "--aa", "foo")
     assert code == 2 and "--aa foo is not a timm augmentation policy" in err and err.count("\n") == 1, err
 
@@ -338,7 +341,10 @@ def test_a_vit_finetunes_with_maes_recipe(monkeypatch, tmp_path, capsys):
     assert (args.arch, args.optimizer, args.lr, args.weight_decay, args.layer_decay, args.drop_path,
             args.smoothing) == ("tiny_vit", "adamw", 5e-4, 0.05, 0.65, 0.1, 0.1)
     assert (args.mixup, args.cutmix, args.aa, args.reprob) == (0.8, 1.0, "rand-m9-mstd0.5-inc1", 0.25)
+    assert args.head_init_std == 2e-5
     tune = FineTune(Context(torch.device("cpu")), args)
+    head = tune.model.fc.weight.detach()  # MAE's head: N(0, 2e-5) (64 draws: within a factor 1.5 of it)
+    assert 2e-5 / 1.5 < head.std().item() < 2e-5 * 1.5 and not tune.model.fc.bias.any()
     assert tune.mixer.active and "RandAugment" in [type(op).__name__ for op in tune.train_transform(16).transforms]
     # stochastic depth rising linearly over the blocks to --drop-path, as timm and MAE build it
     assert not hasattr(tune.model.trunk.blocks[0].drop_path1, "drop_prob")

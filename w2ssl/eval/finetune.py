@@ -42,7 +42,7 @@ from w2ssl.trunks import trunk_spec
 
 # The flags a family's fine-tuning recipe fills when the command line leaves them unset (main_finetune.py).
 RECIPE_FLAGS = ("optimizer", "lr", "weight_decay", "epochs", "warmup_epochs", "layer_decay", "drop_path", "smoothing",
-                "mixup", "cutmix", "aa", "reprob")
+                "mixup", "cutmix", "aa", "reprob", "head_init_std")
 
 def apply_recipe(args: Namespace) -> None:
     """Fill the flags left unset (None) with the fine-tuning recipe of ``args.arch``'s family; check the schedule."""
@@ -61,8 +61,9 @@ def apply_recipe(args: Namespace) -> None:
                         f"none: drop --drop-path")
     if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
         raise UserError("--layer-decay must be in (0, 1], --drop-path and --smoothing in [0, 1)")
-    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.reprob <= 1:
-        raise UserError("--mixup and --cutmix must be >= 0 (0 turns them off), --reprob in [0, 1]")
+    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.reprob <= 1 or args.head_init_std <= 0:
+        raise UserError("--mixup and --cutmix must be >= 0 (0 turns them off), --reprob in [0, 1], --head-init-std "
+                        "> 0")
     finetune_transform(args.input_size, args.aa, args.reprob)  # an unknown --aa policy fails here, in one line
     if not 0 <= args.warmup_epochs < args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs {args.epochs}: pass fewer "
@@ -92,7 +93,7 @@ class FineTune(LinearProbe):
         family = trunk_spec(args.arch).family
         options = {"drop_path_rate": args.drop_path} if family.drop_path else {}
         self.model, self.reference = build_model(args.arch, classes, args.pretrained, args.trust_checkpoint,
-                                                 args.vit_feature, **options)
+                                                 args.vit_feature, args.head_init_std, **options)
         self.model.requires_grad_(True).train().to(self.device)
         prepare_model(self.model, self.channels_last)
         self.net: nn.Module = self.model
@@ -163,7 +164,8 @@ class FineTune(LinearProbe):
                 f"{self.lr:.4g} (base {args.lr:g} x {args.batch_size}/256){decay}, weight decay "
                 f"{args.weight_decay:g}, warm-up {args.warmup_epochs:g} of {args.epochs} epochs, drop path "
                 f"{args.drop_path:g}, smoothing {args.smoothing:g}, mixup {args.mixup:g}, cutmix {args.cutmix:g}, "
-                f"RandAugment {args.aa}, erasing {args.reprob:g}, input {args.input_size}, seed {self.seed}")
+                f"RandAugment {args.aa}, erasing {args.reprob:g}, head init N(0, {args.head_init_std:g}), input "
+                f"{args.input_size}, seed {self.seed}")
 
 
 def worker(ctx: D.Context, args: Namespace) -> None:

@@ -62,13 +62,14 @@ def load_pretrained(path: str | Path, arch: str | None, trust: bool) -> tuple[di
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None, trust: bool = False,
-                vit_feature: str = "avg", **trunk_options) -> tuple[Probe, dict[str, Tensor] | None]:
+                vit_feature: str = "avg", head_std: float = 0.01,
+                **trunk_options) -> tuple[Probe, dict[str, Tensor] | None]:
     """:class:`Probe` of the registered trunk ``arch`` with only ``fc`` trainable, in eval mode, and the trunk
     weights it was loaded with.
 
-    ``fc.weight ~ N(0, 0.01)``, ``fc.bias = 0``. The second value is the loaded trunk (the reference
-    of :func:`changed_weights`), or None without ``pretrained``. ``trunk_options`` go to the trunk's builder
-    (fine-tuning: a ViT's ``drop_path_rate``).
+    ``fc.weight ~ N(0, head_std)`` (MoCo v3's probe: 0.01), ``fc.bias = 0``. The second value is the loaded
+    trunk (the reference of :func:`changed_weights`), or None without ``pretrained``. ``trunk_options`` go to
+    the trunk's builder (fine-tuning: a ViT's ``drop_path_rate``).
     """
     trunk = build_trunk(arch, **trunk_options)
     reference = None
@@ -76,7 +77,7 @@ def build_model(arch: str, num_classes: int, pretrained: str | Path | None = Non
         reference, _ = load_pretrained(pretrained, arch, trust)
         trunk.load_state_dict(reference)
     model = Probe(trunk.requires_grad_(False), num_classes, trunk_spec(arch).family.readout(vit_feature))
-    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.normal_(model.fc.weight, mean=0.0, std=head_std)
     nn.init.zeros_(model.fc.bias)
     return model.eval(), reference
 

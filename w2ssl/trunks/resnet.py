@@ -89,7 +89,8 @@ RESNET = Family(
     exports={"torchvision": Export(lambda trunk, arch: trunk, _hint), "timm": Export(to_timm, _hint)},
     zero_init={"zero_init_residual": True},
     finetune_recipe=dict(optimizer="sgd", lr=0.05, weight_decay=0.0, epochs=60, warmup_epochs=0.0, layer_decay=1.0,
-                         drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0))
+                         drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
+                         head_init_std=0.01))  # SimCLR's supervised head
 # The CIFAR stem has no timm counterpart; torchvision takes it with the two changes of the stem.
 RESNET_CIFAR = dataclasses.replace(RESNET, exports={"torchvision": Export(lambda trunk, arch: trunk, _cifar_hint)})
 

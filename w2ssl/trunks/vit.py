@@ -225,7 +225,8 @@ VIT = Family(
     # MAE's fine-tuning (appendix A.2): DeiT's recipe with BEiT's layer-wise decay
     finetune_recipe=dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, epochs=100, warmup_epochs=5.0,
                          layer_decay=0.65, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0,
-                         aa="rand-m9-mstd0.5-inc1", reprob=0.25),
+                         aa="rand-m9-mstd0.5-inc1", reprob=0.25,
+                         head_init_std=2e-5),  # MAE's trunc_normal_(head.weight, std=2e-5): its cut at +-2 never bites
     layer_depth=lambda trunk: len(trunk.blocks), drop_path=True)
 
 for _arch in VIT_ARCHS:  # a random frozen patch projection (--stop-grad-conv1) needs the linear one
